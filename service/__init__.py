@@ -1,0 +1,1 @@
+"""pandasync: replicate changes from CouchDB feeds and webhooks into PANDA datasets."""

@@ -1,0 +1,316 @@
+"""Settings: one TOML file (`--config` or `PANDASYNC_CONFIG`) with `PANDASYNC_*` overrides.
+
+Only models and loading; nothing here is built at import time. `load_settings` either
+returns valid settings or raises `ConfigError` listing every problem with its place and fix.
+"""
+
+import os
+import re
+import tomllib
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AnyHttpUrl,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+)
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+CONFIG_ENV = "PANDASYNC_CONFIG"
+EXAMPLE = "pandasync.example.toml"
+_NAME = re.compile(r"[a-z0-9][a-z0-9_-]*")
+# PANDA routes a slug with `[\w\d_-]+`; `schema` is taken by /dataset/schema/ (panda-api.md §3).
+_SLUG = re.compile(r"[A-Za-z0-9_-]+")
+_FIELD = re.compile(r"[^.\s]+(\.[^.\s]+)*")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class PandaSettings(_Strict):
+    """The PANDA instance rows are replicated to."""
+
+    url: AnyHttpUrl
+    email: str = Field(min_length=1)
+    api_key: SecretStr
+    timeout_s: float = Field(default=30.0, gt=0)
+    max_connections: int = Field(default=10, ge=1)
+
+    @field_validator("api_key")
+    @classmethod
+    def _key_not_empty(cls, value: SecretStr) -> SecretStr:
+        if not value.get_secret_value():
+            raise ValueError("the api key is empty: copy it from your PANDA user page")
+        return value
+
+
+class Column(_Strict):
+    """One PANDA column and the source field (a dotted path) that fills it."""
+
+    name: str = Field(min_length=1)
+    field: str
+
+    @field_validator("name")
+    @classmethod
+    def _no_comma(cls, value: str) -> str:
+        # PANDA splits ?columns= on commas with no escaping (panda-api.md §3.1).
+        if "," in value:
+            raise ValueError("PANDA cannot take a comma in a column name: remove it")
+        return value
+
+    @field_validator("field")
+    @classmethod
+    def _dotted_path(cls, value: str) -> str:
+        if not _FIELD.fullmatch(value):
+            raise ValueError("not a dotted path: write one such as `author.name` or `tags.0`")
+        return value
+
+
+class DatasetSettings(_Strict):
+    """The PANDA dataset a source feeds; created with these columns when missing."""
+
+    slug: str
+    name: str = Field(min_length=1)
+
+    @field_validator("slug")
+    @classmethod
+    def _valid_slug(cls, value: str) -> str:
+        if not _SLUG.fullmatch(value) or value == "schema":
+            raise ValueError(
+                "PANDA cannot address this slug: use ASCII letters, digits, `_` and `-`"
+                " (and not `schema`), e.g. `city-budget`"
+            )
+        return value
+
+
+class CouchDBSettings(_Strict):
+    """Where a CouchDB source reads its `_changes` feed."""
+
+    url: AnyHttpUrl
+    database: str = Field(min_length=1)
+    username: str | None = None
+    password: SecretStr | None = None
+
+
+class SourceSettings(_Strict):
+    """A source of changes and how its records become rows of one dataset."""
+
+    name: str
+    kind: Literal["couchdb", "webhook"]
+    dataset: DatasetSettings
+    columns: Annotated[list[Column], Field(min_length=1)]
+    id_field: str = "_id"
+    couchdb: CouchDBSettings | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _valid_name(cls, value: str) -> str:
+        if not _NAME.fullmatch(value):
+            raise ValueError(
+                "not a valid source name: use lower-case letters, digits, `_` and `-`,"
+                " e.g. `stories`"
+            )
+        return value
+
+
+class DeliverySettings(_Strict):
+    """How outbox entries are delivered to PANDA."""
+
+    batch_size: int = Field(default=100, ge=1, le=1000)
+    lease_s: float = Field(default=120.0, gt=0)
+    idle_poll_s: float = Field(default=1.0, gt=0)
+    retry_base_s: float = Field(default=1.0, gt=0)
+    retry_cap_s: float = Field(default=300.0, gt=0)
+
+
+class ServerSettings(_Strict):
+    """Where the HTTP service listens."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=1, le=65535)
+
+
+class Settings(BaseSettings):
+    """Everything pandasync needs to run; see pandasync.example.toml."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="PANDASYNC_", env_nested_delimiter="__", extra="forbid", frozen=True
+    )
+
+    panda: PandaSettings
+    database_url: str = "sqlite:///pandasync.db"
+    server: ServerSettings = ServerSettings()
+    delivery: DeliverySettings = DeliverySettings()
+    sources: list[SourceSettings] = []
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with the configuration: where, what, and how to fix it."""
+
+    where: str
+    what: str
+    fix: str
+
+    def __str__(self) -> str:
+        return f"{self.where}: {self.what}. Fix: {self.fix}"
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; `problems` lists every reason. Fix them and retry."""
+
+    def __init__(self, source: str, problems: Sequence[Problem]) -> None:
+        self.source = source
+        self.problems = tuple(problems)
+        lines = "\n".join(f"  {problem}" for problem in self.problems)
+        super().__init__(f"{source} has {len(self.problems)} problem(s):\n{lines}")
+
+
+_FIXES = {
+    "missing": "add it (see pandasync.example.toml)",
+    "extra_forbidden": "remove it or correct its spelling (see pandasync.example.toml)",
+    "literal_error": "use one of the values named",
+    "url_parsing": "write a full URL such as http://panda.example.org",
+    "url_scheme": "use an http:// or https:// URL",
+    "too_short": "give at least one",
+    "greater_than": "use a larger number",
+    "greater_than_equal": "use a larger number",
+    "less_than_equal": "use a smaller number",
+}
+
+
+def config_path(explicit: Path | None) -> Path | None:
+    """The config file to read: `--config`, else `$PANDASYNC_CONFIG`, else none."""
+    if explicit is not None:
+        return explicit
+    from_env = os.environ.get(CONFIG_ENV)
+    return Path(from_env) if from_env else None
+
+
+def load_settings(path: Path | None = None) -> Settings:
+    """Read the TOML file (if any), apply `PANDASYNC_*` overrides, validate everything.
+
+    Raises `ConfigError` naming each problem's place (`sources[2].columns[1].name`) and fix.
+    """
+    where = str(path) if path else "the configuration (no file; environment only)"
+    if path is not None:
+        _check_toml(path)
+    try:
+        settings: Settings = _settings_class(path)()
+    except ValidationError as error:
+        raise ConfigError(where, [_problem(detail) for detail in error.errors()]) from None
+    problems = list(_cross_checks(settings))
+    if problems:
+        raise ConfigError(where, problems)
+    return settings
+
+
+def _check_toml(path: Path) -> None:
+    try:
+        tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        fix = f"pass an existing file with --config or ${CONFIG_ENV} (start from {EXAMPLE})"
+        raise ConfigError(str(path), [Problem(str(path), "no such file", fix)]) from None
+    except tomllib.TOMLDecodeError as error:
+        problem = Problem(str(path), f"not valid TOML ({error})", "correct the TOML syntax")
+        raise ConfigError(str(path), [problem]) from None
+
+
+def _settings_class(path: Path | None) -> type[Settings]:
+    class FileSettings(Settings):
+        @classmethod
+        def settings_customise_sources(
+            cls,
+            settings_cls: type[BaseSettings],
+            init_settings: PydanticBaseSettingsSource,
+            env_settings: PydanticBaseSettingsSource,
+            dotenv_settings: PydanticBaseSettingsSource,
+            file_secret_settings: PydanticBaseSettingsSource,
+        ) -> tuple[PydanticBaseSettingsSource, ...]:
+            toml = TomlConfigSettingsSource(settings_cls, toml_file=path)
+            return (init_settings, env_settings, toml)
+
+    return FileSettings
+
+
+def _problem(detail: Any) -> Problem:
+    where = place(detail["loc"])
+    message = str(detail["msg"]).removeprefix("Value error, ")
+    fix = _FIXES.get(detail["type"], "correct the value (see pandasync.example.toml)")
+    if detail["type"] == "value_error":
+        message, _, fix = message.partition(": ")
+        fix = fix or "correct the value"
+    return Problem(where or "(top level)", message, fix)
+
+
+def place(loc: Iterable[int | str]) -> str:
+    """`('sources', 2, 'columns', 1, 'name')` → `sources[2].columns[1].name`."""
+    text = ""
+    for part in loc:
+        text += f"[{part}]" if isinstance(part, int) else f".{part}" if text else part
+    return text
+
+
+def _cross_checks(settings: Settings) -> Iterable[Problem]:
+    if settings.delivery.lease_s <= 2 * settings.panda.timeout_s:
+        yield Problem(
+            "delivery.lease_s",
+            f"{settings.delivery.lease_s:g} s leaves no room for a PANDA request of up to"
+            f" panda.timeout_s = {settings.panda.timeout_s:g} s",
+            "make lease_s more than twice panda.timeout_s",
+        )
+    yield from _source_list_checks(settings.sources)
+
+
+def _source_list_checks(sources: Sequence[SourceSettings]) -> Iterable[Problem]:
+    seen_names: dict[str, int] = {}
+    seen_slugs: dict[str, int] = {}
+    for index, source in enumerate(sources):
+        where = f"sources[{index}]"
+        if source.name in seen_names:
+            yield Problem(
+                f"{where}.name",
+                f"`{source.name}` is also the name of sources[{seen_names[source.name]}]",
+                "give every source its own name",
+            )
+        seen_names.setdefault(source.name, index)
+        if source.dataset.slug in seen_slugs:
+            yield Problem(
+                f"{where}.dataset.slug",
+                f"sources[{seen_slugs[source.dataset.slug]}] feeds dataset "
+                f"`{source.dataset.slug}` already",
+                "give each source its own dataset",
+            )
+        seen_slugs.setdefault(source.dataset.slug, index)
+        yield from _source_checks(where, source)
+
+
+def _source_checks(where: str, source: SourceSettings) -> Iterable[Problem]:
+    names: set[str] = set()
+    for index, column in enumerate(source.columns):
+        if column.name in names:
+            yield Problem(
+                f"{where}.columns[{index}].name",
+                f"column `{column.name}` appears twice",
+                "give every column its own name",
+            )
+        names.add(column.name)
+    if source.kind == "couchdb" and source.couchdb is None:
+        yield Problem(
+            f"{where}.couchdb",
+            "a couchdb source needs its server",
+            "add a [sources.couchdb] table with url and database",
+        )

@@ -1,0 +1,85 @@
+"""Source records to `Change`s: field paths, text values and the external_id.
+
+Pure functions with no I/O. Every source kind (CouchDB documents, webhook bodies) maps
+records through here, so a record gives the same row whichever way it arrived.
+"""
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+
+from service import external_ids
+from service.changes import Change, Op
+from service.config import SourceSettings
+
+_MISSING = object()
+
+
+class MappingError(ValueError):
+    """A record cannot become a change (no usable id); the message names the field."""
+
+
+def field(record: object, path: str) -> object:
+    """The value at a dotted path (`author.name`, `tags.0`), or `None` when any step is missing.
+
+    A step into a list takes a decimal index; a step into anything else is missing.
+    """
+    value: object = record
+    for step in path.split("."):
+        value = _step(value, step)
+        if value is _MISSING:
+            return None
+    return value
+
+
+def _step(value: object, step: str) -> object:
+    if isinstance(value, Mapping):
+        return value.get(step, _MISSING)
+    if isinstance(value, Sequence) and not isinstance(value, str) and step.isdigit():
+        index = int(step)
+        return value[index] if index < len(value) else _MISSING
+    return _MISSING
+
+
+def text(value: object) -> str:
+    """A value as PANDA column text, one way for every source.
+
+    missing or null → ``""``; strings as they are; ``true``/``false``; integers in decimal;
+    finite floats as JSON writes them (``1.5``, ``1e+100``), NaN/Infinity as ``""``;
+    objects and lists as compact JSON with their keys in source order, non-ASCII kept.
+    """
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float) and not math.isfinite(value):
+        return ""
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
+def doc_id(source: SourceSettings, record: Mapping[str, object]) -> str:
+    """The record's source id from the source's `id_field`, as text.
+
+    Raises `MappingError` when the id is missing, empty or not a string or integer.
+    """
+    value = field(record, source.id_field)
+    if isinstance(value, bool) or not isinstance(value, str | int) or value == "":
+        raise MappingError(
+            f"source {source.name}: field `{source.id_field}` must hold a non-empty string"
+            f" or integer id, got {type(value).__name__}"
+        )
+    return str(value)
+
+
+def upsert(source: SourceSettings, record: Mapping[str, object]) -> Change:
+    """The change that makes the record's row current in PANDA."""
+    identifier = doc_id(source, record)
+    row = tuple(text(field(record, column.field)) for column in source.columns)
+    return Change(source.name, identifier, external_ids.encode(identifier), Op.UPSERT, row)
+
+
+def delete(source: SourceSettings, identifier: str) -> Change:
+    """The change that removes the row of the record with this source id."""
+    return Change(source.name, identifier, external_ids.encode(identifier), Op.DELETE)

@@ -1,0 +1,144 @@
+"""Loading the TOML config with environment overrides, and naming every problem."""
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from service.config import ConfigError, Problem, load_settings, place
+
+EXAMPLE = Path(__file__).parent.parent / "pandasync.example.toml"
+
+MINIMAL = """
+[panda]
+url = "http://panda.example.org"
+email = "sync@example.org"
+api_key = "k"
+"""
+
+SOURCE = """
+[[sources]]
+name = "{name}"
+kind = "webhook"
+dataset = {{ slug = "{slug}", name = "Some data" }}
+columns = [{{ name = "A", field = "a" }}]
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "pandasync.toml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def problems(path: Path | None) -> list[Problem]:
+    with pytest.raises(ConfigError) as raised:
+        load_settings(path)
+    return list(raised.value.problems)
+
+
+def test_the_shipped_example_is_valid(tmp_path: Path) -> None:
+    settings = load_settings(Path(shutil.copy(EXAMPLE, tmp_path / "example.toml")))
+    assert [source.name for source in settings.sources] == ["stories"]
+    assert [column.name for column in settings.sources[0].columns] == [
+        "Headline",
+        "Author",
+        "Words",
+    ]
+
+
+def test_defaults_fill_what_the_file_leaves_out(tmp_path: Path) -> None:
+    settings = load_settings(write(tmp_path, MINIMAL))
+    assert (settings.database_url, settings.sources, settings.server.port) == (
+        "sqlite:///pandasync.db",
+        [],
+        8080,
+    )
+
+
+def test_environment_overrides_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PANDASYNC_PANDA__API_KEY", "from-env")
+    monkeypatch.setenv("PANDASYNC_DATABASE_URL", "sqlite:///elsewhere.db")
+    settings = load_settings(write(tmp_path, MINIMAL))
+    assert (settings.panda.api_key.get_secret_value(), settings.database_url) == (
+        "from-env",
+        "sqlite:///elsewhere.db",
+    )
+
+
+def test_the_api_key_never_shows_in_the_settings_repr(tmp_path: Path) -> None:
+    settings = load_settings(write(tmp_path, MINIMAL.replace('"k"', '"s3cr3t-key"')))
+    assert "s3cr3t-key" not in repr(settings)
+    assert "s3cr3t-key" not in str(settings.model_dump())
+
+
+def test_a_bad_column_is_named_by_its_place_with_a_fix(tmp_path: Path) -> None:
+    second = SOURCE.format(name="b", slug="b").replace(
+        '{ name = "A", field = "a" }]',
+        '{ name = "A", field = "a" }, { name = "B,C", field = "b" }]',
+    )
+    text = MINIMAL + SOURCE.format(name="a", slug="a") + second
+    assert problems(write(tmp_path, text)) == [
+        Problem(
+            "sources[1].columns[1].name",
+            "PANDA cannot take a comma in a column name",
+            "remove it",
+        )
+    ]
+
+
+def test_every_problem_is_reported_at_once(tmp_path: Path) -> None:
+    text = MINIMAL.replace("http://panda.example.org", "panda") + SOURCE.format(
+        name="Bad Name", slug="schema"
+    )
+    text += "unknown_setting = 1\n"
+    wheres = [problem.where for problem in problems(write(tmp_path, text))]
+    assert wheres == [
+        "panda.url",
+        "sources[0].name",
+        "sources[0].dataset.slug",
+        "sources[0].unknown_setting",
+    ]
+
+
+def test_duplicate_names_and_datasets_are_refused(tmp_path: Path) -> None:
+    text = MINIMAL + SOURCE.format(name="a", slug="same") + SOURCE.format(name="a", slug="same")
+    assert [problem.where for problem in problems(write(tmp_path, text))] == [
+        "sources[1].name",
+        "sources[1].dataset.slug",
+    ]
+
+
+def test_a_couchdb_source_without_its_server_is_refused(tmp_path: Path) -> None:
+    text = MINIMAL + SOURCE.format(name="a", slug="a").replace('"webhook"', '"couchdb"')
+    assert problems(write(tmp_path, text)) == [
+        Problem(
+            "sources[0].couchdb",
+            "a couchdb source needs its server",
+            "add a [sources.couchdb] table with url and database",
+        )
+    ]
+
+
+def test_a_lease_shorter_than_a_request_is_refused(tmp_path: Path) -> None:
+    text = MINIMAL + "[delivery]\nlease_s = 40\n"
+    assert [problem.where for problem in problems(write(tmp_path, text))] == ["delivery.lease_s"]
+
+
+def test_a_missing_file_says_how_to_point_at_one(tmp_path: Path) -> None:
+    (problem,) = problems(tmp_path / "nope.toml")
+    assert (problem.what, "--config" in problem.fix) == ("no such file", True)
+
+
+def test_broken_toml_says_where(tmp_path: Path) -> None:
+    (problem,) = problems(write(tmp_path, "[panda\n"))
+    assert "line 1" in problem.what
+
+
+def test_missing_panda_settings_say_what_to_add() -> None:
+    (problem,) = problems(None)
+    assert (problem.where, problem.what) == ("panda", "Field required")
+
+
+def test_places_are_written_as_paths() -> None:
+    assert place(("sources", 2, "columns", 1, "name")) == "sources[2].columns[1].name"
