@@ -1,41 +1,45 @@
 # The two set-up commands of the README: `make demo` (run it end to end) and `make test`.
-# Both install what they need first (uv, Python packages; node packages once there are any).
+# Both install what they need first (scripts/install: uv, .venv from requirements.lock, npm ci).
 SHELL := /bin/bash
-UV := $(shell command -v uv 2>/dev/null || echo "python3 -m uv")
-export UV_LINK_MODE := copy
+BIN := .venv/bin
+SOURCES := service tests alembic bench
 
-.PHONY: install fmt lint typecheck test cov check migrate run demo postgres
+.PHONY: install lock fmt lint typecheck test cov check migrate run demo postgres
 
 install:
-	@command -v uv >/dev/null 2>&1 || python3 -m uv --version >/dev/null 2>&1 || python3 -m pip install --quiet uv
-	$(UV) sync --frozen
+	@scripts/install
+
+# Re-resolve the pins after editing pyproject.toml: uv.lock stays local, the hashed
+# requirements.lock (no index addresses in it) is what gets committed and installed.
+lock:
+	uv lock && uv export --format requirements-txt --no-emit-project --all-groups --frozen --no-header -o requirements.lock >/dev/null
 
 postgres:
 	@scripts/postgres-up
 
 fmt: install
-	$(UV) run ruff format service tests alembic bench
+	$(BIN)/ruff format $(SOURCES)
 
 lint: install
-	$(UV) run ruff format --check service tests alembic bench
-	$(UV) run ruff check service tests alembic bench
+	$(BIN)/ruff format --check $(SOURCES)
+	$(BIN)/ruff check $(SOURCES)
 
 typecheck: install
-	$(UV) run mypy
+	$(BIN)/mypy
 
 test: lint typecheck postgres
-	$(UV) run pytest -q
+	$(BIN)/pytest -q
 
 cov: install postgres
-	$(UV) run coverage run -m pytest -q && $(UV) run coverage report --fail-under=90
+	$(BIN)/coverage run -m pytest -q && $(BIN)/coverage report
 
 check: test
 
 migrate: install
-	$(UV) run pandasync migrate
+	$(BIN)/pandasync migrate
 
 run: install
-	$(UV) run pandasync migrate && $(UV) run pandasync serve
+	$(BIN)/pandasync migrate && $(BIN)/pandasync serve
 
 demo: install
-	$(UV) run pandasync demo
+	$(BIN)/pandasync demo
