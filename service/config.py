@@ -20,6 +20,7 @@ from pydantic import (
     SecretStr,
     ValidationError,
     field_validator,
+    model_validator,
 )
 from pydantic_settings import (
     BaseSettings,
@@ -96,13 +97,70 @@ class DatasetSettings(_Strict):
         return value
 
 
+FilterValue = str | int | float | bool
+
+
+class CouchDBFilter(_Strict):
+    """Which documents a CouchDB source replicates: those whose `field` equals a listed value.
+
+    `equals` is one value or a list of values; a value matches only its own JSON type
+    (`1` is not `"1"`, `true` is not `1`). A document that does not match becomes a delete of
+    its row, since an earlier revision may have matched.
+    """
+
+    field: str
+    equals: FilterValue | list[FilterValue]
+
+    @field_validator("field")
+    @classmethod
+    def _dotted_path(cls, value: str) -> str:
+        if not _FIELD.fullmatch(value):
+            raise ValueError("not a dotted path: write one such as `type` or `meta.kind`")
+        return value
+
+    def allowed(self) -> tuple[FilterValue, ...]:
+        """The values a matching document holds at `field`."""
+        return tuple(self.equals) if isinstance(self.equals, list) else (self.equals,)
+
+
 class CouchDBSettings(_Strict):
-    """Where a CouchDB source reads its `_changes` feed."""
+    """Where a CouchDB source reads its `_changes` feed, and how it follows it."""
 
     url: AnyHttpUrl
     database: str = Field(min_length=1)
     username: str | None = None
     password: SecretStr | None = None
+    # Where a source with no checkpoint yet starts: "0" (every document) or "now".
+    since: Literal["0", "now"] = "0"
+    batch_size: int = Field(default=500, ge=1, le=10_000)
+    batch_wait_s: float = Field(default=0.2, gt=0)
+    heartbeat_s: float = Field(default=10.0, gt=0)
+    # No byte (not even a heartbeat) for this long: the connection is dead, reconnect.
+    timeout_s: float = Field(default=30.0, gt=0)
+    retry_base_s: float = Field(default=1.0, gt=0)
+    retry_cap_s: float = Field(default=60.0, gt=0)
+    filter: CouchDBFilter | None = None
+
+    @field_validator("url")
+    @classmethod
+    def _no_credentials_in_url(cls, value: AnyHttpUrl) -> AnyHttpUrl:
+        if value.username or value.password:
+            raise ValueError(
+                "the URL holds credentials, which would end up in logs: remove them from the"
+                " URL and set username and password"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "CouchDBSettings":
+        if (self.username is None) != (self.password is None):
+            raise ValueError("username and password go together: set both or neither")
+        if self.timeout_s <= self.heartbeat_s:
+            raise ValueError(
+                f"timeout_s ({self.timeout_s:g} s) would end a healthy feed between two"
+                f" heartbeats: make timeout_s more than heartbeat_s ({self.heartbeat_s:g} s)"
+            )
+        return self
 
 
 class SourceSettings(_Strict):

@@ -62,7 +62,8 @@ def text(value: object) -> str:
 def doc_id(source: SourceSettings, record: Mapping[str, object]) -> str:
     """The record's source id from the source's `id_field`, as text.
 
-    Raises `MappingError` when the id is missing, empty or not a string or integer.
+    Raises `MappingError` when the id is missing, empty, not a string or integer, or not
+    storable text (a NUL, or a lone surrogate that a JSON `\\ud800` escape can produce).
     """
     value = field(record, source.id_field)
     if isinstance(value, bool) or not isinstance(value, str | int) or value == "":
@@ -70,7 +71,21 @@ def doc_id(source: SourceSettings, record: Mapping[str, object]) -> str:
             f"source {source.name}: field `{source.id_field}` must hold a non-empty string"
             f" or integer id, got {type(value).__name__}"
         )
-    return str(value)
+    identifier = str(value)
+    if "\x00" in identifier or not _is_unicode(identifier):
+        raise MappingError(
+            f"source {source.name}: field `{source.id_field}` holds a NUL or a lone surrogate;"
+            " ids must be valid Unicode text"
+        )
+    return identifier
+
+
+def _is_unicode(value: str) -> bool:
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def upsert(source: SourceSettings, record: Mapping[str, object]) -> Change:

@@ -79,6 +79,12 @@ def test_a_record_without_a_usable_id_is_refused_naming_the_field(
         upsert(SOURCE, record)
 
 
+@pytest.mark.parametrize("doc_id", ["a\x00b", "a\ud800b"])
+def test_an_id_that_is_not_valid_unicode_text_is_refused(doc_id: str) -> None:
+    with pytest.raises(MappingError, match="valid Unicode text"):
+        upsert(SOURCE, {"_id": doc_id})
+
+
 def test_an_integer_id_is_used_as_its_decimal_text() -> None:
     assert upsert(SOURCE, {"_id": 7}).external_id == "7"
 

@@ -1,0 +1,78 @@
+"""Wiring: settings → database, PANDA client, delivery, runner → the FastAPI app.
+
+Holds no logic of its own; everything is built inside `create_app`, nothing at import time.
+"""
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import anyio
+import httpx
+from fastapi import FastAPI
+
+from service import api, panda
+from service.config import Settings
+from service.db import Database
+from service.delivery import Delivery
+from service.runner import Runner
+
+SHUTDOWN_GRACE_S = 10.0
+
+
+def datasets(settings: Settings) -> dict[str, panda.Dataset]:
+    """The PANDA dataset each configured source feeds, by source name."""
+    return {
+        source.name: panda.Dataset(
+            slug=source.dataset.slug,
+            name=source.dataset.name,
+            columns=tuple(column.name for column in source.columns),
+        )
+        for source in settings.sources
+    }
+
+
+def build(settings: Settings, db: Database, http: httpx.AsyncClient) -> api.Service:
+    """The service's parts over an open database and HTTP client."""
+    client = panda.PandaClient(
+        http, email=settings.panda.email, api_key=settings.panda.api_key.get_secret_value()
+    )
+    delivery = Delivery(
+        db,
+        client,
+        datasets(settings),
+        settings.delivery,
+        request_timeout_s=settings.panda.timeout_s,
+    )
+    runner = Runner({"delivery": delivery})
+    return api.Service(settings=settings, db=db, delivery=delivery, runner=runner)
+
+
+def create_app(settings: Settings, *, start_runner: bool = True) -> FastAPI:
+    """The service as an ASGI app; its lifespan opens the store and runs the loops.
+
+    Raises `service.db.SchemaError` at startup when the database is not migrated.
+    """
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        db = Database.open(settings.database_url)
+        try:
+            db.check_schema()
+            http = panda.make_http(
+                url=str(settings.panda.url),
+                timeout_s=settings.panda.timeout_s,
+                max_connections=settings.panda.max_connections,
+            )
+            async with http, anyio.create_task_group() as group:
+                service = build(settings, db, http)
+                app.state.service = service
+                if start_runner:
+                    group.start_soon(service.runner.run)
+                yield
+                await service.runner.stop(grace_s=SHUTDOWN_GRACE_S)
+        finally:
+            db.close()
+
+    app = FastAPI(title="pandasync", lifespan=lifespan)
+    app.include_router(api.router)
+    return app

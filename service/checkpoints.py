@@ -1,0 +1,36 @@
+"""Checkpoints: the seq up to which each source's changes are safely in the outbox.
+
+Reads and writes inside the caller's transaction (never commits); a seq is opaque and kept
+verbatim, never parsed or compared.
+"""
+
+from datetime import UTC, datetime
+
+from sqlmodel import Session
+
+from service.changes import Seq
+from service.db import dialect_insert
+from service.tables import Checkpoint
+
+
+def load(session: Session, source: str) -> Seq | None:
+    """The seq last saved for `source`, exactly as saved, or `None` if there is none yet."""
+    checkpoint = session.get(Checkpoint, source)
+    return None if checkpoint is None else Seq(checkpoint.seq)
+
+
+def save(session: Session, source: str, seq: Seq) -> None:
+    """Set `source`'s checkpoint to `seq` (insert or replace, in one statement).
+
+    Takes effect when the caller's transaction commits, together with the changes it
+    enqueued. Does not compare with the previous seq: the caller decides what is newer.
+    """
+    insert = dialect_insert(session, Checkpoint).values(
+        source=source, seq=seq.json_text, updated_at=datetime.now(UTC)
+    )
+    session.exec(
+        insert.on_conflict_do_update(
+            index_elements=["source"],
+            set_={"seq": insert.excluded.seq, "updated_at": insert.excluded.updated_at},
+        )
+    )

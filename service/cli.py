@@ -1,0 +1,236 @@
+"""The `pandasync` command: check the config, migrate, serve, push, sync, status, fake-panda.
+
+Each command loads settings, builds what it needs through `service.app`, and reports errors
+as one clear message with a non-zero exit code. No logic lives here.
+"""
+
+import json
+import logging
+from pathlib import Path
+from typing import Annotated, NoReturn
+
+import anyio
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from service import app as wiring
+from service import checkpoints, db, logs, mapping, outbox, panda
+from service.changes import Change
+from service.config import ConfigError, Settings, SourceSettings, config_path, load_settings
+from service.delivery import DeliveryStatus, utcnow
+
+cli = typer.Typer(
+    help="Replicate changes from CouchDB feeds and webhooks into PANDA.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+err = Console(stderr=True)
+out = Console()
+
+ConfigOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--config",
+        "-c",
+        help="TOML config file (default: $PANDASYNC_CONFIG).",
+        dir_okay=False,
+    ),
+]
+
+
+def _fail(message: str) -> NoReturn:
+    err.print(f"[bold red]error:[/] {message}", highlight=False, markup=True)
+    raise typer.Exit(1)
+
+
+def _settings(config: Path | None) -> Settings:
+    try:
+        return load_settings(config_path(config))
+    except ConfigError as error:
+        _fail(str(error))
+
+
+def _open(settings: Settings) -> db.Database:
+    database = db.Database.open(settings.database_url)
+    try:
+        database.check_schema()
+    except db.SchemaError as error:
+        database.close()
+        _fail(str(error))
+    return database
+
+
+def _source(settings: Settings, name: str) -> SourceSettings:
+    for source in settings.sources:
+        if source.name == name:
+            return source
+    known = ", ".join(source.name for source in settings.sources) or "none configured"
+    _fail(f"no source named {name!r} (sources: {known})")
+
+
+@cli.command("check-config")
+def check_config(config: ConfigOption = None) -> None:
+    """Validate the config; print every problem with its place and fix."""
+    settings = _settings(config)
+    out.print(f"config ok: {len(settings.sources)} source(s), PANDA at {settings.panda.url}")
+
+
+@cli.command()
+def migrate(config: ConfigOption = None) -> None:
+    """Create or upgrade the local database schema (run before `serve`)."""
+    settings = _settings(config)
+    db.migrate(settings.database_url)
+    out.print("database migrated")
+
+
+@cli.command()
+def serve(
+    config: ConfigOption = None,
+    log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING or ERROR.")] = "INFO",
+) -> None:
+    """Run the service: HTTP routes plus delivery to PANDA, until SIGTERM or Ctrl-C."""
+    import uvicorn
+
+    settings = _settings(config)
+    logs.configure(log_level)
+    _open(settings).close()
+    uvicorn.run(
+        wiring.create_app(settings),
+        host=settings.server.host,
+        port=settings.server.port,
+        log_level=log_level.lower(),
+        timeout_graceful_shutdown=int(wiring.SHUTDOWN_GRACE_S),
+    )
+
+
+@cli.command()
+def push(
+    source: Annotated[str, typer.Argument(help="The configured source the change belongs to.")],
+    record: Annotated[
+        str | None, typer.Argument(help="The source record as JSON (an upsert).")
+    ] = None,
+    delete: Annotated[str | None, typer.Option(help="Delete the row of this source id.")] = None,
+    config: ConfigOption = None,
+) -> None:
+    """Put one change into the outbox by hand, mapped like the source's own changes."""
+    settings = _settings(config)
+    spec = _source(settings, source)
+    if (record is None) == (delete is None):
+        _fail("give either a RECORD (JSON) to upsert or --delete ID")
+    try:
+        change = mapping.delete(spec, delete) if delete is not None else _upsert(spec, record)
+    except (mapping.MappingError, ValueError) as error:
+        _fail(str(error))
+    database = _open(settings)
+    try:
+        database.run_sync(outbox.enqueue, [change], now=utcnow())
+    finally:
+        database.close()
+    out.print(f"queued {change.op} of {change.doc_id!r} as external_id {change.external_id}")
+
+
+def _upsert(spec: SourceSettings, record: str | None) -> Change:
+    try:
+        document = json.loads(record or "")
+    except json.JSONDecodeError as error:
+        raise ValueError(f"RECORD is not valid JSON ({error})") from None
+    if not isinstance(document, dict):
+        raise ValueError("RECORD must be a JSON object")
+    return mapping.upsert(spec, document)
+
+
+@cli.command()
+def sync(
+    once: Annotated[bool, typer.Option("--once", help="Deliver what is due, then exit.")] = False,
+    config: ConfigOption = None,
+) -> None:
+    """Deliver the outbox to PANDA without serving HTTP (`--once`: drain and exit)."""
+    if not once:
+        _fail("only `pandasync sync --once` exists; use `pandasync serve` to run continuously")
+    settings = _settings(config)
+    logs.configure("INFO")
+    database = _open(settings)
+    try:
+        status = anyio.run(_drain, settings, database)
+    finally:
+        database.close()
+    out.print(f"delivered {status.delivered}, dead letters {status.dead_lettered}")
+    if status.paused or status.stopped_sources:
+        _fail(status.paused or "; ".join(status.stopped_sources.values()))
+
+
+async def _drain(settings: Settings, database: db.Database) -> DeliveryStatus:
+    http = panda.make_http(
+        url=str(settings.panda.url),
+        timeout_s=settings.panda.timeout_s,
+        max_connections=settings.panda.max_connections,
+    )
+    async with http:
+        service = wiring.build(settings, database, http)
+        await service.delivery.run_once()
+        return service.delivery.status()
+
+
+@cli.command()
+def status(config: ConfigOption = None) -> None:
+    """Show each source's checkpoint, pending outbox entries and dead letters."""
+    settings = _settings(config)
+    database = _open(settings)
+    table = Table("source", "dataset", "checkpoint", "pending", "dead letters")
+    try:
+        for source in settings.sources:
+            seq = database.run_sync(checkpoints.load, source.name)
+            table.add_row(
+                source.name,
+                source.dataset.slug,
+                "-" if seq is None else seq.json_text,
+                str(database.run_sync(outbox.pending, source.name)),
+                str(len(database.run_sync(outbox.dead_letters, source.name))),
+            )
+    finally:
+        database.close()
+    out.print(table)
+
+
+@cli.command("fake-panda")
+def fake_panda(
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8001,
+    email: Annotated[str, typer.Option(help="The accepted PANDA user.")] = "panda@example.com",
+    api_key: Annotated[
+        str, typer.Option(help="The accepted api key.", envvar="FAKE_PANDA_API_KEY")
+    ] = "pandasync-demo-key",
+    accept_any_key: Annotated[
+        bool, typer.Option(help="Real PANDA's quirk: accept any non-empty api key.")
+    ] = False,
+    seed: Annotated[int, typer.Option(help="Seed for injected random failures.")] = 0,
+) -> None:
+    """Run a PANDA-compatible server (rows in memory) to try pandasync against."""
+    from service.fake_panda import FakePandaOptions, serve
+
+    logging.getLogger(__name__).info("fake PANDA listening: host=%s port=%d", host, port)
+    options = FakePandaOptions(
+        email=email, api_key=api_key, accept_any_key=accept_any_key, seed=seed
+    )
+    serve(options, host=host, port=port)
+
+
+@cli.command()
+def demo() -> None:
+    """Run everything end to end in a scratch folder and show changes arriving in PANDA."""
+    from service import demo as scenario
+
+    try:
+        scenario.main()
+    except (TimeoutError, RuntimeError) as error:
+        _fail(f"the demo stopped: {error}")
+
+
+def main() -> None:
+    """Entry point of the `pandasync` script."""
+    cli()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,205 @@
+"""The store's engine: `Database.run(fn, ...)` runs `fn(session, ...)` in one transaction.
+
+Opens SQLite or PostgreSQL, checks and migrates the schema (Alembic); holds no business logic.
+"""
+
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any, Concatenate, ParamSpec, TypeVar
+
+import anyio.to_thread
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import URL, Connection, Engine, Table, event, inspect, make_url
+from sqlalchemy import create_engine as sa_create_engine
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import ArgumentError
+from sqlmodel import Session, SQLModel
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+# The repository's `alembic/` folder, next to `service/`.
+ALEMBIC_DIR = Path(__file__).resolve().parent.parent / "alembic"
+# How long an SQLite writer waits for another one's transaction before failing.
+SQLITE_BUSY_TIMEOUT_MS = 30_000
+_SUPPORTED = ("sqlite:///path/to/pandasync.db", "postgresql://user@host/database")
+
+
+class DatabaseUrlError(ValueError):
+    """`database_url` is not a URL pandasync can use: fix the setting."""
+
+
+class SchemaError(Exception):
+    """The database's schema does not match this pandasync: the message says what to run."""
+
+
+def database_url(url: str) -> URL:
+    """Parse a database URL, rewriting `postgresql://` (and `postgres://`) to psycopg 3.
+
+    Raises `DatabaseUrlError` (never quoting the URL, which may hold a password) unless the
+    URL is SQLite (pysqlite) or PostgreSQL (psycopg).
+    """
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        raise DatabaseUrlError(
+            f"database_url is not a database URL: write one like {' or '.join(_SUPPORTED)}"
+        ) from None
+    if parsed.drivername in ("postgresql", "postgres"):
+        parsed = parsed.set(drivername="postgresql+psycopg")
+    if parsed.drivername not in ("sqlite", "sqlite+pysqlite", "postgresql+psycopg"):
+        raise DatabaseUrlError(
+            f"database_url uses {parsed.drivername!r}, which pandasync does not support: "
+            f"use {' or '.join(_SUPPORTED)}"
+        )
+    return parsed
+
+
+def create_engine(url: str) -> Engine:
+    """A SQLAlchemy engine for `url` (see `database_url`), set up for concurrent writers.
+
+    SQLite: usable from any thread, WAL journal, a busy timeout, foreign keys on, and every
+    transaction starts with `BEGIN IMMEDIATE` so concurrent writers queue on the busy timeout
+    instead of failing when a reader upgrades to a writer. Connects lazily.
+    """
+    parsed = database_url(url)
+    if parsed.get_backend_name() == "postgresql":
+        return sa_create_engine(parsed, pool_pre_ping=True)
+    engine = sa_create_engine(parsed, connect_args={"check_same_thread": False})
+    event.listen(engine, "connect", _configure_sqlite)
+    event.listen(engine, "begin", _begin_immediate)
+    return engine
+
+
+def _configure_sqlite(dbapi_connection: Any, _record: Any) -> None:
+    # SQLAlchemy's documented pysqlite recipe: stop sqlite3 from emitting its own (deferred)
+    # BEGIN, and emit BEGIN IMMEDIATE on the engine's `begin` event instead.
+    dbapi_connection.isolation_level = None
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    # FULL, not WAL's usual NORMAL: a committed change must survive a power cut.
+    cursor.execute("PRAGMA synchronous=FULL")
+    cursor.close()
+
+
+def _begin_immediate(connection: Connection) -> None:
+    connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def dialect_insert(session: Session, model: type[SQLModel]) -> sqlite.Insert | postgresql.Insert:
+    """A Core INSERT into `model`'s table that has the session's `on_conflict_do_update`."""
+    table = inspect(model).local_table
+    assert isinstance(table, Table)
+    if session.get_bind().dialect.name == "postgresql":
+        return postgresql.insert(table)
+    return sqlite.insert(table)
+
+
+def alembic_config(url: str | None = None, *, migrations: Path = ALEMBIC_DIR) -> Config:
+    """Alembic's configuration for the scripts in `migrations`, and for `url` if given.
+
+    For `alembic.command` functions; `alembic/env.py` reads the URL back. Raises
+    `DatabaseUrlError` for a bad URL.
+    """
+    config = Config()
+    config.set_main_option("script_location", str(migrations))
+    config.set_main_option("path_separator", "os")
+    if url is not None:
+        rendered = database_url(url).render_as_string(hide_password=False)
+        # The config is an INI parser: a literal `%` (as in `options=-csearch_path%3D...`)
+        # must be written `%%`.
+        config.set_main_option("sqlalchemy.url", rendered.replace("%", "%%"))
+    return config
+
+
+def migrate(url: str) -> None:
+    """Apply every Alembic migration up to head to the database at `url`.
+
+    Idempotent (a database already at head is left alone); all in one transaction, so a
+    failed migration leaves the database as it was. Raises `DatabaseUrlError` for a bad URL.
+    """
+    command.upgrade(alembic_config(url), "head")
+
+
+def _revisions(revisions: Iterable[str]) -> str:
+    return ", ".join(sorted(revisions))
+
+
+class Database:
+    """The store: an engine, and transactions around functions that take a `Session`."""
+
+    def __init__(self, engine: Engine, *, migrations: Path = ALEMBIC_DIR) -> None:
+        """Wrap an engine made by `create_engine` (disposed of by `close`).
+
+        `migrations` is the Alembic script folder `check_schema` compares with.
+        """
+        self._engine = engine
+        self._migrations = migrations
+
+    @classmethod
+    def open(cls, url: str) -> "Database":
+        """A `Database` for `url` (connects lazily; raises `DatabaseUrlError` for a bad URL)."""
+        return cls(create_engine(url))
+
+    @property
+    def engine(self) -> Engine:
+        """The underlying SQLAlchemy engine."""
+        return self._engine
+
+    def describe(self) -> str:
+        """The database URL for messages, with its password hidden."""
+        return self._engine.url.render_as_string(hide_password=True)
+
+    async def run(
+        self, fn: Callable[Concatenate[Session, P], T], *args: P.args, **kwargs: P.kwargs
+    ) -> T:
+        """Run `fn(session, *args, **kwargs)` in a worker thread, in one transaction.
+
+        Commits when `fn` returns and rolls back when it raises (the exception propagates).
+        If the caller is cancelled, the thread still finishes and commits or rolls back:
+        the transaction is all or nothing either way. Returned ORM objects are detached
+        but keep their loaded attributes.
+        """
+        return await anyio.to_thread.run_sync(lambda: self.run_sync(fn, *args, **kwargs))
+
+    def run_sync(
+        self, fn: Callable[Concatenate[Session, P], T], *args: P.args, **kwargs: P.kwargs
+    ) -> T:
+        """`run` in the caller's thread (for the CLI and tests); blocks until committed."""
+        with Session(self._engine, expire_on_commit=False) as session, session.begin():
+            return fn(session, *args, **kwargs)
+
+    def check_schema(self) -> None:
+        """Raise `SchemaError` unless the database is migrated to exactly this code's head.
+
+        The message names the database (password hidden) and what to do: run
+        `pandasync migrate` (no schema, or an older one), or upgrade pandasync (a newer one).
+        """
+        script = ScriptDirectory.from_config(alembic_config(migrations=self._migrations))
+        heads = set(script.get_heads())
+        with self._engine.connect() as connection:
+            current = set(MigrationContext.configure(connection).get_current_heads())
+        if current == heads:
+            return
+        where = f"database {self.describe()}"
+        if not current:
+            raise SchemaError(f"{where} has no pandasync schema: run `pandasync migrate`")
+        unknown = current - {revision.revision for revision in script.walk_revisions()}
+        if unknown:
+            raise SchemaError(
+                f"{where} was migrated by a newer pandasync (revision {_revisions(unknown)}): "
+                "upgrade pandasync or point database_url elsewhere"
+            )
+        raise SchemaError(
+            f"{where} is at revision {_revisions(current)}, this pandasync needs "
+            f"{_revisions(heads)}: run `pandasync migrate`"
+        )
+
+    def close(self) -> None:
+        """Close every pooled connection. Idempotent."""
+        self._engine.dispose()

@@ -1,0 +1,102 @@
+"""The `pandasync` command as a user runs it: config problems, migrations, pushing changes."""
+
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from service import outbox
+from service.cli import cli
+from service.db import Database
+
+runner = CliRunner()
+
+CONFIG = """
+database_url = "{url}"
+
+[panda]
+url = "http://127.0.0.1:9"
+email = "sync@example.org"
+api_key = "{key}"
+
+[[sources]]
+name = "stories"
+kind = "webhook"
+dataset = {{ slug = "stories", name = "Stories" }}
+columns = [{{ name = "Headline", field = "title" }}, {{ name = "Words", field = "words" }}]
+"""
+
+
+def write_config(tmp_path: Path, *, url: str = "", key: str = "key-0123") -> Path:
+    path = tmp_path / "pandasync.toml"
+    url = url or f"sqlite:///{tmp_path}/store.db"
+    path.write_text(CONFIG.format(url=url, key=key), encoding="utf-8")
+    return path
+
+
+def test_check_config_accepts_a_good_file(tmp_path: Path) -> None:
+    result = runner.invoke(cli, ["check-config", "--config", str(write_config(tmp_path))])
+    assert (result.exit_code, "config ok: 1 source(s)" in result.stdout) == (0, True)
+
+
+def test_check_config_names_each_broken_field_and_its_fix(tmp_path: Path) -> None:
+    path = write_config(tmp_path)
+    path.write_text(
+        path.read_text().replace('field = "words"', 'field = ""').replace("stories", "Bad!"),
+        encoding="utf-8",
+    )
+    result = runner.invoke(cli, ["check-config", "--config", str(path)])
+    assert result.exit_code == 1
+    assert "sources[0].name: not a valid source name. Fix:" in result.stderr
+    assert "sources[0].dataset.slug: PANDA cannot address this slug. Fix:" in result.stderr
+    assert "sources[0].columns[1].field: not a dotted path. Fix:" in result.stderr
+
+
+def test_the_config_file_can_come_from_the_environment(tmp_path: Path) -> None:
+    env = {"PANDASYNC_CONFIG": str(write_config(tmp_path))}
+    result = runner.invoke(cli, ["check-config"], env=env)
+    assert result.exit_code == 0
+
+
+def test_commands_refuse_an_unmigrated_store_and_say_what_to_run(tmp_path: Path) -> None:
+    result = runner.invoke(cli, ["status", "--config", str(write_config(tmp_path))])
+    assert result.exit_code == 1
+    assert "pandasync migrate" in result.stderr
+
+
+def test_migrate_then_push_puts_the_mapped_change_in_the_outbox(tmp_path: Path) -> None:
+    config = str(write_config(tmp_path))
+    assert runner.invoke(cli, ["migrate", "--config", config]).exit_code == 0
+    record = '{"_id": "a/b", "title": "Flood", "words": 12}'
+    result = runner.invoke(cli, ["push", "stories", record, "--config", config])
+    assert (result.exit_code, "external_id a_2Fb" in result.stdout) == (0, True)
+    database = Database.open(f"sqlite:///{tmp_path}/store.db")
+    try:
+        assert database.run_sync(outbox.pending, "stories") == 1
+    finally:
+        database.close()
+
+
+def test_push_refuses_bad_json_without_touching_the_store(tmp_path: Path) -> None:
+    config = str(write_config(tmp_path))
+    runner.invoke(cli, ["migrate", "--config", config])
+    result = runner.invoke(cli, ["push", "stories", "{not json", "--config", config])
+    assert (result.exit_code, "RECORD is not valid JSON" in result.stderr) == (1, True)
+    database = Database.open(f"sqlite:///{tmp_path}/store.db")
+    try:
+        assert database.run_sync(outbox.pending, None) == 0
+    finally:
+        database.close()
+
+
+def test_push_to_an_unknown_source_lists_the_known_ones(tmp_path: Path) -> None:
+    config = str(write_config(tmp_path))
+    result = runner.invoke(cli, ["push", "nope", "{}", "--config", config])
+    assert (result.exit_code, "sources: stories" in result.stderr) == (1, True)
+
+
+def test_no_command_prints_the_api_key(tmp_path: Path) -> None:
+    config = str(write_config(tmp_path, key="s3cret-api-key"))
+    runner.invoke(cli, ["migrate", "--config", config])
+    for args in (["check-config"], ["status"], ["push", "stories", "--delete", "x"]):
+        result = runner.invoke(cli, [*args, "--config", config])
+        assert "s3cret-api-key" not in result.stdout + result.stderr

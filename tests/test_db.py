@@ -1,0 +1,145 @@
+"""`service.db`: URLs, transactions, SQLite's setup and UTC datetimes, on SQLite and PostgreSQL."""
+
+from datetime import UTC, datetime, timedelta, timezone
+
+import anyio
+import pytest
+from sqlalchemy import text
+from sqlalchemy.exc import StatementError
+from sqlmodel import Session, select
+
+from service import checkpoints
+from service.changes import Seq
+from service.db import Database, DatabaseUrlError, database_url
+from service.tables import Checkpoint
+
+
+def _save(session: Session, source: str, seq: Seq) -> None:
+    checkpoints.save(session, source, seq)
+
+
+def _save_then_fail(session: Session, source: str, seq: Seq) -> None:
+    checkpoints.save(session, source, seq)
+    raise RuntimeError("after the write")
+
+
+def _increment(session: Session, source: str) -> None:
+    seq = checkpoints.load(session, source)
+    count = 0 if seq is None else seq.value()
+    assert isinstance(count, int)
+    checkpoints.save(session, source, Seq.of(count + 1))
+
+
+def test_postgresql_url_is_rewritten_to_psycopg() -> None:
+    assert database_url("postgresql://u:p@h/d").render_as_string(hide_password=False) == (
+        "postgresql+psycopg://u:p@h/d"
+    )
+
+
+def test_postgres_scheme_is_rewritten_to_psycopg() -> None:
+    assert database_url("postgres://u@h/d").drivername == "postgresql+psycopg"
+
+
+def test_sqlite_url_is_kept() -> None:
+    assert str(database_url("sqlite:///pandasync.db")) == "sqlite:///pandasync.db"
+
+
+def test_unsupported_driver_is_refused_with_the_urls_to_use() -> None:
+    with pytest.raises(DatabaseUrlError) as raised:
+        database_url("mysql://u:secret@h/d")
+    assert str(raised.value) == (
+        "database_url uses 'mysql', which pandasync does not support: use "
+        "sqlite:///path/to/pandasync.db or postgresql://user@host/database"
+    )
+
+
+def test_unparseable_url_is_refused_without_quoting_it() -> None:
+    with pytest.raises(DatabaseUrlError) as raised:
+        database_url("secret-password")
+    assert "secret" not in str(raised.value)
+
+
+def test_describe_hides_the_password() -> None:
+    database = Database.open("postgresql://user:secret@localhost/db")
+    assert database.describe() == "postgresql+psycopg://user:***@localhost/db"
+    database.close()
+
+
+def test_run_sync_commits_and_returns_the_result(database: Database) -> None:
+    database.run_sync(_save, "a", Seq.of(1))
+    assert database.run_sync(checkpoints.load, "a") == Seq.of(1)
+
+
+def test_run_sync_rolls_back_when_the_function_raises(database: Database) -> None:
+    with pytest.raises(RuntimeError, match="after the write"):
+        database.run_sync(_save_then_fail, "a", Seq.of(1))
+    assert database.run_sync(checkpoints.load, "a") is None
+
+
+@pytest.mark.anyio
+async def test_run_commits_in_a_worker_thread(database: Database) -> None:
+    await database.run(_save, "a", seq=Seq.of("1-abc"))
+    assert await database.run(checkpoints.load, "a") == Seq.of("1-abc")
+
+
+@pytest.mark.anyio
+async def test_run_rolls_back_when_the_function_raises(database: Database) -> None:
+    with pytest.raises(RuntimeError, match="after the write"):
+        await database.run(_save_then_fail, "a", Seq.of(1))
+    assert await database.run(checkpoints.load, "a") is None
+
+
+@pytest.mark.anyio
+async def test_concurrent_sqlite_read_then_write_transactions_queue(
+    migrated_sqlite_url: str,
+) -> None:
+    # With sqlite3's own deferred BEGIN these either fail ("database is locked") or lose
+    # increments; BEGIN IMMEDIATE makes each wait for the previous one.
+    database = Database.open(migrated_sqlite_url)
+    async with anyio.create_task_group() as group:
+        for _ in range(20):
+            group.start_soon(database.run, _increment, "a")
+    assert database.run_sync(checkpoints.load, "a") == Seq.of(20)
+    database.close()
+
+
+def test_sqlite_connections_use_wal_busy_timeout_foreign_keys_and_full_sync(
+    migrated_sqlite_url: str,
+) -> None:
+    database = Database.open(migrated_sqlite_url)
+    with database.engine.connect() as connection:
+        pragmas = [
+            connection.exec_driver_sql(f"PRAGMA {name}").scalar()
+            for name in ("journal_mode", "busy_timeout", "foreign_keys", "synchronous")
+        ]
+    database.close()
+    assert pragmas == ["wal", 30_000, 1, 2]
+
+
+def test_datetimes_come_back_as_the_same_instant_in_utc(database: Database) -> None:
+    stored = datetime(2026, 3, 4, 5, 6, 7, 891011, tzinfo=timezone(timedelta(hours=-5)))
+
+    def store(session: Session) -> None:
+        session.add(Checkpoint(source="a", seq="1", updated_at=stored))
+
+    def read(session: Session) -> datetime:
+        return session.exec(select(Checkpoint.updated_at)).one()
+
+    database.run_sync(store)
+    read_back = database.run_sync(read)
+    assert (read_back, read_back.tzinfo) == (datetime(2026, 3, 4, 10, 6, 7, 891011, UTC), UTC)
+
+
+def test_naive_datetimes_are_refused(database: Database) -> None:
+    def store(session: Session) -> None:
+        session.add(Checkpoint(source="a", seq="1", updated_at=datetime(2026, 1, 1)))
+
+    with pytest.raises(StatementError, match="naive datetime"):
+        database.run_sync(store)
+
+
+def test_close_is_idempotent(migrated_database_url: str) -> None:
+    database = Database.open(migrated_database_url)
+    database.run_sync(lambda session: session.connection().execute(text("SELECT 1")))
+    database.close()
+    database.close()
