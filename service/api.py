@@ -3,6 +3,7 @@
 Routes read the shared `Service` and the store; they never call PANDA.
 """
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Annotated, Any
 
@@ -13,6 +14,7 @@ from service import checkpoints, outbox
 from service.config import Settings
 from service.db import Database
 from service.delivery import Delivery
+from service.poller import Poller
 from service.runner import Runner
 
 
@@ -23,6 +25,7 @@ class Service:
     settings: Settings
     db: Database
     delivery: Delivery
+    pollers: Mapping[str, Poller]
     runner: Runner
 
 
@@ -50,6 +53,11 @@ async def readyz(service: ServiceDep, response: Response) -> dict[str, Any]:
         for name, health in service.runner.health().items()
         if not health.running
     ]
+    problems += [
+        f"source {name} stopped: {poller.status().reason}"
+        for name, poller in service.pollers.items()
+        if poller.status().reason
+    ]
     paused = service.delivery.status().paused
     if paused:
         problems.append(paused)
@@ -63,6 +71,8 @@ async def status(service: ServiceDep) -> dict[str, Any]:
     """Per-source progress and the delivery state; never a secret or a document body."""
     names = [source.name for source in service.settings.sources]
     sources = await service.db.run(_source_status, names)
+    for name, poller in service.pollers.items():
+        sources[name]["feed"] = asdict(poller.status())
     delivery = asdict(service.delivery.status())
     return {"delivery": delivery, "sources": sources, "loops": service.runner.health()}
 

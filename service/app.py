@@ -14,6 +14,7 @@ from service import api, panda
 from service.config import Settings
 from service.db import Database
 from service.delivery import Delivery
+from service.poller import build_pollers
 from service.runner import Runner
 
 SHUTDOWN_GRACE_S = 10.0
@@ -31,8 +32,11 @@ def datasets(settings: Settings) -> dict[str, panda.Dataset]:
     }
 
 
-def build(settings: Settings, db: Database, http: httpx.AsyncClient) -> api.Service:
-    """The service's parts over an open database and HTTP client."""
+def build(
+    settings: Settings, db: Database, http: httpx.AsyncClient, couchdb_http: httpx.AsyncClient
+) -> api.Service:
+    """The service's parts over an open database and HTTP clients (PANDA's, and one of its
+    own for the CouchDB feeds, which each hold a connection open)."""
     client = panda.PandaClient(
         http, email=settings.panda.email, api_key=settings.panda.api_key.get_secret_value()
     )
@@ -43,8 +47,10 @@ def build(settings: Settings, db: Database, http: httpx.AsyncClient) -> api.Serv
         settings.delivery,
         request_timeout_s=settings.panda.timeout_s,
     )
-    runner = Runner({"delivery": delivery})
-    return api.Service(settings=settings, db=db, delivery=delivery, runner=runner)
+    pollers = build_pollers(settings, db, couchdb_http, on_commit=delivery.notify)
+    feeds = {f"couchdb:{name}": poller for name, poller in pollers.items()}
+    runner = Runner({"delivery": delivery, **feeds})
+    return api.Service(settings=settings, db=db, delivery=delivery, pollers=pollers, runner=runner)
 
 
 def create_app(settings: Settings, *, start_runner: bool = True) -> FastAPI:
@@ -63,8 +69,9 @@ def create_app(settings: Settings, *, start_runner: bool = True) -> FastAPI:
                 timeout_s=settings.panda.timeout_s,
                 max_connections=settings.panda.max_connections,
             )
-            async with http, anyio.create_task_group() as group:
-                service = build(settings, db, http)
+            couchdb_http = httpx.AsyncClient()
+            async with http, couchdb_http, anyio.create_task_group() as group:
+                service = build(settings, db, http, couchdb_http)
                 app.state.service = service
                 if start_runner:
                     group.start_soon(service.runner.run)

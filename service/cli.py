@@ -10,12 +10,13 @@ from pathlib import Path
 from typing import Annotated, NoReturn
 
 import anyio
+import httpx
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from service import app as wiring
-from service import checkpoints, db, logs, mapping, outbox, panda
+from service import checkpoints, db, logs, mapping, outbox, panda, poller
 from service.changes import Change
 from service.config import ConfigError, Settings, SourceSettings, config_path, load_settings
 from service.delivery import DeliveryStatus, utcnow
@@ -145,7 +146,7 @@ def sync(
     once: Annotated[bool, typer.Option("--once", help="Deliver what is due, then exit.")] = False,
     config: ConfigOption = None,
 ) -> None:
-    """Deliver the outbox to PANDA without serving HTTP (`--once`: drain and exit)."""
+    """Read CouchDB feeds up to now and deliver the outbox to PANDA, then exit (`--once`)."""
     if not once:
         _fail("only `pandasync sync --once` exists; use `pandasync serve` to run continuously")
     settings = _settings(config)
@@ -166,10 +167,32 @@ async def _drain(settings: Settings, database: db.Database) -> DeliveryStatus:
         timeout_s=settings.panda.timeout_s,
         max_connections=settings.panda.max_connections,
     )
-    async with http:
-        service = wiring.build(settings, database, http)
+    async with http, httpx.AsyncClient() as couchdb_http:
+        service = wiring.build(settings, database, http, couchdb_http)
+        for poller in service.pollers.values():
+            await poller.run_once()
         await service.delivery.run_once()
         return service.delivery.status()
+
+
+@cli.command("reset-checkpoint")
+def reset_checkpoint(
+    source: Annotated[str, typer.Argument(help="The CouchDB source to read again from its start.")],
+    config: ConfigOption = None,
+) -> None:
+    """Forget a source's checkpoint: its feed is read again from `since` (a repeat is harmless).
+
+    For a database that was recreated or restored, when CouchDB refuses the stored checkpoint.
+    """
+    settings = _settings(config)
+    _source(settings, source)
+    database = _open(settings)
+    try:
+        old = database.run_sync(poller.reset_checkpoint, source)
+    finally:
+        database.close()
+    was = "no checkpoint" if old is None else f"checkpoint {old.json_text}"
+    out.print(f"source {source}: {was} removed; restart pandasync to read the feed again")
 
 
 @cli.command()

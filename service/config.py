@@ -366,6 +366,14 @@ def _source_checks(where: str, source: SourceSettings) -> Iterable[Problem]:
                 "give every column its own name",
             )
         names.add(column.name)
+    if source.kind == "couchdb" and source.id_field != "_id":
+        # A deleted document's stub in `_changes` holds only `_id` and `_rev`.
+        yield Problem(
+            f"{where}.id_field",
+            "a couchdb source's rows are keyed by the document `_id`: deletes carry no other"
+            " field",
+            "remove id_field (or set it to `_id`)",
+        )
     if source.kind == "couchdb" and source.couchdb is None:
         yield Problem(
             f"{where}.couchdb",

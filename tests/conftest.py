@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-pytest_plugins = ["tests.fixtures.panda", "tests.fixtures.store"]
+pytest_plugins = ["tests.fixtures.panda", "tests.fixtures.store", "tests.fixtures.couchdb"]
 
 
 @pytest.fixture

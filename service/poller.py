@@ -1,0 +1,283 @@
+"""The poller: reads a CouchDB source's changes and commits them with their checkpoint.
+
+Each batch's changes go into the outbox in the same transaction as the seq after them, so a
+crash never skips a change and a repeat is harmless. Knows nothing of FastAPI or PANDA.
+"""
+
+import logging
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Literal
+
+import anyio
+import httpx
+from sqlmodel import Session
+
+from service import backoff, checkpoints, outbox
+from service.changes import Seq
+from service.config import Settings, SourceSettings
+from service.db import Database
+from service.sources import couchdb
+from service.tables import Checkpoint
+
+log = logging.getLogger(__name__)
+
+Clock = Callable[[], datetime]
+State = Literal["starting", "running", "reconnecting", "stopped"]
+
+
+def utcnow() -> datetime:
+    """The current time, timezone-aware UTC."""
+    return datetime.now(UTC)
+
+
+@dataclass(frozen=True)
+class PollerStatus:
+    """One source's progress for /status; never holds a credential or a document body.
+
+    `state` is `stopped` with a `reason` when CouchDB refused the source for good (the reason
+    says what to fix), and without one after `stop()`. `checkpoint` is the saved seq as JSON
+    text; `changes_seen` counts feed rows read since start, `skipped` those that could not
+    become a change; `pending` is the source's outbox entries as of the last commit.
+    """
+
+    state: State
+    reason: str | None
+    checkpoint: str | None
+    changes_seen: int
+    skipped: int
+    pending: int | None
+    last_error: str | None
+
+
+def commit(session: Session, source: str, batch: couchdb.Batch, *, now: datetime) -> int:
+    """Enqueue the batch's changes and save its seq as `source`'s checkpoint, in the caller's
+    transaction (so both or neither). Returns the source's pending outbox entries."""
+    outbox.enqueue(session, batch.changes, now=now)
+    if batch.seq is not None:
+        checkpoints.save(session, source, batch.seq)
+    return outbox.pending(session, source)
+
+
+def reset_checkpoint(session: Session, source: str) -> Seq | None:
+    """Forget `source`'s checkpoint, so its next start reads from `couchdb.since` again.
+
+    Returns the seq that was saved (None if there was none). For `pandasync reset-checkpoint`
+    after CouchDB refused the checkpoint (a recreated or restored database); restart after.
+    """
+    checkpoint = session.get(Checkpoint, source)
+    if checkpoint is None:
+        return None
+    session.delete(checkpoint)
+    session.flush()
+    return Seq(checkpoint.seq)
+
+
+class Poller:
+    """Replicates one CouchDB source's `_changes` feed into the outbox.
+
+    `step()` reads one bounded page after the checkpoint and commits it; `run_once()` repeats
+    it until caught up; `run()` follows the continuous feed until `stop()`, reconnecting from
+    the checkpoint with backoff. A source CouchDB refuses for good stops (see `status()`)
+    while other sources go on.
+    """
+
+    def __init__(
+        self,
+        source: SourceSettings,
+        db: Database,
+        http: httpx.AsyncClient,
+        *,
+        on_commit: Callable[[], None] | None = None,
+        clock: Clock = utcnow,
+        rng: random.Random | None = None,
+    ) -> None:
+        self._source = source
+        self._settings = couchdb.settings_of(source)
+        self._db = db
+        self._http = http
+        self._on_commit = on_commit
+        self._clock = clock
+        self._rng = rng or random.Random()
+        self._state: State = "starting"
+        self._stopped: str | None = None
+        self._checkpoint: str | None = None
+        self._seen = 0
+        self._skipped = 0
+        self._pending: int | None = None
+        self._last_error: str | None = None
+        self._failures = 0
+        self._caught_up = False
+        self._stopping = False
+        self._scope: anyio.CancelScope | None = None
+
+    @property
+    def name(self) -> str:
+        """The source's name."""
+        return self._source.name
+
+    def status(self) -> PollerStatus:
+        """A snapshot of the source's progress."""
+        return PollerStatus(
+            state=self._state,
+            reason=self._stopped,
+            checkpoint=self._checkpoint,
+            changes_seen=self._seen,
+            skipped=self._skipped,
+            pending=self._pending,
+            last_error=self._last_error,
+        )
+
+    def stop(self) -> None:
+        """Stop reading; a commit in progress finishes, then `run()` returns."""
+        self._stopping = True
+        if self._scope is not None:
+            self._scope.cancel()
+
+    async def step(self) -> int:
+        """Read one page (at most `batch_size` rows) after the checkpoint and commit it.
+
+        The changes and the new checkpoint are committed in one transaction. Returns the rows
+        read (0 for a stopped source). A refusal stops the source and returns 0; raises
+        `couchdb.FeedBrokenError` (also kept as `last_error`) when CouchDB cannot be read.
+        """
+        if self._stopped is not None:
+            return 0
+        try:
+            return await self._page()
+        except couchdb.SourceStoppedError as error:
+            self._stop_source(error)
+            return 0
+        except couchdb.FeedBrokenError as error:
+            self._last_error = str(error)
+            raise
+
+    async def run_once(self) -> int:
+        """Commit pages until CouchDB has nothing more (or the source stops); returns rows read.
+
+        Raises `couchdb.FeedBrokenError` when CouchDB cannot be read.
+        """
+        total = 0
+        self._caught_up = False
+        while self._stopped is None and not self._caught_up:
+            total += await self.step()
+        return total
+
+    async def run(self) -> None:
+        """Follow the feed and commit each batch until `stop()`.
+
+        A broken or silent feed is reopened from the checkpoint after a backoff with jitter. A
+        source CouchDB refuses for good waits, stopped, for `stop()`, so it is not restarted
+        in a loop.
+        """
+        with anyio.CancelScope() as self._scope:
+            if self._stopping:
+                self._scope.cancel()
+            while self._stopped is None:
+                await self._connection()
+            await anyio.sleep_forever()
+        self._scope = None
+        self._state = "stopped"
+
+    async def _connection(self) -> None:
+        try:
+            await self._follow()
+        except couchdb.SourceStoppedError as error:
+            self._stop_source(error)
+        except couchdb.FeedBrokenError as error:
+            await self._back_off(error)
+        except Exception as error:
+            self._last_error = f"{type(error).__name__}: {error}"
+            raise
+
+    async def _follow(self) -> None:
+        """One connection: commit its batches until CouchDB ends the feed."""
+        since = await self._load()
+        if since is None:
+            # Pins the start ("now" included) as a checkpoint before following.
+            await self._page()
+            since = await self._load()
+        async with couchdb.follow(self._http, self._source, since or self._first()) as feed:
+            self._state, self._failures = "running", 0
+            caught_up = False
+            while not caught_up:
+                batch = await feed.batch()
+                await self._commit(batch)
+                caught_up = batch.caught_up
+
+    def _first(self) -> Seq:
+        return Seq.of(self._settings.since)
+
+    async def _load(self) -> Seq | None:
+        seq = await self._db.run(checkpoints.load, self.name)
+        if seq is not None:
+            self._checkpoint = seq.json_text
+        return seq
+
+    async def _page(self) -> int:
+        since = await self._load()
+        batch = await couchdb.read_page(self._http, self._source, since or self._first())
+        await self._commit(batch)
+        self._caught_up = batch.caught_up
+        return batch.rows
+
+    async def _commit(self, batch: couchdb.Batch) -> None:
+        # Shielded so that stop() never leaves a commit's bookkeeping half done.
+        with anyio.CancelScope(shield=True):
+            self._pending = await self._db.run(commit, self.name, batch, now=self._clock())
+        self._seen += batch.rows
+        self._skipped += batch.skipped
+        if batch.seq is not None:
+            self._checkpoint = batch.seq.json_text
+        log.debug(
+            "batch committed: source=%s rows=%d changes=%d seq=%s",
+            self.name,
+            batch.rows,
+            len(batch.changes),
+            self._checkpoint,
+        )
+        if batch.changes and self._on_commit is not None:
+            self._on_commit()
+
+    async def _back_off(self, error: couchdb.FeedBrokenError) -> None:
+        self._failures += 1
+        self._state, self._last_error = "reconnecting", str(error)
+        wait_s = backoff.delay_s(
+            self._failures,
+            base_s=self._settings.retry_base_s,
+            cap_s=self._settings.retry_cap_s,
+            rng=self._rng,
+        )
+        log.warning(
+            "CouchDB feed lost, reopening it from the checkpoint: source=%s retry_in_s=%.1f"
+            " reason=%s",
+            self.name,
+            wait_s,
+            error,
+        )
+        await anyio.sleep(wait_s)
+
+    def _stop_source(self, error: couchdb.SourceStoppedError) -> None:
+        self._state, self._stopped, self._last_error = "stopped", str(error), str(error)
+        log.error("source stopped: source=%s reason=%s", self.name, error)
+
+
+def build_pollers(
+    settings: Settings,
+    db: Database,
+    http: httpx.AsyncClient,
+    *,
+    on_commit: Callable[[], None] | None = None,
+) -> dict[str, Poller]:
+    """A poller for every CouchDB source, by source name (webhook sources have none).
+
+    `http` should be a client of its own (no base URL): every followed feed holds one of its
+    connections open.
+    """
+    return {
+        source.name: Poller(source, db, http, on_commit=on_commit)
+        for source in settings.sources
+        if source.kind == "couchdb"
+    }

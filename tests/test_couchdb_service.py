@@ -1,0 +1,199 @@
+"""`pandasync serve` with a CouchDB source: SIGKILL during catch-up loses nothing."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from service import checkpoints, external_ids, outbox
+from service.changes import Seq
+from service.db import Database
+from tests.fixtures.couchdb import CouchDatabase
+from tests.fixtures.panda import RunningPanda, free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+DEADLINE_S = 60.0
+
+CONFIG = """
+database_url = "{database_url}"
+
+[panda]
+url = "{panda_url}"
+email = "{email}"
+api_key = "{api_key}"
+timeout_s = 1
+
+[server]
+port = {port}
+
+[delivery]
+batch_size = 200
+# A killed process's leases run out soon, so the restarted one takes its claims over.
+lease_s = 2.5
+idle_poll_s = 0.05
+retry_base_s = 0.05
+retry_cap_s = 0.2
+
+[[sources]]
+name = "stories"
+kind = "couchdb"
+dataset = {{ slug = "stories", name = "Stories" }}
+columns = [{{ name = "Title", field = "title" }}, {{ name = "Words", field = "words" }}]
+
+[sources.couchdb]
+url = "{couchdb_url}"
+database = "{database}"
+batch_size = 50
+batch_wait_s = 0.02
+heartbeat_s = 1
+timeout_s = 5
+retry_base_s = 0.05
+retry_cap_s = 0.5
+"""
+
+
+def wait_until(condition: Callable[[], bool], *, what: str) -> None:
+    deadline = time.monotonic() + DEADLINE_S
+    while not condition():
+        assert time.monotonic() < deadline, f"gave up waiting for {what}"
+        time.sleep(0.02)
+
+
+@contextmanager
+def serving(config: Path, log: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """The service process until the block ends (then SIGTERM, by its PID)."""
+    env = {name: value for name, value in os.environ.items() if not name.startswith("PANDASYNC")}
+    with log.open("ab") as output:
+        child = subprocess.Popen(
+            [sys.executable, "-m", "service.cli", "serve", "--config", str(config)],
+            cwd=ROOT,
+            stdout=output,
+            stderr=output,
+            env=env,
+        )
+    try:
+        yield child
+    finally:
+        if child.poll() is None:
+            child.terminate()
+            child.wait(timeout=20)
+
+
+def expected_rows(couchdb: CouchDatabase) -> dict[str, list[object]]:
+    """What PANDA must hold: one row per live document, by external_id."""
+    return {
+        external_ids.encode(doc_id): [str(doc.get("title", "")), str(doc.get("words", ""))]
+        for doc_id, doc in couchdb.documents().items()
+    }
+
+
+def retitle(couchdb: CouchDatabase, doc_ids: list[str], title: str) -> None:
+    docs = [couchdb.get(doc_id) for doc_id in doc_ids]
+    couchdb.bulk([{**doc, "title": title} for doc in docs if doc is not None])
+
+
+@dataclass(frozen=True)
+class Service:
+    """A config file for `pandasync serve` and the port it serves on."""
+
+    config: Path
+    port: int
+
+    def get(self, path: str) -> httpx.Response:
+        return httpx.get(f"http://127.0.0.1:{self.port}{path}", timeout=2)
+
+    def answers(self, path: str, status: int) -> bool:
+        try:
+            return self.get(path).status_code == status
+        except httpx.TransportError:
+            return False
+
+
+@pytest.fixture
+def service(
+    tmp_path: Path, panda: RunningPanda, couchdb: CouchDatabase, migrated_sqlite_url: str
+) -> Service:
+    path = tmp_path / "pandasync.toml"
+    port = free_port()
+    text = CONFIG.format(
+        database_url=migrated_sqlite_url,
+        panda_url=panda.url,
+        email=panda.email,
+        api_key=panda.api_key,
+        couchdb_url=couchdb.server_url,
+        database=couchdb.name,
+        port=port,
+    )
+    path.write_text(text, encoding="utf-8")
+    return Service(path, port)
+
+
+def test_a_service_killed_during_catch_up_ends_with_exactly_the_databases_documents(
+    service: Service,
+    couchdb: CouchDatabase,
+    panda: RunningPanda,
+    migrated_sqlite_url: str,
+    tmp_path: Path,
+) -> None:
+    count = 400
+    couchdb.bulk([{"_id": f"s{n:04}", "title": f"t{n}", "words": n} for n in range(count)])
+    retitle(couchdb, [f"s{n:04}" for n in range(0, count, 20)], "updated")
+    for n in range(5, count, 40):
+        couchdb.delete(f"s{n:04}")
+    database = Database.open(migrated_sqlite_url)
+    try:
+        with serving(service.config, tmp_path / "first.log") as first:
+            wait_until(
+                lambda: database.run_sync(checkpoints.load, "stories") is not None,
+                what="a first checkpoint",
+            )
+            first.send_signal(signal.SIGKILL)
+            first.wait(timeout=10)
+        assert len(panda.rows("stories")) < len(expected_rows(couchdb)), "killed mid catch-up"
+        retitle(couchdb, [f"s{n:04}" for n in range(1, count, 30)], "updated while down")
+        for n in range(3, count, 50):
+            couchdb.delete(f"s{n:04}")
+        couchdb.bulk([{"_id": f"new{n}", "title": "late"} for n in range(20)])
+        couchdb.put("ephemeral", title="created and deleted while down")
+        couchdb.delete("ephemeral")
+        expected = expected_rows(couchdb)
+        last = Seq.of(couchdb.update_seq())
+        with serving(service.config, tmp_path / "second.log"):
+            wait_until(
+                lambda: (
+                    database.run_sync(checkpoints.load, "stories") == last
+                    and database.run_sync(outbox.pending, None) == 0
+                ),
+                what="every change read and delivered",
+            )
+        assert panda.rows("stories") == expected
+        assert database.run_sync(outbox.dead_letters, None) == []
+    finally:
+        database.close()
+
+
+def test_a_source_couchdb_refuses_shows_in_readyz_and_status_without_its_password(
+    service: Service, tmp_path: Path
+) -> None:
+    text = service.config.read_text(encoding="utf-8")
+    text = text.replace(
+        "batch_size = 50\n", 'batch_size = 50\nusername = "reader"\npassword = "s3cret-pw"\n'
+    )
+    service.config.write_text(text, encoding="utf-8")
+    log = tmp_path / "serve.log"
+    with serving(service.config, log):
+        wait_until(lambda: service.answers("/readyz", 503), what="/readyz to answer 503")
+        readyz = service.get("/readyz").text
+        status = service.get("/status").text
+    assert "source stories stopped" in readyz
+    assert "401 unauthorized, Name or password is incorrect." in readyz
+    assert "401" in status
+    assert "s3cret-pw" not in readyz + status + log.read_text()

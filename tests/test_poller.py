@@ -1,0 +1,597 @@
+"""The poller against pouchdb-server over sockets: changes reach the outbox with their checkpoint.
+
+End-to-end tests deliver the outbox to the PANDA-compatible server and compare its rows with the
+database's documents.
+"""
+
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import anyio
+import httpx
+import pytest
+from sqlalchemy import text
+from sqlalchemy.exc import OperationalError
+from sqlmodel import Session, select
+
+from service import checkpoints, external_ids, outbox, panda
+from service.changes import Seq
+from service.config import CouchDBSettings, DeliverySettings, Settings, SourceSettings
+from service.db import Database
+from service.delivery import Delivery
+from service.poller import Poller, PollerStatus, build_pollers, reset_checkpoint
+from service.sources.couchdb import FeedBrokenError
+from service.tables import Checkpoint, OutboxEntry
+from tests.fixtures.couchdb import CouchDatabase, silent_couchdb, start_pouchdb
+from tests.fixtures.panda import RunningPanda, free_port
+
+pytestmark = pytest.mark.anyio
+
+COLUMNS = [{"name": "Title", "field": "title"}, {"name": "Words", "field": "words"}]
+# Quick settings for tests: short batches, quick heartbeats and reconnects.
+QUICK = {
+    "batch_wait_s": 0.02,
+    "heartbeat_s": 0.5,
+    "timeout_s": 5,
+    "retry_base_s": 0.05,
+    "retry_cap_s": 0.2,
+}
+DEADLINE_S = 20.0
+
+
+def source_of(settings: CouchDBSettings, name: str = "stories") -> SourceSettings:
+    return SourceSettings.model_validate(
+        {
+            "name": name,
+            "kind": "couchdb",
+            "dataset": {"slug": name, "name": name.title()},
+            "columns": COLUMNS,
+            "couchdb": QUICK | settings.model_dump(exclude_unset=True),
+        }
+    )
+
+
+def source_for(couchdb: CouchDatabase, name: str = "stories", **settings: Any) -> SourceSettings:
+    return source_of(couchdb.settings(**settings), name)
+
+
+@pytest.fixture
+def store(migrated_sqlite_url: str) -> Iterator[Database]:
+    database = Database.open(migrated_sqlite_url)
+    try:
+        yield database
+    finally:
+        database.close()
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient() as client:
+        yield client
+
+
+def queued(session: Session) -> dict[str, tuple[str, list[str] | None]]:
+    """The outbox by doc_id: (op, row)."""
+    found: dict[str, tuple[str, list[str] | None]] = {}
+    for entry in session.exec(select(OutboxEntry)).all():
+        row = outbox.change_of(entry).row
+        found[entry.doc_id] = (entry.op, None if row is None else list(row))
+    return found
+
+
+def expected_rows(couchdb: CouchDatabase) -> dict[str, list[str]]:
+    """What PANDA must hold: one row per live, non-design document, by external_id."""
+    return {
+        external_ids.encode(doc_id): [str(doc.get("title", "")), str(doc.get("words", ""))]
+        for doc_id, doc in couchdb.documents().items()
+        if not doc_id.startswith("_design/")
+    }
+
+
+async def deliver(store: Database, running: RunningPanda, source: SourceSettings) -> None:
+    """Deliver everything due to PANDA; fails on any refusal."""
+    dataset = panda.Dataset(
+        slug=source.dataset.slug,
+        name=source.dataset.name,
+        columns=tuple(column.name for column in source.columns),
+    )
+    async with panda.make_http(url=running.url, timeout_s=5) as client:
+        pandas = panda.PandaClient(client, email=running.email, api_key=running.api_key)
+        delivery = Delivery(
+            store, pandas, {source.name: dataset}, DeliverySettings(), request_timeout_s=5
+        )
+        await delivery.run_once()
+    assert (delivery.status().last_error, await store.run(outbox.pending, None)) == (None, 0)
+
+
+async def eventually(condition: Callable[[], bool], *, what: str) -> None:
+    """Wait, with a deadline, until `condition()` holds."""
+    with anyio.move_on_after(DEADLINE_S):
+        while True:
+            if condition():
+                return
+            await anyio.sleep(0.01)  # paces the polling
+    pytest.fail(f"gave up waiting for {what}")
+
+
+@asynccontextmanager
+async def running(*pollers: Poller) -> AsyncIterator[None]:
+    """The pollers' `run()` in the background until the block ends; then stop and wait."""
+    async with anyio.create_task_group() as group:
+        for poller in pollers:
+            group.start_soon(poller.run)
+        try:
+            yield
+        finally:
+            for poller in pollers:
+                poller.stop()
+
+
+async def test_inserts_updates_and_deletes_arrive_in_panda(
+    couchdb: CouchDatabase, store: Database, http: httpx.AsyncClient, panda: RunningPanda
+) -> None:
+    source = source_for(couchdb)
+    poller = Poller(source, store, http)
+    couchdb.put("s1", title="Flood", words=12)
+    couchdb.put("s2", title="Fire", words=3)
+    couchdb.put("s3", title="Drought", words=40)
+    await poller.run_once()
+    await deliver(store, panda, source)
+    assert panda.rows("stories") == {
+        "s1": ["Flood", "12"],
+        "s2": ["Fire", "3"],
+        "s3": ["Drought", "40"],
+    }
+    couchdb.put("s1", title="Flood, updated", words=13)
+    couchdb.delete("s2")
+    await poller.run_once()
+    await deliver(store, panda, source)
+    assert panda.rows("stories") == {"s1": ["Flood, updated", "13"], "s3": ["Drought", "40"]}
+
+
+async def test_the_winning_revision_of_a_conflicted_document_is_the_row(
+    couchdb: CouchDatabase, store: Database, http: httpx.AsyncClient, panda: RunningPanda
+) -> None:
+    source = source_for(couchdb)
+    poller = Poller(source, store, http)
+    couchdb.put("a", title="local", words=1)
+    # A replicated edit on another branch: revision 9 beats revision 1.
+    couchdb.bulk([{"_id": "a", "_rev": "9-deadbeef", "title": "replicated"}], new_edits=False)
+    await poller.run_once()
+    await deliver(store, panda, source)
+    assert panda.rows("stories") == {"a": ["replicated", ""]}
+    couchdb.bulk([{"_id": "a", "_rev": "9-deadbeef", "_deleted": True}])
+    assert (couchdb.get("a") or {}).get("title") == "local", "CouchDB's own winner"
+    await poller.run_once()
+    await deliver(store, panda, source)
+    assert panda.rows("stories") == {"a": ["local", "1"]}, "the other branch wins again"
+
+
+AWKWARD_IDS = [
+    "with space",
+    "a/b/c",
+    "über",
+    "日本語",
+    "🙂 emoji",
+    "Doc",
+    "doc",
+    "DOC",
+    "AND",
+    "under_score",
+    "dash-id",
+]
+
+
+async def test_ids_with_spaces_slashes_unicode_and_case_differences_each_get_their_row(
+    couchdb: CouchDatabase, store: Database, http: httpx.AsyncClient, panda: RunningPanda
+) -> None:
+    source = source_for(couchdb)
+    poller = Poller(source, store, http)
+    couchdb.bulk([{"_id": doc_id, "title": doc_id} for doc_id in AWKWARD_IDS])
+    await poller.run_once()
+    await deliver(store, panda, source)
+    assert panda.rows("stories") == {
+        external_ids.encode(doc_id): [doc_id, ""] for doc_id in AWKWARD_IDS
+    }
+    couchdb.delete("doc")
+    couchdb.delete("a/b/c")
+    await poller.run_once()
+    await deliver(store, panda, source)
+    assert panda.rows("stories") == {
+        external_ids.encode(doc_id): [doc_id, ""]
+        for doc_id in AWKWARD_IDS
+        if doc_id not in ("doc", "a/b/c")
+    }
+
+
+async def test_a_document_created_and_deleted_between_two_reads_leaves_no_row(
+    couchdb: CouchDatabase, store: Database, http: httpx.AsyncClient, panda: RunningPanda
+) -> None:
+    source = source_for(couchdb)
+    poller = Poller(source, store, http)
+    couchdb.put("kept", title="Kept")
+    await poller.run_once()
+    couchdb.put("brief", title="Gone soon")
+    couchdb.delete("brief")
+    await poller.run_once()
+    assert await store.run(queued) == {"kept": ("upsert", ["Kept", ""]), "brief": ("delete", None)}
+    await deliver(store, panda, source)
+    assert panda.rows("stories") == {"kept": ["Kept", ""]}
+    assert await store.run(outbox.dead_letters, None) == []
+
+
+async def test_design_documents_and_filtered_out_documents_leave_no_row(
+    couchdb: CouchDatabase, store: Database, http: httpx.AsyncClient, panda: RunningPanda
+) -> None:
+    source = source_for(couchdb, filter={"field": "type", "equals": "story"})
+    poller = Poller(source, store, http)
+    couchdb.bulk(
+        [
+            {"_id": "_design/views", "views": {}},
+            {"_id": "s1", "type": "story", "title": "Flood"},
+            {"_id": "s2", "type": "story", "title": "Fire"},
+            {"_id": "ad", "type": "ad", "title": "Buy"},
+        ]
+    )
+    await poller.run_once()
+    await deliver(store, panda, source)
+    assert panda.rows("stories") == {"s1": ["Flood", ""], "s2": ["Fire", ""]}
+    couchdb.put("s2", type="retracted", title="Fire")
+    await poller.run_once()
+    await deliver(store, panda, source)
+    assert panda.rows("stories") == {"s1": ["Flood", ""]}, "a story that stops matching goes"
+
+
+async def test_a_10000_document_catch_up_reaches_the_outbox(
+    couchdb: CouchDatabase, store: Database, http: httpx.AsyncClient
+) -> None:
+    count = 10_000
+    couchdb.bulk([{"_id": f"doc{index:05}", "title": f"t{index}"} for index in range(count)])
+    poller = Poller(source_for(couchdb, batch_size=1000), store, http)
+    started = time.monotonic()
+    async with running(poller):
+        await eventually(lambda: poller.status().changes_seen == count, what="the catch-up")
+    elapsed_s = time.monotonic() - started
+    assert await store.run(outbox.pending, "stories") == count
+    assert (await store.run(checkpoints.load, "stories")) == Seq.of(count)
+    assert elapsed_s < 30, f"{count / elapsed_s:.0f} rows/s"
+
+
+async def test_live_changes_are_followed_and_each_commit_wakes_delivery(
+    couchdb: CouchDatabase, store: Database, http: httpx.AsyncClient
+) -> None:
+    woken: list[int] = []
+    poller = Poller(source_for(couchdb), store, http, on_commit=lambda: woken.append(1))
+    async with running(poller):
+        await eventually(lambda: poller.status().state == "running", what="the feed")
+        couchdb.put("live", title="Breaking")
+        await eventually(lambda: poller.status().changes_seen == 1, what="the live change")
+    assert await store.run(queued) == {"live": ("upsert", ["Breaking", ""])}
+    assert woken == [1]
+    assert poller.status().state == "stopped"
+
+
+async def test_a_first_start_from_now_skips_existing_documents_and_pins_its_start(
+    couchdb: CouchDatabase, store: Database, http: httpx.AsyncClient
+) -> None:
+    couchdb.put("old", title="Old")
+    poller = Poller(source_for(couchdb, since="now"), store, http)
+    assert await poller.run_once() == 0
+    assert await store.run(checkpoints.load, "stories") == Seq.of(1)
+    couchdb.put("new", title="New")
+    assert await Poller(source_for(couchdb, since="now"), store, http).run_once() == 1
+    assert await store.run(queued) == {"new": ("upsert", ["New", ""])}
+
+
+async def test_a_new_poller_resumes_from_the_checkpoint(
+    couchdb: CouchDatabase, store: Database, http: httpx.AsyncClient
+) -> None:
+    couchdb.bulk([{"_id": f"d{index}"} for index in range(3)])
+    assert await Poller(source_for(couchdb), store, http).run_once() == 3
+    couchdb.put("d3")
+    again = Poller(source_for(couchdb), store, http)
+    assert (await again.step(), again.status().checkpoint) == (1, "4")
+
+
+def refuse_checkpoint_writes(session: Session) -> None:
+    if session.get_bind().dialect.name == "sqlite":
+        session.execute(
+            text(
+                "CREATE TRIGGER refuse_checkpoint BEFORE INSERT ON checkpoint"
+                " BEGIN SELECT RAISE(ABORT, 'checkpoint refused'); END"
+            )
+        )
+        return
+    session.execute(
+        text(
+            "CREATE FUNCTION refuse_checkpoint() RETURNS trigger LANGUAGE plpgsql AS"
+            " $$ BEGIN RAISE EXCEPTION 'checkpoint refused'; END $$"
+        )
+    )
+    session.execute(
+        text(
+            "CREATE TRIGGER refuse_checkpoint BEFORE INSERT ON checkpoint"
+            " FOR EACH ROW EXECUTE FUNCTION refuse_checkpoint()"
+        )
+    )
+
+
+def allow_checkpoint_writes(session: Session) -> None:
+    suffix = "" if session.get_bind().dialect.name == "sqlite" else " ON checkpoint"
+    session.execute(text(f"DROP TRIGGER refuse_checkpoint{suffix}"))
+
+
+async def test_the_checkpoint_is_committed_in_the_same_transaction_as_the_changes(
+    couchdb: CouchDatabase, database: Database, http: httpx.AsyncClient
+) -> None:
+    couchdb.bulk([{"_id": "a", "title": "A"}, {"_id": "b", "title": "B"}])
+    poller = Poller(source_for(couchdb), database, http)
+    await database.run(refuse_checkpoint_writes)
+    with pytest.raises(Exception, match="checkpoint refused"):
+        await poller.step()
+    assert await database.run(outbox.pending, None) == 0, "no change without its checkpoint"
+    await database.run(allow_checkpoint_writes)
+    assert await poller.step() == 2
+    assert await database.run(outbox.pending, None) == 2
+    assert await database.run(checkpoints.load, "stories") == Seq.of(2)
+
+
+async def test_the_couchdb_server_restarted_mid_feed_is_followed_again(
+    tmp_path: Path, store: Database, http: httpx.AsyncClient
+) -> None:
+    with start_pouchdb(tmp_path / "pouchdb", on_disk=True) as server:
+        couchdb = server.create("news")
+        poller = Poller(source_for(couchdb), store, http)
+        async with running(poller):
+            couchdb.put("before", title="Before")
+            await eventually(lambda: poller.status().changes_seen == 1, what="the first change")
+            await eventually(lambda: poller.status().state == "running", what="the live feed")
+            # In a thread, so the poller meets the outage as it happens.
+            await anyio.to_thread.run_sync(server.restart)
+            couchdb.put("after", title="After")
+            await eventually(lambda: poller.status().changes_seen >= 2, what="the second change")
+        couchdb.destroy()
+    assert await store.run(queued) == {
+        "before": ("upsert", ["Before", ""]),
+        "after": ("upsert", ["After", ""]),
+    }
+    assert "lost CouchDB" in (poller.status().last_error or "")
+
+
+async def test_a_silent_feed_is_reopened_from_the_checkpoint(
+    store: Database, http: httpx.AsyncClient
+) -> None:
+    requests: list[bytes] = []
+    await store.run(checkpoints.save, "stories", Seq.of(41))
+    async with silent_couchdb(requests) as url:
+        settings = CouchDBSettings.model_validate(
+            {"url": url, "database": "news", "heartbeat_s": 0.05, "timeout_s": 0.2}
+        )
+        poller = Poller(source_of(settings), store, http)
+        async with running(poller):
+            await eventually(lambda: len(requests) >= 2, what="a second connection")
+    assert all(b"since=41&" in request for request in requests[:2])
+    assert "no byte for 0.2 s" in (poller.status().last_error or "")
+
+
+async def test_a_missing_database_stops_only_its_own_source(
+    couchdb: CouchDatabase, store: Database, http: httpx.AsyncClient
+) -> None:
+    missing = Poller(source_for(couchdb, "gone", database="no-such-db"), store, http)
+    present = Poller(source_for(couchdb), store, http)
+    async with running(missing, present):
+        await eventually(lambda: missing.status().state == "stopped", what="the stop")
+        couchdb.put("s1", title="Still flowing")
+        await eventually(lambda: present.status().changes_seen == 1, what="the other source")
+        assert missing.status() == PollerStatus(
+            state="stopped",
+            reason=missing.status().reason,
+            checkpoint=None,
+            changes_seen=0,
+            skipped=0,
+            pending=None,
+            last_error=missing.status().reason,
+        )
+    assert "does not exist" in (missing.status().reason or "")
+
+
+async def test_wrong_credentials_stop_the_source_and_never_show_the_password(
+    couchdb: CouchDatabase,
+    store: Database,
+    http: httpx.AsyncClient,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    source = source_for(couchdb, username="reader", password="s3cret-pw")
+    poller = Poller(source, store, http)
+    with caplog.at_level(logging.DEBUG):
+        async with running(poller):
+            await eventually(lambda: poller.status().state == "stopped", what="the stop")
+    reason = poller.status().reason or ""
+    assert "401 unauthorized, Name or password is incorrect." in reason
+    assert "username and password" in reason
+    assert "s3cret-pw" not in repr(poller.status()) + caplog.text
+
+
+async def test_a_bad_since_stops_the_source_once_with_the_reset_command(store: Database) -> None:
+    seen: list[httpx.Request] = []
+
+    def refuse(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        body = {"error": "bad_request", "reason": "Malformed sequence supplied in 'since'."}
+        return httpx.Response(400, json=body)
+
+    await store.run(checkpoints.save, "stories", Seq.of("13-g1AAAACbeJzLYWBg"))
+    settings = CouchDBSettings.model_validate({"url": "http://couch.test", "database": "news"})
+    async with httpx.AsyncClient(transport=httpx.MockTransport(refuse)) as mocked:
+        poller = Poller(source_of(settings), store, mocked)
+        async with running(poller):
+            await eventually(lambda: poller.status().state == "stopped", what="the stop")
+            await anyio.wait_all_tasks_blocked()
+    assert len(seen) == 1, "a stopped source does not retry"
+    assert "pandasync reset-checkpoint stories" in (poller.status().reason or "")
+    assert await store.run(checkpoints.load, "stories") == Seq.of("13-g1AAAACbeJzLYWBg")
+
+
+# A CouchDB 3 seq, from couchdb-3.5.0-transcript.txt.
+COUCHDB3_SEQ = (
+    "5-g1AAAACbeJzLYWBgYMpgTmEQTM4vTc5ISXIwNDLXMwBCwxyQVCJDUv3___-zMpgTmXOBAuwpKZapRmaG2DTg"
+    "MSaPBUgyNACp_1DTmMCmmVpamhsbGWDTlwUAHqwn_Q"
+)
+
+
+async def test_a_couchdb3_seq_is_stored_verbatim_and_sent_back_as_it_came(
+    store: Database,
+) -> None:
+    seen: list[httpx.Request] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        results = [{"seq": COUCHDB3_SEQ, "id": "a", "doc": {"_id": "a", "title": "A"}}]
+        if request.url.params["since"] != "0":
+            results = []
+        return httpx.Response(
+            200, json={"results": results, "last_seq": COUCHDB3_SEQ, "pending": 0}
+        )
+
+    settings = CouchDBSettings.model_validate({"url": "http://couch.test", "database": "news"})
+    async with httpx.AsyncClient(transport=httpx.MockTransport(answer)) as mocked:
+        poller = Poller(source_of(settings), store, mocked)
+        assert (await poller.step(), await poller.step()) == (1, 0)
+    stored = await store.run(lambda session: session.get(Checkpoint, "stories"))
+    assert stored is not None
+    assert stored.seq == json.dumps(COUCHDB3_SEQ)
+    assert [request.url.params["since"] for request in seen] == ["0", COUCHDB3_SEQ]
+
+
+class Stream(httpx.AsyncByteStream):
+    """A body of the given lines, then (if `hang`) nothing more until the client gives up."""
+
+    def __init__(self, lines: list[str], *, hang: bool) -> None:
+        self.lines = lines
+        self.hang = hang
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        for line in self.lines:
+            yield f"{line}\n".encode()
+        if self.hang:
+            await anyio.Event().wait()
+
+
+async def test_a_couchdb3_feed_that_ends_is_reopened_from_its_last_seq(store: Database) -> None:
+    seen: list[httpx.Request] = []
+    first = [
+        json.dumps({"seq": None, "id": "a", "doc": {"_id": "a", "title": "A"}}),
+        json.dumps({"seq": "7-g1A", "id": "b", "doc": {"_id": "b", "title": "B"}}),
+        json.dumps({"last_seq": COUCHDB3_SEQ, "pending": 0}),
+    ]
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(200, stream=Stream(first if len(seen) == 1 else [], hang=True))
+
+    await store.run(checkpoints.save, "stories", Seq.of("3-g1A"))
+    settings = CouchDBSettings.model_validate(
+        {"url": "http://couch.test", "database": "news", "batch_size": 1}
+    )
+    async with httpx.AsyncClient(transport=httpx.MockTransport(answer)) as mocked:
+        poller = Poller(source_of(settings), store, mocked)
+        async with running(poller):
+            await eventually(lambda: len(seen) == 2, what="a second connection")
+    assert [request.url.params["since"] for request in seen] == ["3-g1A", COUCHDB3_SEQ]
+    assert await store.run(checkpoints.load, "stories") == Seq.of(COUCHDB3_SEQ)
+    assert (await store.run(queued)).keys() == {"a", "b"}
+    assert poller.status().last_error is None, "an ended feed is no error"
+
+
+async def test_a_poller_stopped_before_it_runs_returns_at_once(
+    couchdb: CouchDatabase, store: Database, http: httpx.AsyncClient
+) -> None:
+    poller = Poller(source_for(couchdb), store, http)
+    poller.stop()
+    with anyio.fail_after(5):
+        await poller.run()
+    assert (poller.status().state, poller.status().changes_seen) == ("stopped", 0)
+
+
+async def test_run_once_on_a_missing_database_stops_the_source_and_reads_nothing(
+    couchdb: CouchDatabase, store: Database, http: httpx.AsyncClient
+) -> None:
+    poller = Poller(source_for(couchdb, database="no-such-db"), store, http)
+    assert (await poller.run_once(), await poller.step()) == (0, 0)
+    assert poller.status().state == "stopped"
+
+
+async def test_run_once_on_an_unreachable_server_raises_and_keeps_the_error(
+    store: Database, http: httpx.AsyncClient
+) -> None:
+    settings = CouchDBSettings.model_validate(
+        {"url": f"http://127.0.0.1:{free_port()}", "database": "news"}
+    )
+    poller = Poller(source_of(settings), store, http)
+    with pytest.raises(FeedBrokenError, match="lost CouchDB"):
+        await poller.run_once()
+    assert "lost CouchDB" in (poller.status().last_error or "")
+
+
+async def test_a_store_failure_ends_run_for_the_runner_and_shows_in_status(
+    couchdb: CouchDatabase, tmp_path: Path, http: httpx.AsyncClient
+) -> None:
+    broken = Database.open(f"sqlite:///{tmp_path}/missing/folder/pandasync.db")
+    poller = Poller(source_for(couchdb), broken, http)
+    try:
+        with pytest.raises(OperationalError):
+            await poller.run()
+    finally:
+        broken.close()
+    assert "OperationalError" in (poller.status().last_error or "")
+
+
+async def test_reset_checkpoint_forgets_the_seq_so_the_next_start_begins_again(
+    store: Database,
+) -> None:
+    await store.run(checkpoints.save, "stories", Seq.of("13-g1AAAACbeJzLYWBg"))
+    assert await store.run(reset_checkpoint, "stories") == Seq.of("13-g1AAAACbeJzLYWBg")
+    assert await store.run(checkpoints.load, "stories") is None
+    assert await store.run(reset_checkpoint, "stories") is None
+
+
+async def test_status_shows_the_checkpoint_changes_seen_and_pending(
+    couchdb: CouchDatabase, store: Database, http: httpx.AsyncClient
+) -> None:
+    couchdb.bulk([{"_id": "_design/v"}, {"_id": "a"}, {"_id": "b"}])
+    poller = Poller(source_for(couchdb), store, http)
+    await poller.run_once()
+    assert poller.status() == PollerStatus(
+        state="starting",
+        reason=None,
+        checkpoint="3",
+        changes_seen=3,
+        skipped=0,
+        pending=2,
+        last_error=None,
+    )
+
+
+async def test_build_pollers_makes_one_poller_per_couchdb_source(
+    couchdb: CouchDatabase, store: Database, http: httpx.AsyncClient
+) -> None:
+    settings = Settings.model_validate(
+        {
+            "panda": {"url": "http://panda.test", "email": "e@x", "api_key": "k"},
+            "sources": [
+                source_for(couchdb, "stories"),
+                {
+                    "name": "hooks",
+                    "kind": "webhook",
+                    "dataset": {"slug": "hooks", "name": "Hooks"},
+                    "columns": COLUMNS,
+                },
+            ],
+        }
+    )
+    assert list(build_pollers(settings, store, http)) == ["stories"]
