@@ -370,8 +370,7 @@ def _source_checks(where: str, source: SourceSettings) -> Iterable[Problem]:
         # A deleted document's stub in `_changes` holds only `_id` and `_rev`.
         yield Problem(
             f"{where}.id_field",
-            "a couchdb source's rows are keyed by the document `_id`: deletes carry no other"
-            " field",
+            "a couchdb source's rows are keyed by the document `_id`: deletes carry no other field",
             "remove id_field (or set it to `_id`)",
         )
     if source.kind == "couchdb" and source.couchdb is None:

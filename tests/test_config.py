@@ -147,6 +147,4 @@ def test_places_are_written_as_paths() -> None:
 def test_a_couchdb_source_must_key_rows_by_document_id(tmp_path: Path) -> None:
     text = MINIMAL + SOURCE.format(name="a", slug="a").replace('"webhook"', '"couchdb"')
     text += 'id_field = "uid"\ncouchdb = { url = "http://127.0.0.1:5984", database = "d" }\n'
-    assert [problem.where for problem in problems(write(tmp_path, text))] == [
-        "sources[0].id_field"
-    ]
+    assert [problem.where for problem in problems(write(tmp_path, text))] == ["sources[0].id_field"]
