@@ -1,21 +1,29 @@
-"""HTTP routes of the service: health, readiness and status (webhooks join in issue 4).
+"""HTTP routes of the service: webhooks in, and health, readiness and status.
 
-Routes read the shared `Service` and the store; they never call PANDA.
+A webhook is answered 202 only once its changes are committed to the outbox. Routes read
+the shared `Service` and the store; they never call PANDA.
 """
 
+import logging
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
+from datetime import datetime, timedelta
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request, Response
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
 from sqlmodel import Session
 
-from service import checkpoints, outbox
-from service.config import Settings
+from service import checkpoints, outbox, seen_webhooks, signatures
+from service.config import IngressSettings, Settings, SourceSettings, WebhookSettings
 from service.db import Database
-from service.delivery import Delivery
+from service.delivery import Delivery, utcnow
 from service.poller import Poller
 from service.runner import Runner
+from service.sources import webhook
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -87,3 +95,233 @@ def _source_status(session: Session, names: list[str]) -> dict[str, dict[str, An
             "dead_letters": len(outbox.dead_letters(session, name)),
         }
     return report
+
+
+class WebhookAnswer(BaseModel):
+    """What a webhook's changes came to, answered once they are durable (202)."""
+
+    accepted: int = Field(description="Changes now in the outbox, to be delivered to PANDA.")
+    duplicates: int = Field(
+        description="Changes not applied again: a webhook with this id was taken in before."
+    )
+    stale: int = Field(
+        description="Changes older than one already accepted for their id: nothing done."
+    )
+    ignored: int = Field(description="CouchDB design documents, which are never replicated.")
+
+
+class WebhookProblem(BaseModel):
+    """One bad field of a refused body."""
+
+    field: str = Field(description="Its place in the body, e.g. `changes[2].version`.")
+    message: str
+
+
+class WebhookRefusal(BaseModel):
+    """Why a webhook was refused; nothing of it was applied."""
+
+    error: str
+    problems: list[WebhookProblem] = []
+
+
+class _RefusedError(Exception):
+    """The webhook is refused with this status; nothing of it was written."""
+
+    def __init__(
+        self,
+        status: int,
+        error: str,
+        problems: tuple[webhook.FieldProblem, ...] = (),
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(error)
+        self.status = status
+        self.refusal = WebhookRefusal(
+            error=error,
+            problems=[WebhookProblem(field=p.field, message=p.message) for p in problems],
+        )
+        self.headers = headers
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.refusal.model_dump(), self.status, headers=self.headers)
+
+
+class _OverloadedError(Exception):
+    """The outbox is above its high-water mark: take nothing in, ask to retry later."""
+
+
+_REFUSALS: dict[int | str, dict[str, Any]] = {
+    400: {"model": WebhookRefusal, "description": "The body is not JSON (or not UTF-8)."},
+    401: {"model": WebhookRefusal, "description": "Bad or missing signature, or stale time."},
+    404: {"model": WebhookRefusal, "description": "No webhook source of this name."},
+    413: {"model": WebhookRefusal, "description": "The body is over ingress.max_body_bytes."},
+    415: {"model": WebhookRefusal, "description": "The body is not declared as JSON."},
+    422: {"model": WebhookRefusal, "description": "JSON, but not the source's format."},
+    503: {"model": WebhookRefusal, "description": "The outbox is full: retry after Retry-After."},
+}
+_FORMATS = """\
+The body format is the source's `webhook.format`: `pandasync` (this schema), `couchdb` (one
+CouchDB document, a list of them, or a `_bulk_docs` body; `"_deleted": true` deletes, the
+generation of `_rev` orders), or `jmespath` (any JSON, read through the source's mapping)."""
+
+
+@router.post(
+    "/webhooks/{source}",
+    status_code=202,
+    response_model=WebhookAnswer,
+    responses=_REFUSALS,
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "description": _FORMATS,
+            "content": {"application/json": {"schema": webhook.body_schema()}},
+        }
+    },
+)
+async def receive_webhook(source: str, request: Request, service: ServiceDep) -> Response:
+    """Take in a source's webhook: 202 once its changes are committed to the outbox.
+
+    Checks, in order: the source (404), the content type (415), the size (413), the signature
+    on the raw body (401), the body (400, 422), the outbox's high-water mark (503 with
+    Retry-After). A redelivered webhook id is answered 202 without applying it again. A
+    refused webhook writes nothing.
+    """
+    try:
+        answer = await _take_in(service, source, request)
+    except _RefusedError as refused:
+        return refused.response()
+    return JSONResponse(answer.model_dump(), status_code=202)
+
+
+def unsigned_sources(settings: Settings) -> list[str]:
+    """The webhook sources that take unsigned webhooks (`signature = "none"`)."""
+    return [
+        source.name
+        for source in settings.sources
+        if source.webhook is not None and source.webhook.signature == "none"
+    ]
+
+
+def warn_about_unsigned_sources(settings: Settings) -> None:
+    """Log a warning for each webhook source anyone may post changes to (at startup)."""
+    for name in unsigned_sources(settings):
+        log.warning(
+            "webhooks are not authenticated, anyone who can reach pandasync can change the"
+            " dataset: source=%s (set a signature and secrets in its webhook settings)",
+            name,
+        )
+
+
+async def _take_in(service: Service, name: str, request: Request) -> WebhookAnswer:
+    source, settings = _webhook_source(service.settings, name)
+    if not _is_json(request.headers.get("content-type")):
+        raise _RefusedError(415, "the body must be JSON: send Content-Type: application/json")
+    ingress = service.settings.ingress
+    body = await _read(request, ingress.max_body_bytes)
+    now = utcnow()
+    try:
+        signatures.verify(settings, request.headers, body, now=now)
+    except signatures.SignatureError as error:
+        log.warning("webhook refused, not authentic: source=%s reason=%s", name, error)
+        raise _RefusedError(401, "unauthorized") from None
+    parsed = _parse(source, settings, body)
+    try:
+        answer = await service.db.run(
+            _commit,
+            name,
+            parsed,
+            signatures.webhook_id(settings, request.headers),
+            retention_s=settings.dedup_retention_s,
+            now=now,
+            ingress=ingress,
+        )
+    except _OverloadedError:
+        log.warning("webhook refused, the outbox is full: source=%s", name)
+        retry = {"Retry-After": str(ingress.retry_after_s)}
+        raise _RefusedError(503, "the outbox is full: retry later", headers=retry) from None
+    if answer.accepted:
+        service.delivery.notify()
+    return answer
+
+
+def _webhook_source(settings: Settings, name: str) -> tuple[SourceSettings, WebhookSettings]:
+    for source in settings.sources:
+        if source.name == name and source.kind == "webhook" and source.webhook is not None:
+            return source, source.webhook
+    raise _RefusedError(404, "no webhook source of this name")
+
+
+def _is_json(content_type: str | None) -> bool:
+    """`application/json` or `application/<something>+json`, in UTF-8 if a charset is given."""
+    media, *parameters = (content_type or "").lower().split(";")
+    media = media.strip()
+    if media != "application/json" and not (
+        media.startswith("application/") and media.endswith("+json")
+    ):
+        return False
+    for parameter in parameters:
+        key, _, value = parameter.strip().partition("=")
+        if key == "charset" and value.strip('"') not in ("utf-8", "utf8"):
+            return False
+    return True
+
+
+async def _read(request: Request, limit: int) -> bytes:
+    """The raw body, refused (413) as soon as it is known to exceed `limit` bytes."""
+    too_large = _RefusedError(413, f"the body is over {limit} bytes")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise too_large
+    body = bytearray()
+    # Counted while reading too: a chunked body declares no length.
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise too_large
+    return bytes(body)
+
+
+def _parse(source: SourceSettings, settings: WebhookSettings, body: bytes) -> webhook.Parsed:
+    try:
+        return webhook.parse(source, body)
+    except webhook.MalformedBodyError as error:
+        log.info("webhook refused, not JSON: source=%s", source.name)
+        raise _RefusedError(400, str(error)) from None
+    except webhook.BodyError as error:
+        log.info(
+            "webhook refused, bad fields: source=%s fields=%d", source.name, len(error.problems)
+        )
+        message = f"the body does not hold changes in the {settings.format} format"
+        raise _RefusedError(422, message, error.problems) from None
+
+
+def _commit(
+    session: Session,
+    source: str,
+    parsed: webhook.Parsed,
+    webhook_id: str | None,
+    *,
+    retention_s: float,
+    now: datetime,
+    ingress: IngressSettings,
+) -> WebhookAnswer:
+    """Enqueue the webhook's changes and remember its id, all in the caller's transaction.
+
+    An id seen within `retention_s` enqueues nothing. Raises `_OverloadedError` (so the
+    transaction, the id included, is rolled back) when the outbox holds `outbox_high_water`
+    entries or more.
+    """
+    if webhook_id is not None:
+        if not seen_webhooks.remember(
+            session, source, webhook_id, now=now, retention_s=retention_s
+        ):
+            log.info("webhook already taken in, not applied again: source=%s", source)
+            duplicates = len(parsed.changes)
+            return WebhookAnswer(accepted=0, duplicates=duplicates, stale=0, ignored=parsed.ignored)
+        seen_webhooks.prune(session, source, before=now - timedelta(seconds=retention_s))
+    if outbox.pending(session) >= ingress.outbox_high_water:
+        raise _OverloadedError
+    enqueued = outbox.enqueue(session, parsed.changes, now=now)
+    return WebhookAnswer(
+        accepted=enqueued.accepted, duplicates=0, stale=enqueued.stale, ignored=parsed.ignored
+    )

@@ -64,6 +64,7 @@ def create_app(settings: Settings, *, start_runner: bool = True) -> FastAPI:
         db = Database.open(settings.database_url)
         try:
             db.check_schema()
+            api.warn_about_unsigned_sources(settings)
             http = panda.make_http(
                 url=str(settings.panda.url),
                 timeout_s=settings.panda.timeout_s,

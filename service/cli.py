@@ -13,10 +13,11 @@ import anyio
 import httpx
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from service import app as wiring
-from service import checkpoints, db, logs, mapping, outbox, panda, poller
+from service import checkpoints, db, dead_letters, logs, mapping, outbox, panda, poller
 from service.changes import Change
 from service.config import ConfigError, Settings, SourceSettings, config_path, load_settings
 from service.delivery import DeliveryStatus, utcnow
@@ -41,7 +42,7 @@ ConfigOption = Annotated[
 
 
 def _fail(message: str) -> NoReturn:
-    err.print(f"[bold red]error:[/] {message}", highlight=False, markup=True)
+    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False)
     raise typer.Exit(1)
 
 
@@ -248,6 +249,145 @@ def demo() -> None:
         scenario.main()
     except (TimeoutError, RuntimeError) as error:
         _fail(f"the demo stopped: {error}")
+
+
+dead_letters_cli = typer.Typer(
+    help="List, show, replay or discard the changes PANDA refused for good.",
+    no_args_is_help=True,
+)
+cli.add_typer(dead_letters_cli, name="dead-letters")
+
+LetterIds = Annotated[list[int] | None, typer.Argument(help="Dead letter ids (see `list`).")]
+
+
+def _answer_text(answer: outbox.Answer | None) -> str:
+    if answer is None:
+        return "-"
+    status = "no answer" if answer.status is None else str(answer.status)
+    return escape(f"{status}: {answer.detail}")
+
+
+@dead_letters_cli.command("list")
+def list_dead_letters(
+    source: Annotated[str | None, typer.Option(help="Only this source's dead letters.")] = None,
+    config: ConfigOption = None,
+) -> None:
+    """List the dead letters, oldest first, with PANDA's last answer to each."""
+    settings = _settings(config)
+    if source is not None:
+        _source(settings, source)
+    database = _open(settings)
+    try:
+        letters = database.run_sync(dead_letters.find, source)
+    finally:
+        database.close()
+    table = Table("id", "source", "doc id", "op", "version", "attempts", "since", "last answer")
+    for letter in letters:
+        table.add_row(
+            str(letter.id),
+            escape(letter.change.source),
+            escape(letter.change.doc_id),
+            letter.change.op.value,
+            str(letter.version),
+            str(letter.attempts),
+            letter.created_at.isoformat(timespec="seconds"),
+            _answer_text(letter.last_answer),
+        )
+    out.print(table)
+
+
+@dead_letters_cli.command("show")
+def show_dead_letter(
+    letter_id: Annotated[int, typer.Argument(help="The dead letter's id (see `list`).")],
+    config: ConfigOption = None,
+) -> None:
+    """Show one dead letter: the change, and every answer PANDA gave to it."""
+    settings = _settings(config)
+    database = _open(settings)
+    try:
+        letter = database.run_sync(dead_letters.show, letter_id)
+    finally:
+        database.close()
+    if letter is None:
+        _fail(f"no dead letter {letter_id} (see `pandasync dead-letters list`)")
+    change = letter.change
+    row = "-" if change.row is None else json.dumps(list(change.row), ensure_ascii=False)
+    out.print(f"dead letter {letter.id}", highlight=False)
+    for name, value in (
+        ("source", change.source),
+        ("doc id", change.doc_id),
+        ("external id", change.external_id),
+        ("op", change.op.value),
+        ("row", row),
+        ("version", str(letter.version)),
+        ("attempts", str(letter.attempts)),
+        ("since", letter.created_at.isoformat(timespec="seconds")),
+    ):
+        out.print(f"  {name}: {escape(value)}", highlight=False)
+    answers = Table("at", "status", "PANDA's answer")
+    for at, answer in letter.answers:
+        status = "-" if answer.status is None else str(answer.status)
+        answers.add_row(at.isoformat(timespec="seconds"), status, escape(answer.detail))
+    out.print(answers)
+
+
+@dead_letters_cli.command("replay")
+def replay_dead_letters(
+    letter_ids: LetterIds = None,
+    source: Annotated[str | None, typer.Option(help="With --all: this source's.")] = None,
+    every: Annotated[bool, typer.Option("--all", help="Every dead letter of --source.")] = False,
+    config: ConfigOption = None,
+) -> None:
+    """Send dead letters again: give ids, or --source S --all.
+
+    A dead letter goes back into the outbox only while it is its document's newest change;
+    one superseded by a newer change is left alone (discard it).
+    """
+    by_ids = bool(letter_ids) and source is None and not every
+    by_source = not letter_ids and source is not None and every
+    if not (by_ids or by_source):
+        _fail("give dead letter ids, or --source SOURCE --all")
+    settings = _settings(config)
+    database = _open(settings)
+    try:
+        if source is not None:
+            _source(settings, source)
+            done = database.run_sync(dead_letters.replay_source, source, now=utcnow())
+        else:
+            done = database.run_sync(dead_letters.replay, letter_ids or [], now=utcnow())
+    finally:
+        database.close()
+    out.print(f"replayed {len(done.replayed)}: {_ids(done.replayed)}", highlight=False)
+    if done.superseded:
+        out.print(
+            f"superseded by a newer change, not replayed: {_ids(done.superseded)}"
+            " (discard them with `pandasync dead-letters discard`)",
+            highlight=False,
+        )
+    if done.missing:
+        _fail(f"no dead letter {_ids(done.missing)}")
+
+
+@dead_letters_cli.command("discard")
+def discard_dead_letters(
+    letter_ids: Annotated[list[int], typer.Argument(help="Dead letter ids (see `list`).")],
+    config: ConfigOption = None,
+) -> None:
+    """Delete dead letters for good; their changes are not sent."""
+    settings = _settings(config)
+    database = _open(settings)
+    try:
+        discarded = database.run_sync(dead_letters.discard, letter_ids)
+    finally:
+        database.close()
+    out.print(f"discarded {len(discarded)}: {_ids(discarded)}", highlight=False)
+    missing = sorted(set(letter_ids) - set(discarded))
+    if missing:
+        _fail(f"no dead letter {_ids(missing)}")
+
+
+def _ids(letter_ids: list[int]) -> str:
+    return ", ".join(str(letter_id) for letter_id in letter_ids) or "none"
 
 
 def main() -> None:

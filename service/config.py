@@ -4,6 +4,7 @@ Only models and loading; nothing here is built at import time. `load_settings` e
 returns valid settings or raises `ConfigError` listing every problem with its place and fix.
 """
 
+import binascii
 import os
 import re
 import tomllib
@@ -12,7 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
+import jmespath
+import jmespath.exceptions
 from pydantic import (
+    AfterValidator,
     AnyHttpUrl,
     BaseModel,
     ConfigDict,
@@ -28,6 +32,8 @@ from pydantic_settings import (
     SettingsConfigDict,
     TomlConfigSettingsSource,
 )
+from standardwebhooks import Webhook
+from standardwebhooks.webhooks import EmptyWebhookSecretError
 
 CONFIG_ENV = "PANDASYNC_CONFIG"
 EXAMPLE = "pandasync.example.toml"
@@ -163,6 +169,108 @@ class CouchDBSettings(_Strict):
         return self
 
 
+def _jmespath(value: str) -> str:
+    try:
+        jmespath.compile(value)
+    except jmespath.exceptions.ParseError as error:
+        raise ValueError(
+            f"not a JMESPath expression (it breaks at character {error.lex_position + 1}):"
+            " correct it (see jmespath.org), e.g. `data.items` or `id`"
+        ) from None
+    return value
+
+
+JMESPath = Annotated[str, Field(min_length=1), AfterValidator(_jmespath)]
+
+
+class WebhookMapping(_Strict):
+    """Where the changes are in any JSON body, as JMESPath expressions (jmespath.org).
+
+    `items` is evaluated on the body and gives the list of items (one object is a list of
+    one); the others are evaluated on each item. Without `id`, an item's id is read from the
+    source's `id_field`; a column without an expression in `columns` is read from its
+    `field`; without `op` every item is an upsert (else `op` gives "upsert" or "delete");
+    without `version` items carry no version.
+    """
+
+    items: JMESPath = "@"
+    id: JMESPath | None = None
+    op: JMESPath | None = None
+    version: JMESPath | None = None
+    columns: dict[str, JMESPath] = {}
+
+
+WebhookFormat = Literal["pandasync", "couchdb", "jmespath"]
+SignatureScheme = Literal["standard-webhooks", "github", "hmac", "none"]
+
+
+class WebhookSettings(_Strict):
+    """How a webhook source's requests are authenticated, deduplicated and read.
+
+    `signature` has no default: a source that takes unsigned webhooks says `"none"`. Several
+    `secrets` are tried in turn, so a secret can be rotated without refusing webhooks.
+    """
+
+    format: WebhookFormat = "pandasync"
+    signature: SignatureScheme
+    secrets: list[SecretStr] = []
+    # hmac: the header holding the HMAC-SHA256 of the raw body, in `encoding`.
+    header: str | None = None
+    encoding: Literal["hex", "base64"] = "hex"
+    # The header naming a delivery, for redeliveries; default `webhook-id` (standard-webhooks)
+    # or `X-GitHub-Delivery` (github), none for the others.
+    id_header: str | None = None
+    # standard-webhooks: how far `webhook-timestamp` may be from the time of arrival.
+    tolerance_s: float = Field(default=300.0, gt=0)
+    # How long a delivery id is remembered: at least the sender's retry span.
+    dedup_retention_s: float = Field(default=72 * 3600.0, gt=0)
+    mapping: WebhookMapping | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "WebhookSettings":
+        for problem in (self._secrets_problem(), self._header_problem(), self._format_problem()):
+            if problem:
+                raise ValueError(problem)
+        return self
+
+    def _secrets_problem(self) -> str | None:
+        if self.signature == "none":
+            if self.secrets:
+                return "secrets are set but signature is none: choose a signature scheme"
+            return None
+        if not self.secrets:
+            return f'a {self.signature} signature needs a secret: add secrets = ["..."]'
+        if any(not secret.get_secret_value() for secret in self.secrets):
+            return "a secret is empty: remove it or set its value"
+        if self.signature == "standard-webhooks" and not all(
+            _standard_secret(secret) for secret in self.secrets
+        ):
+            return "a secret is not a Standard Webhooks secret: use whsec_ and base64"
+        return None
+
+    def _header_problem(self) -> str | None:
+        if self.signature == "hmac" and not self.header:
+            return 'an hmac signature needs its header: set header, e.g. "X-Signature"'
+        if self.signature != "hmac" and self.header:
+            return "header is only for the hmac signature: remove it"
+        return None
+
+    def _format_problem(self) -> str | None:
+        if self.format == "jmespath" and self.mapping is None:
+            return "the jmespath format needs its mapping: add the source's webhook mapping table"
+        if self.format != "jmespath" and self.mapping is not None:
+            return "a mapping is only for the jmespath format: remove it or set that format"
+        return None
+
+
+def _standard_secret(secret: SecretStr) -> bool:
+    try:
+        Webhook(secret.get_secret_value())
+    except (binascii.Error, ValueError, EmptyWebhookSecretError):
+        return False
+    return True
+
+
 class SourceSettings(_Strict):
     """A source of changes and how its records become rows of one dataset."""
 
@@ -172,6 +280,7 @@ class SourceSettings(_Strict):
     columns: Annotated[list[Column], Field(min_length=1)]
     id_field: str = "_id"
     couchdb: CouchDBSettings | None = None
+    webhook: WebhookSettings | None = None
 
     @field_validator("name")
     @classmethod
@@ -185,13 +294,44 @@ class SourceSettings(_Strict):
 
 
 class DeliverySettings(_Strict):
-    """How outbox entries are delivered to PANDA."""
+    """How outbox entries are delivered to PANDA (see the `[delivery]` section of the example).
+
+    A batch is the entries claimed at once: its upserts go in one bulk PUT, its deletes one by
+    one. The batch size starts at `batch_size` and adapts within `min_batch_size` and
+    `max_batch_size` (PANDA's examples send at most 1000 rows per bulk PUT).
+    """
 
     batch_size: int = Field(default=100, ge=1, le=1000)
+    min_batch_size: int = Field(default=1, ge=1, le=1000)
+    max_batch_size: int = Field(default=1000, ge=1, le=1000)
+    slow_batch_s: float = Field(default=5.0, gt=0)
+    row_by_row: bool = False
+    parallel_datasets: int = Field(default=4, ge=1)
     lease_s: float = Field(default=120.0, gt=0)
     idle_poll_s: float = Field(default=1.0, gt=0)
     retry_base_s: float = Field(default=1.0, gt=0)
     retry_cap_s: float = Field(default=300.0, gt=0)
+    breaker_failures: int = Field(default=3, ge=1)
+    shutdown_grace_s: float = Field(default=5.0, gt=0)
+
+    @model_validator(mode="after")
+    def _batch_bounds(self) -> "DeliverySettings":
+        if not self.min_batch_size <= self.batch_size <= self.max_batch_size:
+            raise ValueError(
+                f"batch_size {self.batch_size} is outside min_batch_size {self.min_batch_size}"
+                f" .. max_batch_size {self.max_batch_size}: make min_batch_size <= batch_size"
+                " <= max_batch_size"
+            )
+        return self
+
+
+class IngressSettings(_Strict):
+    """Limits on webhooks taken in (all sources)."""
+
+    max_body_bytes: int = Field(default=1024 * 1024, ge=1)
+    # Above this many outbox entries, webhooks get 503 with Retry-After (nothing is taken in).
+    outbox_high_water: int = Field(default=100_000, ge=1)
+    retry_after_s: int = Field(default=30, ge=1)
 
 
 class ServerSettings(_Strict):
@@ -212,6 +352,7 @@ class Settings(BaseSettings):
     database_url: str = "sqlite:///pandasync.db"
     server: ServerSettings = ServerSettings()
     delivery: DeliverySettings = DeliverySettings()
+    ingress: IngressSettings = IngressSettings()
     sources: list[SourceSettings] = []
 
 
@@ -366,6 +507,7 @@ def _source_checks(where: str, source: SourceSettings) -> Iterable[Problem]:
                 "give every column its own name",
             )
         names.add(column.name)
+    yield from _webhook_checks(where, source)
     if source.kind == "couchdb" and source.id_field != "_id":
         # A deleted document's stub in `_changes` holds only `_id` and `_rev`.
         yield Problem(
@@ -379,3 +521,23 @@ def _source_checks(where: str, source: SourceSettings) -> Iterable[Problem]:
             "a couchdb source needs its server",
             "add a [sources.couchdb] table with url and database",
         )
+
+
+def _webhook_checks(where: str, source: SourceSettings) -> Iterable[Problem]:
+    if source.kind != "webhook":
+        return
+    if source.webhook is None:
+        yield Problem(
+            f"{where}.webhook",
+            "a webhook source needs its webhook settings",
+            'add its webhook table: a signature and its secrets, or signature = "none"',
+        )
+        return
+    names = {column.name for column in source.columns}
+    for name in source.webhook.mapping.columns if source.webhook.mapping else {}:
+        if name not in names:
+            yield Problem(
+                f"{where}.webhook.mapping.columns.{name}",
+                f"`{name}` is not one of the source's columns",
+                "name a column of the source's columns list",
+            )

@@ -1,18 +1,23 @@
-"""Delivery: claim due outbox entries, apply them to PANDA, and record the outcome.
+"""Delivery: claim due outbox entries per dataset, write them to PANDA in batches, settle them.
 
-Acknowledges only what PANDA confirmed; "retry later" goes back into the outbox with a delay,
-"permanent" becomes a dead letter, a 401 pauses delivery loudly. Knows nothing of FastAPI.
+Acknowledges only what PANDA confirmed (by version, so a change that arrived meanwhile goes out
+next); "retry later" goes back into the outbox and backs the dataset off, "permanent" becomes a
+dead letter, a 401 pauses delivery loudly. Knows nothing of FastAPI.
 """
 
 import logging
 import random
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 import anyio
+from sqlmodel import Session
 
-from service import backoff, outbox
+from service import outbox
+from service.batching import BatchSizer, Bisection, plan
+from service.breaker import Breaker
 from service.config import DeliverySettings
 from service.db import Database
 from service.panda import Dataset as PandaDataset
@@ -28,11 +33,25 @@ from service.panda import (
 log = logging.getLogger(__name__)
 
 Clock = Callable[[], datetime]
+Timer = Callable[[], float]
+# PANDA answers 403 only while another process holds the dataset's lock (panda-api.md §3.3.7).
+LOCKED = 403
 
 
 def utcnow() -> datetime:
     """The current time, timezone-aware UTC."""
     return datetime.now(UTC)
+
+
+@dataclass(frozen=True)
+class DatasetDelivery:
+    """One dataset's delivery state, for /status."""
+
+    slug: str
+    batch_size: int
+    failures: int
+    breaker_open: bool
+    retry_at: datetime | None
 
 
 @dataclass(frozen=True)
@@ -45,13 +64,88 @@ class DeliveryStatus:
     delivered: int
     dead_lettered: int
     last_error: str | None
+    datasets: Mapping[str, DatasetDelivery]
+
+
+@dataclass(eq=False)
+class _Lane:
+    """One source's dataset: a single writer at a time, its batch size and its breaker."""
+
+    source: str
+    dataset: PandaDataset
+    sizer: BatchSizer
+    breaker: Breaker
+    lock: anyio.Lock = field(default_factory=anyio.Lock)
+    wake: anyio.Event = field(default_factory=anyio.Event)
+    ensured: bool = False
+    stopped: str | None = None
+
+
+@dataclass(frozen=True)
+class _Batch:
+    """Claims leased together at `claimed_at`, when at most `limit` were asked for."""
+
+    claims: list[outbox.Claim]
+    claimed_at: datetime
+    limit: int
+
+
+@dataclass(eq=False)
+class _Tally:
+    """What became of one batch's claims, settled in one transaction.
+
+    Claims end `delivered`, `dead` or `retry`; `in_doubt` holds those of the request that is
+    out. At settling, a claim still in doubt (its request was cut off) keeps its lease, since
+    PANDA may yet apply it; every other claim not accounted for is released.
+    """
+
+    claims: Sequence[outbox.Claim]
+    delivered: list[outbox.Claim] = field(default_factory=list)
+    dead: list[tuple[outbox.Claim, outbox.Answer]] = field(default_factory=list)
+    retry: list[outbox.Claim] = field(default_factory=list)
+    # PANDA's answer to the retried claims, and when to try them again.
+    retry_as: tuple[outbox.Answer, datetime] | None = None
+    in_doubt: Sequence[outbox.Claim] = ()
+    went_on: bool = False
+
+    def retry_all(self, answer: outbox.Answer, *, at: datetime) -> None:
+        """Every claim not settled yet is tried again `at`, with `answer` recorded."""
+        self.in_doubt = ()
+        self.retry = self.unsettled()
+        self.retry_as = (answer, at)
+
+    def unsettled(self) -> list[outbox.Claim]:
+        """The claims neither delivered, dead, retried nor in doubt."""
+        settled = {held.entry_id for held in self.delivered}
+        settled.update(held.entry_id for held, _ in self.dead)
+        settled.update(held.entry_id for held in self.retry)
+        settled.update(held.entry_id for held in self.in_doubt)
+        return [held for held in self.claims if held.entry_id not in settled]
+
+
+@dataclass(eq=False)
+class _Drain:
+    """One drain of a lane: the batch claimed next, and tallies not settled yet."""
+
+    upcoming: _Batch | None = None
+    unsettled: list[_Tally] = field(default_factory=list)
+    handled: int = 0
+
+
+class _StopBatchError(Exception):
+    """The batch cannot go on; its claims are already accounted for in its tally."""
 
 
 class Delivery:
-    """Delivers outbox entries to PANDA one row at a time.
+    """Delivers outbox entries to PANDA: per dataset one writer, datasets in parallel.
 
-    `step()` handles one claimed batch; `run()` repeats it until `stop()`; `run_once()`
-    drains everything due and returns. Safe to run beside other replicas: claims are leased.
+    Upserts go in bulk PUTs whose size adapts to PANDA's answers, deletes one by one (or
+    everything row by row, `row_by_row`); a refused bulk PUT is bisected so only the bad rows
+    become dead letters. Failures back the dataset off behind its circuit breaker.
+
+    `step()` sends one batch per dataset; `run()` follows the outbox until `stop()`;
+    `run_once()` drains everything due and returns. Safe beside other replicas: claims are
+    leased, and no request starts that could outlive its lease.
     """
 
     def __init__(
@@ -64,89 +158,355 @@ class Delivery:
         request_timeout_s: float,
         clock: Clock = utcnow,
         rng: random.Random | None = None,
+        timer: Timer = time.monotonic,
     ) -> None:
         self._db = db
         self._panda = panda
-        self._datasets = dict(datasets)
         self._settings = settings
         self._request_timeout_s = request_timeout_s
         self._clock = clock
-        self._rng = rng or random.Random()
-        self._ensured: set[str] = set()
+        self._timer = timer
+        rng = rng or random.Random()
+        self._lanes = {
+            source: _Lane(
+                source=source,
+                dataset=dataset,
+                sizer=BatchSizer(
+                    start=settings.batch_size,
+                    minimum=settings.min_batch_size,
+                    maximum=settings.max_batch_size,
+                    slow_s=settings.slow_batch_s,
+                ),
+                breaker=Breaker(
+                    threshold=settings.breaker_failures,
+                    base_s=settings.retry_base_s,
+                    cap_s=settings.retry_cap_s,
+                    rng=rng,
+                ),
+            )
+            for source, dataset in datasets.items()
+        }
+        self._limiter = anyio.CapacityLimiter(settings.parallel_datasets)
         self._paused: str | None = None
-        self._stopped_sources: dict[str, str] = {}
-        self._not_before: datetime | None = None
-        self._failures = 0
         self._delivered = 0
         self._dead_lettered = 0
         self._last_error: str | None = None
         self._stopping = False
-        self._wake = anyio.Event()
+        self._stopped = anyio.Event()
 
     def status(self) -> DeliveryStatus:
         """A snapshot of the delivery state."""
+        waits = [lane.breaker.retry_at for lane in self._lanes.values() if lane.breaker.retry_at]
         return DeliveryStatus(
             paused=self._paused,
-            stopped_sources=dict(self._stopped_sources),
-            retrying_until=self._not_before,
+            stopped_sources={
+                lane.source: lane.stopped for lane in self._lanes.values() if lane.stopped
+            },
+            retrying_until=min(waits, default=None),
             delivered=self._delivered,
             dead_lettered=self._dead_lettered,
             last_error=self._last_error,
+            datasets={
+                lane.source: DatasetDelivery(
+                    slug=lane.dataset.slug,
+                    batch_size=lane.sizer.size,
+                    failures=lane.breaker.failures,
+                    breaker_open=lane.breaker.open,
+                    retry_at=lane.breaker.retry_at,
+                )
+                for lane in self._lanes.values()
+            },
         )
 
     def notify(self) -> None:
         """Wake the loop: new entries were committed to the outbox."""
-        self._wake.set()
+        for lane in self._lanes.values():
+            lane.wake.set()
 
     def stop(self) -> None:
-        """Stop claiming; the batch in flight finishes, `run()` then returns."""
+        """Stop claiming; batches in flight get `shutdown_grace_s` to finish, then `run()`
+        cuts their requests off and returns (see `run`)."""
         self._stopping = True
-        self._wake.set()
+        self._stopped.set()
+        self.notify()
 
     async def run(self) -> None:
-        """Deliver until `stop()`; idles `idle_poll_s` (or until notified) when nothing is due."""
-        while not self._stopping:
-            if await self.step():
-                continue
-            with anyio.move_on_after(self._idle_s()):
-                await self._wake.wait()
-            self._wake = anyio.Event()
+        """Deliver until `stop()`, each dataset as its entries come due (or `notify()`).
+
+        After `stop()`, batches in flight get `shutdown_grace_s`; requests still out then are
+        cut off: their entries keep their lease (PANDA may yet apply them) and go out again
+        after it, the rest of the batch is released. The store stays consistent either way.
+        """
+        async with anyio.create_task_group() as outer:
+            outer.start_soon(self._cut_off_after_grace, outer.cancel_scope)
+            async with anyio.create_task_group() as lanes:
+                lanes.start_soon(self._stopped.wait)
+                for lane in self._lanes.values():
+                    lanes.start_soon(self._follow, lane)
+            outer.cancel_scope.cancel()
 
     async def run_once(self) -> int:
-        """Deliver until nothing is due (or delivery is paused); returns entries handled."""
-        total = 0
-        while handled := await self.step():
-            total += handled
-        return total
+        """Deliver until nothing is due (or every dataset must wait); returns claims handled."""
+        return await self._each_lane(None)
 
     async def step(self) -> int:
-        """Claim one batch of due entries and deliver them in order.
+        """Deliver one batch per dataset that may send, in parallel; returns claims handled
+        (0: nothing due, paused, stopped or backing off). Unsent claims are released."""
+        return await self._each_lane(1)
 
-        Returns how many claims were handled (0: nothing due, paused or backing off).
-        Claims not reached (a failure stopped the batch, or cancellation) are released.
-        """
-        sources = [name for name in self._datasets if name not in self._stopped_sources]
-        now = self._clock()
-        if self._paused or not sources or (self._not_before and now < self._not_before):
-            return 0
-        claims = await self._db.run(
-            outbox.claim,
-            now=now,
-            lease_s=self._settings.lease_s,
-            limit=self._settings.batch_size,
-            sources=sources,
+    async def _each_lane(self, batches: int | None) -> int:
+        counts: list[int] = []
+
+        async def drain(lane: _Lane) -> None:
+            counts.append(await self._drain(lane, batches=batches))
+
+        async with anyio.create_task_group() as group:
+            for lane in self._lanes.values():
+                group.start_soon(drain, lane)
+        return sum(counts)
+
+    async def _cut_off_after_grace(self, scope: anyio.CancelScope) -> None:
+        await self._stopped.wait()
+        await anyio.sleep(self._settings.shutdown_grace_s)
+        log.warning(
+            "delivery did not finish within its grace period, cutting requests off:"
+            " shutdown_grace_s=%s",
+            self._settings.shutdown_grace_s,
         )
-        pending = list(claims)
+        scope.cancel()
+
+    async def _follow(self, lane: _Lane) -> None:
+        while not self._stopping:
+            handled = await self._drain(lane)
+            with anyio.move_on_after(self._idle_s(lane, handled)):
+                await lane.wake.wait()
+            lane.wake = anyio.Event()
+
+    def _idle_s(self, lane: _Lane, handled: int) -> float:
+        """How long `_follow` rests after a drain that handled `handled` claims."""
+        wait_s = lane.breaker.wait_s(self._clock())
+        if wait_s:
+            return min(wait_s, self._settings.retry_cap_s)
+        if handled and lane.breaker.retry_at is not None:
+            return 0.0  # the batch failed, and its wait is already over
+        return self._settings.idle_poll_s
+
+    def _ready(self, lane: _Lane) -> bool:
+        return (
+            not self._stopping
+            and self._paused is None
+            and lane.stopped is None
+            and lane.breaker.ready(self._clock())
+        )
+
+    async def _drain(self, lane: _Lane, *, batches: int | None = None) -> int:
+        """Deliver `lane`'s due entries batch after batch (at most `batches`) until none is
+        due or the lane must wait; returns how many claims were handled.
+
+        While a batch is at PANDA, the store settles the batch before it and claims the next
+        one in a single transaction, so store round trips overlap PANDA's work. A probe (open
+        breaker) goes alone. Whatever happens, settled claims are written and unsent ones
+        released before returning.
+        """
+        drain = _Drain()
+        async with lane.lock:
+            try:
+                await self._exchange(lane, drain, [], claim=True)
+                while drain.upcoming is not None:
+                    batch, drain.upcoming = drain.upcoming, None
+                    drain.handled += len(batch.claims)
+                    batches = None if batches is None else batches - 1
+                    tally = await self._deliver_next(lane, drain, batch, more=batches != 0)
+                    if drain.upcoming is not None and not (tally.went_on and self._ready(lane)):
+                        drain.unsettled.append(_Tally(drain.upcoming.claims))
+                        drain.upcoming = None
+            finally:
+                with anyio.CancelScope(shield=True):
+                    if drain.upcoming is not None:
+                        drain.unsettled.append(_Tally(drain.upcoming.claims))
+                        drain.upcoming = None
+                    if drain.unsettled:
+                        await self._exchange(lane, drain, drain.unsettled, claim=False)
+        return drain.handled
+
+    async def _deliver_next(
+        self, lane: _Lane, drain: _Drain, batch: _Batch, *, more: bool
+    ) -> _Tally:
+        """Deliver `batch`; settle the tallies before it and, if `more`, claim the next batch
+        into `drain.upcoming`, while the batch is at PANDA when the breaker is closed."""
+        tally = _Tally(batch.claims)
+        if more and not lane.breaker.open:
+            settling, drain.unsettled = drain.unsettled, [tally]
+            async with anyio.create_task_group() as group:
+                group.start_soon(self._deliver, lane, batch, tally)
+                group.start_soon(self._exchange, lane, drain, settling, True)
+            return tally
+        drain.unsettled.append(tally)
+        await self._deliver(lane, batch, tally)
+        settling, drain.unsettled = drain.unsettled, []
+        await self._exchange(lane, drain, settling, claim=more and tally.went_on)
+        return tally
+
+    async def _exchange(
+        self, lane: _Lane, drain: _Drain, settling: list[_Tally], claim: bool
+    ) -> None:
+        """Settle `settling` and, if `claim` and the lane is ready, claim the lane's next batch
+        into `drain.upcoming`: one transaction, never cut off, so no outcome is lost."""
+        with anyio.CancelScope(shield=True):
+            now = self._clock()
+            limit = lane.breaker.limit(lane.sizer.size) if claim and self._ready(lane) else 0
+            if not (settling or limit):
+                return
+            delivered, dead, claims = await self._db.run(
+                _settle_and_claim,
+                settling,
+                source=lane.source,
+                now=now,
+                lease_s=self._settings.lease_s,
+                limit=limit,
+            )
+            self._delivered += delivered
+            self._dead_lettered += dead
+            if claims:
+                drain.upcoming = _Batch(claims, now, limit)
+
+    async def _deliver(self, lane: _Lane, batch: _Batch, tally: _Tally) -> None:
+        """Send one batch to PANDA and record in `tally` what became of each claim; sets
+        `tally.went_on` when the whole batch was handled and the lane may go on."""
+        requests = plan(batch.claims, row_by_row=self._settings.row_by_row)
+        async with self._limiter:
+            try:
+                await self._ensure(lane, batch, tally)
+                if requests.bulk:
+                    await self._put(lane, batch, tally, requests.bulk)
+                for held in requests.single:
+                    await self._send_one(lane, batch, tally, held)
+            except _StopBatchError:
+                return
+        tally.went_on = True
+
+    async def _ensure(self, lane: _Lane, batch: _Batch, tally: _Tally) -> None:
+        if lane.ensured:
+            return
+        refusal = await self._request(
+            lane, batch, tally, [], lambda: self._panda.ensure_dataset(lane.dataset)
+        )
+        if refusal is not None:
+            self._stop_lane(
+                lane,
+                f"PANDA refused to create dataset {lane.dataset.slug} ({refusal.detail}):"
+                " fix the source's dataset settings",
+            )
+            raise _StopBatchError
+        lane.ensured = True
+
+    async def _put(
+        self, lane: _Lane, batch: _Batch, tally: _Tally, claims: list[outbox.Claim]
+    ) -> None:
+        """Upsert `claims` in one bulk PUT; if PANDA refuses it, find the bad rows."""
+        refusal = await self._put_rows(lane, batch, tally, claims)
+        if refusal is None:
+            return
+        named = set(refusal.external_ids)
+        unfit = [held for held in claims if held.change.external_id in named]
+        if unfit and len(unfit) < len(claims):
+            # The client refused these rows itself, before sending anything.
+            for held in unfit:
+                tally.dead.append((held, _answer(refusal)))
+                self._log_refusal(held, refusal)
+            rest = [held for held in claims if held.change.external_id not in named]
+            await self._put(lane, batch, tally, rest)
+            return
+        await self._bisect(lane, batch, tally, claims, refusal)
+
+    async def _bisect(
+        self,
+        lane: _Lane,
+        batch: _Batch,
+        tally: _Tally,
+        claims: list[outbox.Claim],
+        refusal: PermanentError,
+    ) -> None:
+        bisection = Bisection(len(claims), refusal)
+        while (rows := bisection.next()) is not None:
+            part = [claims[index] for index in rows]
+            bisection.record(await self._put_rows(lane, batch, tally, part))
+        for index, answer in bisection.refused:
+            tally.dead.append((claims[index], _answer(answer)))
+            self._log_refusal(claims[index], answer)
+
+    async def _put_rows(
+        self, lane: _Lane, batch: _Batch, tally: _Tally, claims: list[outbox.Claim]
+    ) -> PermanentError | None:
+        """One bulk PUT of `claims`; None when PANDA took it (they are delivered), else the
+        refusal. Its time adapts the batch size."""
+        rows = [(held.change.external_id, _row(held)) for held in claims]
+        started = self._timer()
+        refusal = await self._request(
+            lane, batch, tally, claims, lambda: self._panda.put_rows(lane.dataset.slug, rows)
+        )
+        if refusal is None or refusal.status is not None:  # PANDA answered
+            lane.sizer.took(self._timer() - started, full=len(claims) >= batch.limit)
+        if refusal is None:
+            tally.delivered.extend(claims)
+        return refusal
+
+    async def _send_one(
+        self, lane: _Lane, batch: _Batch, tally: _Tally, held: outbox.Claim
+    ) -> None:
+        refusal = await self._request(
+            lane, batch, tally, [held], lambda: self._panda.apply(lane.dataset.slug, held.change)
+        )
+        if refusal is None:
+            tally.delivered.append(held)
+            return
+        tally.dead.append((held, _answer(refusal)))
+        self._log_refusal(held, refusal)
+
+    async def _request(
+        self,
+        lane: _Lane,
+        batch: _Batch,
+        tally: _Tally,
+        claims: Sequence[outbox.Claim],
+        call: Callable[[], Awaitable[None]],
+    ) -> PermanentError | None:
+        """Make one PANDA request for `claims`: None when PANDA took it, its refusal when it
+        refused it for good. Raises `_StopBatchError` when the batch cannot go on (lease
+        running out, retry later, paused target, stopped source), after recording why.
+        """
+        if not self._lease_left(batch.claimed_at):
+            raise _StopBatchError
+        tally.in_doubt = claims
         try:
-            while pending and self._lease_left(now):
-                went_on = await self._deliver(pending[0])
-                pending.pop(0)
-                if not went_on:
-                    break
-        finally:
-            with anyio.CancelScope(shield=True):
-                await self._release(pending)
-        return len(claims)
+            await self._timed(call)
+        except TargetError as error:
+            tally.in_doubt = ()
+            self._pause(str(error))
+            raise _StopBatchError from None
+        except DatasetMismatchError as error:
+            tally.in_doubt = ()
+            self._stop_lane(lane, str(error))
+            raise _StopBatchError from None
+        except RetryableError as error:
+            self._failed(lane, tally, error)
+            raise _StopBatchError from None
+        except PermanentError as error:
+            tally.in_doubt = ()
+            if error.status is not None:  # PANDA answered (None: refused before sending)
+                self._answers_again(lane)
+            return error
+        tally.in_doubt = ()
+        self._answers_again(lane)
+        return None
+
+    async def _timed(self, call: Callable[[], Awaitable[None]]) -> None:
+        # The lease guard counts on no request lasting longer than this; httpx's own timeouts
+        # bound each read and write, not the whole exchange.
+        with anyio.move_on_after(self._request_timeout_s) as scope:
+            await call()
+        if scope.cancelled_caught:
+            raise RetryableError(f"no answer from PANDA within {self._request_timeout_s:g} s")
 
     def _lease_left(self, claimed_at: datetime) -> bool:
         # Never start a request that could outlive its lease: another replica could then
@@ -154,105 +514,101 @@ class Delivery:
         expires = claimed_at + timedelta(seconds=self._settings.lease_s)
         return self._clock() + timedelta(seconds=self._request_timeout_s) < expires
 
-    async def _release(self, claims: Sequence[outbox.Claim]) -> None:
-        if claims:
-            await self._db.run(outbox.release, claims)
-
-    async def _deliver(self, claim: outbox.Claim) -> bool:
-        """Apply one claimed change; True when the batch may go on."""
-        change = claim.change
-        dataset = self._datasets[change.source]
-        try:
-            await self._ensure(dataset)
-            await self._panda.apply(dataset.slug, change)
-        except TargetError as error:
-            return await self._pause(claim, str(error))
-        except (DatasetMismatchError, _DatasetError) as error:
-            return await self._stop_source(claim, str(error))
-        except RetryableError as error:
-            return await self._retry(claim, error)
-        except PermanentError as error:
-            return await self._dead_letter(claim, error)
-        await self._db.run(outbox.ack, claim)
-        self._failures = 0
-        self._not_before = None
-        self._delivered += 1
-        return True
-
-    async def _ensure(self, dataset: PandaDataset) -> None:
-        if dataset.slug in self._ensured:
-            return
-        try:
-            await self._panda.ensure_dataset(dataset)
-        except PermanentError as error:
-            raise _DatasetError(
-                f"PANDA refused to create dataset {dataset.slug} ({error}):"
-                " fix the source's dataset settings"
-            ) from error
-        self._ensured.add(dataset.slug)
-
-    async def _pause(self, claim: outbox.Claim, reason: str) -> bool:
-        log.error("delivery paused: %s", reason)
-        self._paused = self._last_error = reason
-        await self._release([claim])
-        return False
-
-    async def _stop_source(self, claim: outbox.Claim, reason: str) -> bool:
-        source = claim.change.source
-        log.error("delivery stopped for a source: source=%s reason=%s", source, reason)
-        self._stopped_sources[source] = self._last_error = reason
-        await self._release([claim])
-        return False
-
-    async def _retry(self, claim: outbox.Claim, error: RetryableError) -> bool:
+    def _failed(self, lane: _Lane, tally: _Tally, error: RetryableError) -> None:
         if isinstance(error, DatasetMissingError):
-            self._ensured.discard(self._datasets[claim.change.source].slug)
-        self._failures += 1
-        wait_s = error.retry_after_s
-        if wait_s is not None:
-            # PANDA's (or a proxy's) Retry-After is honoured, but never beyond our own cap.
-            wait_s = min(wait_s, self._settings.retry_cap_s)
-        else:
-            wait_s = backoff.delay_s(
-                self._failures,
-                base_s=self._settings.retry_base_s,
-                cap_s=self._settings.retry_cap_s,
-                rng=self._rng,
-            )
+            lane.ensured = False
+        if error.status != LOCKED:
+            # A lock held elsewhere says nothing about how big a batch PANDA can take.
+            lane.sizer.shrink()
         now = self._clock()
-        at = now + timedelta(seconds=wait_s)
+        was_open = lane.breaker.open
+        wait_s = lane.breaker.failed(now, retry_after_s=error.retry_after_s)
         answer = outbox.Answer(status=error.status, detail=error.detail)
-        await self._db.run(outbox.retry_later, claim, at=at, answer=answer, now=now)
-        self._not_before = at
+        tally.retry_all(answer, at=now + timedelta(seconds=wait_s))
         self._last_error = f"PANDA: {error.detail}"
         log.warning(
-            "PANDA asked to retry later: source=%s doc_id=%s status=%s retry_in_s=%.1f",
-            claim.change.source,
-            claim.change.doc_id,
+            "PANDA asked to retry later: source=%s status=%s rows=%d retry_in_s=%.1f",
+            lane.source,
             error.status,
+            len(tally.retry),
             wait_s,
         )
-        return False
+        if lane.breaker.open and not was_open:
+            log.warning(
+                "circuit breaker open, probing with one row at a time: source=%s failures=%d",
+                lane.source,
+                lane.breaker.failures,
+            )
 
-    async def _dead_letter(self, claim: outbox.Claim, error: PermanentError) -> bool:
-        answer = outbox.Answer(status=error.status, detail=error.detail)
-        if await self._db.run(outbox.dead_letter, claim, answer=answer, now=self._clock()):
-            self._dead_lettered += 1
-        self._last_error = f"PANDA refused a row: {error.detail}"
+    def _answers_again(self, lane: _Lane) -> None:
+        if lane.breaker.succeeded():
+            log.info("PANDA answers again, circuit breaker closed: source=%s", lane.source)
+
+    def _pause(self, reason: str) -> None:
+        log.error("delivery paused: %s", reason)
+        self._paused = self._last_error = reason
+
+    def _stop_lane(self, lane: _Lane, reason: str) -> None:
+        log.error("delivery stopped for a source: source=%s reason=%s", lane.source, reason)
+        lane.stopped = self._last_error = reason
+
+    def _log_refusal(self, held: outbox.Claim, refusal: PermanentError) -> None:
+        self._last_error = f"PANDA refused a row: {refusal.detail}"
         log.warning(
             "PANDA refused a change, kept as a dead letter: source=%s doc_id=%s status=%s",
-            claim.change.source,
-            claim.change.doc_id,
-            error.status,
+            held.change.source,
+            held.change.doc_id,
+            refusal.status,
         )
-        return True
-
-    def _idle_s(self) -> float:
-        if self._not_before is None:
-            return self._settings.idle_poll_s
-        remaining = (self._not_before - self._clock()).total_seconds()
-        return max(0.0, min(remaining, self._settings.retry_cap_s))
 
 
-class _DatasetError(Exception):
-    """PANDA refused to create the dataset itself; the source stops until its config is fixed."""
+def _answer(refusal: PermanentError) -> outbox.Answer:
+    return outbox.Answer(status=refusal.status, detail=refusal.detail)
+
+
+def _row(held: outbox.Claim) -> tuple[str, ...]:
+    row = held.change.row
+    assert row is not None, "only upserts go into a bulk PUT"
+    return row
+
+
+def _settle(session: Session, tally: _Tally, now: datetime) -> tuple[int, int]:
+    """Write one tally's outcome; returns (entries removed as delivered, dead letters made)."""
+    delivered = outbox.ack_many(session, tally.delivered)
+    dead = sum(
+        outbox.dead_letter(session, held, answer=answer, now=now) for held, answer in tally.dead
+    )
+    if tally.retry_as is not None:
+        answer, at = tally.retry_as
+        for held in tally.retry:
+            outbox.retry_later(session, held, at=at, answer=answer, now=now)
+    outbox.release(session, tally.unsettled())
+    if tally.in_doubt:
+        log.warning(
+            "request cut off, its changes keep their lease and go out again after it:"
+            " source=%s rows=%d",
+            tally.in_doubt[0].change.source,
+            len(tally.in_doubt),
+        )
+    return delivered, dead
+
+
+def _settle_and_claim(
+    session: Session,
+    tallies: Sequence[_Tally],
+    *,
+    source: str,
+    now: datetime,
+    lease_s: float,
+    limit: int,
+) -> tuple[int, int, list[outbox.Claim]]:
+    """Settle `tallies`, then claim up to `limit` due entries of `source` (none for 0)."""
+    delivered = dead = 0
+    for tally in tallies:
+        removed, refused = _settle(session, tally, now)
+        delivered += removed
+        dead += refused
+    if limit == 0:
+        return delivered, dead, []
+    claims = outbox.claim_many(session, source=source, now=now, lease_s=lease_s, limit=limit)
+    return delivered, dead, claims

@@ -1,7 +1,9 @@
 """`pandasync demo`: the whole flow on embedded defaults, in a scratch folder.
 
-Starts the PANDA-compatible server and `pandasync serve` as real processes, puts changes in,
-and shows them arriving in PANDA. Only orchestration: every step goes through the CLI or HTTP.
+Starts the PANDA-compatible server, a CouchDB-protocol server (pouchdb-server from
+node_modules) and `pandasync serve` as real processes, writes documents to CouchDB and pushes
+changes, and shows them arriving in PANDA. Only orchestration: every step goes through the
+CLI or HTTP.
 """
 
 import json
@@ -14,14 +16,19 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
 from rich.console import Console
 from rich.table import Table
 
+ROOT = Path(__file__).resolve().parent.parent
+POUCHDB_SERVER = ROOT / "node_modules" / ".bin" / "pouchdb-server"
 EMAIL = "demo@example.com"
 API_KEY = "pandasync-demo-key"
+# The demo's own Standard Webhooks secret (whsec_ + base64 of 24 bytes); used nowhere else.
+WEBHOOK_SECRET = "whsec_cGFuZGFzeW5jLWRlbW8td2ViaG9vay1rZXk="
 DEADLINE_S = 30.0
 
 CONFIG = """
@@ -42,20 +49,42 @@ idle_poll_s = 0.2
 
 [[sources]]
 name = "stories"
-kind = "webhook"
+kind = "couchdb"
 dataset = {{ slug = "demo-stories", name = "Demo stories" }}
 columns = [
     {{ name = "Headline", field = "title" }},
     {{ name = "Author", field = "author.name" }},
     {{ name = "Words", field = "words" }},
 ]
+
+[sources.couchdb]
+url = "http://127.0.0.1:{couchdb_port}"
+database = "newsroom"
+batch_wait_s = 0.05
+heartbeat_s = 2
+timeout_s = 10
+filter = {{ field = "type", equals = "story" }}
+
+[[sources]]
+name = "tips"
+kind = "webhook"
+dataset = {{ slug = "demo-tips", name = "Demo tips" }}
+columns = [{{ name = "Tip", field = "text" }}, {{ name = "From", field = "from" }}]
+webhook = {{ signature = "standard-webhooks", secrets = ["{secret}"] }}
 """
 
-RECORDS = [
-    {"_id": "flood-2026", "title": "River floods the old town", "author": {"name": "Ana"}},
-    {"_id": "Budget/2027", "title": "Council passes budget", "words": 812},
-    {"_id": "café", "title": "Café reopens", "author": {"name": "Rémi"}, "words": 240},
-    {"_id": "typo", "title": "This one gets deleted"},
+DOCUMENTS = [
+    {"_id": "flood-2026", "type": "story", "title": "River floods", "author": {"name": "Ana"}},
+    {"_id": "Budget/2027", "type": "story", "title": "Council passes budget", "words": 812},
+    {"_id": "café", "type": "story", "title": "Café reopens", "author": {"name": "Rémi"}},
+    {"_id": "typo", "type": "story", "title": "This one gets deleted"},
+    {"_id": "memo-1", "type": "memo", "title": "Not a story: filtered out"},
+    {"_id": "_design/views", "views": {}},
+]
+STORY_COLUMNS = ("Headline", "Author", "Words")
+TIPS: list[dict[str, object]] = [
+    {"op": "upsert", "id": "tip 1", "row": {"text": "Check the minutes", "from": "reader"}},
+    {"op": "upsert", "id": "tip 2", "row": {"text": "Bridge closed again?", "from": "caller"}},
 ]
 
 
@@ -124,32 +153,49 @@ def pandasync(*args: str) -> str:
     return done.stdout.strip()
 
 
+def couchdb(url: str, method: str, path: str, body: object = None) -> dict[str, object]:
+    """One request to the CouchDB-protocol server; raises with its answer on an error."""
+    response = httpx.request(method, f"{url}/{path}", json=body, timeout=10)
+    if response.status_code >= 400:
+        raise RuntimeError(f"CouchDB {method} /{path}: {response.status_code} {response.text}")
+    answer: dict[str, object] = response.json()
+    return answer
+
+
 def run(console: Console) -> None:
     """Run the demo end to end; raises on the first step that does not work."""
     with tempfile.TemporaryDirectory(prefix="pandasync-demo-") as scratch, ExitStack() as stack:
         folder = Path(scratch)
-        panda_port, service_port = free_port(), free_port()
+        panda_port, service_port, couchdb_port = free_port(), free_port(), free_port()
         config = folder / "pandasync.toml"
         config.write_text(
             CONFIG.format(
                 folder=folder,
                 panda_port=panda_port,
                 service_port=service_port,
+                couchdb_port=couchdb_port,
+                secret=WEBHOOK_SECRET,
                 email=EMAIL,
                 api_key=API_KEY,
             ),
             encoding="utf-8",
         )
         panda_url = f"http://127.0.0.1:{panda_port}"
-        console.rule("1. a PANDA-compatible server (rows in memory)")
+        couchdb_url = f"http://127.0.0.1:{couchdb_port}"
+        console.rule("1. a PANDA-compatible server (rows in memory) and a CouchDB server")
         stack.enter_context(
             process(
                 ["fake-panda", "--port", str(panda_port), "--email", EMAIL, "--api-key", API_KEY],
                 log=folder / "fake-panda.log",
             )
         )
+        stack.enter_context(_pouchdb_server(couchdb_port, folder / "couchdb"))
         wait_until(lambda: answers(f"{panda_url}/_fake/stats"), what="the PANDA server")
-        console.print(f"PANDA at {panda_url}")
+        wait_until(lambda: answers(couchdb_url), what="the CouchDB server")
+        couchdb(couchdb_url, "PUT", "newsroom")
+        couchdb(couchdb_url, "POST", "newsroom/_bulk_docs", {"docs": DOCUMENTS})
+        console.print(f"PANDA at {panda_url}; CouchDB at {couchdb_url}/newsroom with")
+        console.print(f"  {len(DOCUMENTS)} documents (one memo and one design document)")
         console.rule("2. pandasync: migrate the store, serve")
         console.print(pandasync("migrate", "--config", str(config)))
         stack.enter_context(
@@ -158,33 +204,83 @@ def run(console: Console) -> None:
         service_url = f"http://127.0.0.1:{service_port}"
         wait_until(lambda: answers(f"{service_url}/readyz"), what="pandasync to be ready")
         console.print(f"pandasync at {service_url}")
-        console.rule("3. changes go into the outbox")
-        for record in RECORDS:
-            console.print(pandasync("push", "stories", json.dumps(record), "--config", str(config)))
-        console.print(pandasync("push", "stories", "--delete", "typo", "--config", str(config)))
-        console.rule("4. ... and arrive in PANDA")
-        rows = _rows_when_settled(panda_url, expected=len(RECORDS) - 1)
-        console.print(_table(rows))
+        console.rule("3. the CouchDB catch-up arrives in PANDA")
+        rows = _rows_when_settled(panda_url, "demo-stories", expected=4)
+        console.print(_table(rows, *STORY_COLUMNS))
+        console.rule("4. live changes: an edit and a delete in CouchDB")
+        _edit_and_delete(couchdb_url)
+        rows = _rows_when_settled(panda_url, "demo-stories", expected=3, showing="(update)")
+        console.print(_table(rows, *STORY_COLUMNS))
+        console.rule("5. a signed webhook (Standard Webhooks) for the tips source")
+        answer = _send_webhook(f"{service_url}/webhooks/tips", TIPS)
+        console.print(f"POST /webhooks/tips → {answer.status_code} {answer.text}")
+        rows = _rows_when_settled(panda_url, "demo-tips", expected=len(TIPS))
+        console.print(_table(rows, "Tip", "From"))
         status = httpx.get(f"{service_url}/status", timeout=5).json()
-        console.print("pandasync /status:", json.dumps(status["sources"], ensure_ascii=False))
+        for name, source in status["sources"].items():
+            console.print(f"/status {name}: checkpoint {source['checkpoint']},", end=" ")
+            console.print(f"pending {source['pending']}, dead letters {source['dead_letters']}")
 
 
-def _rows_when_settled(panda_url: str, *, expected: int) -> list[dict[str, object]]:
+@contextmanager
+def _pouchdb_server(port: int, folder: Path) -> Iterator[subprocess.Popen[bytes]]:
+    if not POUCHDB_SERVER.exists():
+        raise RuntimeError("pouchdb-server is not installed: run `make install` (npm ci)")
+    folder.mkdir()
+    args = ["--in-memory", "--host", "127.0.0.1", "--port", str(port), "--no-color"]
+    with (folder / "server.log").open("wb") as output:
+        child = subprocess.Popen(
+            [str(POUCHDB_SERVER), *args], cwd=folder, stdout=output, stderr=output
+        )
+    try:
+        yield child
+    finally:
+        child.terminate()
+        child.wait(timeout=15)
+
+
+def _send_webhook(url: str, changes: list[dict[str, object]]) -> httpx.Response:
+    """POST changes in pandasync's format, signed as Standard Webhooks specifies."""
+    from standardwebhooks import Webhook
+
+    body = json.dumps({"changes": changes})
+    webhook_id = f"msg_demo_{time.time_ns()}"
+    now = datetime.now(UTC)
+    headers = {
+        "Content-Type": "application/json",
+        "webhook-id": webhook_id,
+        "webhook-timestamp": str(int(now.timestamp())),
+        "webhook-signature": Webhook(WEBHOOK_SECRET).sign(webhook_id, now, body),
+    }
+    return httpx.post(url, content=body, headers=headers, timeout=10)
+
+
+def _edit_and_delete(couchdb_url: str) -> None:
+    flood = couchdb(couchdb_url, "GET", "newsroom/flood-2026")
+    couchdb(couchdb_url, "PUT", "newsroom/flood-2026", {**flood, "title": "River floods (update)"})
+    typo = couchdb(couchdb_url, "GET", "newsroom/typo")
+    couchdb(couchdb_url, "DELETE", f"newsroom/typo?rev={typo['_rev']}")
+
+
+def _rows_when_settled(
+    panda_url: str, slug: str, *, expected: int, showing: str = ""
+) -> list[dict[str, object]]:
+    """The dataset's rows once there are `expected` of them (and one holds `showing`)."""
     params = {"limit": "100", "email": EMAIL, "api_key": API_KEY}
-    url = f"{panda_url}/api/1.0/dataset/demo-stories/data/"
+    url = f"{panda_url}/api/1.0/dataset/{slug}/data/"
     found: list[dict[str, object]] = []
 
     def settled() -> bool:
         response = httpx.get(url, params=params, timeout=5)
         found[:] = response.json()["objects"] if response.status_code == 200 else []
-        return len(found) == expected
+        return len(found) == expected and showing in json.dumps(found, ensure_ascii=False)
 
-    wait_until(settled, what=f"{expected} rows in PANDA")
+    wait_until(settled, what=f"{expected} rows in PANDA dataset {slug}")
     return found
 
 
-def _table(rows: list[dict[str, object]]) -> Table:
-    table = Table("external_id", "Headline", "Author", "Words", title="rows in PANDA")
+def _table(rows: list[dict[str, object]], *columns: str) -> Table:
+    table = Table("external_id", *columns, title="rows in PANDA")
     for row in rows:
         data = row["data"]
         assert isinstance(data, list)

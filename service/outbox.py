@@ -2,6 +2,7 @@
 
 Functions run inside the caller's transaction on its `Session`: they never commit and never
 call PANDA. One change per document is in flight; a change that arrives meanwhile survives.
+Each document's state (`DocState`) gives entries their version and keeps stale changes out.
 """
 
 import json
@@ -11,19 +12,31 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import ColumnElement
-from sqlmodel import Session, col, func, or_, select, update
+import orjson
+from sqlalchemy import BindParameter, ColumnElement, Table, bindparam, inspect
+from sqlmodel import Session, col, delete, func, or_, select, update
 
-from service.changes import Change, Op
+from service.changes import Change, Op, SourceVersion
 from service.db import dialect_insert
-from service.tables import DeadLetter, OutboxEntry
+from service.tables import DeadLetter, DocState, OutboxEntry, UTCDateTime
 
 log = logging.getLogger(__name__)
 
 # How many delivery answers an outbox entry keeps (the newest).
 MAX_ANSWERS = 10
-# What a newer change for the same document replaces in its entry (`version` is bumped).
-_REPLACED = ("external_id", "op", "row", "attempts", "answers", "next_attempt_at", "updated_at")
+# What a newer change for the same document replaces in its entry.
+_REPLACED = (
+    "external_id",
+    "op",
+    "row",
+    "version",
+    "source_version",
+    "attempts",
+    "answers",
+    "next_attempt_at",
+    "updated_at",
+)
+Key = tuple[str, str]
 
 
 @dataclass(frozen=True)
@@ -43,6 +56,14 @@ class Claim:
 
 
 @dataclass(frozen=True)
+class Enqueued:
+    """What `enqueue` did: changes accepted, and changes skipped as stale."""
+
+    accepted: int
+    stale: int
+
+
+@dataclass(frozen=True)
 class Answer:
     """What one delivery attempt got back: an HTTP status (None if there was none) and detail."""
 
@@ -56,14 +77,15 @@ def _json(value: object) -> str:
     return json.dumps(value, ensure_ascii=True, separators=(",", ":"))
 
 
-def _entry_values(change: Change, now: datetime) -> dict[str, Any]:
+def _entry_values(change: Change, version: int, now: datetime) -> dict[str, Any]:
     return {
         "source": change.source,
         "doc_id": change.doc_id,
         "external_id": change.external_id,
         "op": change.op.value,
         "row": None if change.row is None else _json(list(change.row)),
-        "version": 1,
+        "version": version,
+        "source_version": _text(change.source_version),
         "attempts": 0,
         "answers": "[]",
         "next_attempt_at": now,
@@ -73,36 +95,148 @@ def _entry_values(change: Change, now: datetime) -> dict[str, Any]:
     }
 
 
-def enqueue(session: Session, changes: Sequence[Change], *, now: datetime) -> None:
-    """Make each change the pending one for its (source, doc_id), due at `now`.
+def enqueue(session: Session, changes: Sequence[Change], *, now: datetime) -> Enqueued:
+    """Make each change the pending one for its (source, doc_id), due at `now`, unless stale.
 
-    Inserts an entry, or replaces the change in the existing one (INSERT ... ON CONFLICT DO
-    UPDATE, safe against concurrent writers): `version` grows, attempts and answers start over,
-    and a delivery in flight keeps its lease, so the new change goes out only after it.
-    Within `changes`, the last change per document wins.
+    A change whose `source_version` is older than the newest one accepted for its document is
+    stale: it is counted and changes nothing, so an out-of-order upsert never brings a deleted
+    row back. A change without a source version, or with one of another kind, is never stale.
+    Each accepted change raises its document's local version by one (`DocState`, never reset,
+    so a later change always has a higher version than any earlier one, even after an ack) and
+    becomes its entry's change with that version: inserted, or replacing the pending change
+    (attempts and answers start over; a delivery in flight keeps its lease, so the new change
+    goes out only after it). Within `changes`, the last accepted change per document wins.
+    Safe against concurrent writers: document states are locked first, in key order.
     """
-    latest = {(change.source, change.doc_id): change for change in changes}
-    if not latest:
-        return
+    if not changes:
+        return Enqueued(accepted=0, stale=0)
+    states = _locked_states(session, {(change.source, change.doc_id) for change in changes}, now)
+    latest, stale = _accepted(changes, states)
+    if latest:
+        _write(session, latest, states, now)
+    return Enqueued(accepted=len(changes) - stale, stale=stale)
+
+
+@dataclass(frozen=True)
+class _State:
+    """A document's local version and newest accepted source version (`DocState`)."""
+
+    version: int
+    source_version: str | None
+
+
+def _locked_states(session: Session, keys: set[Key], now: datetime) -> dict[Key, _State]:
+    """The documents' states, created at version 0 when new, locked until the transaction ends.
+
+    One upsert in key order does both: its no-op DO UPDATE locks an existing row on PostgreSQL,
+    and a concurrent transaction creating the same document waits for this one instead of
+    both starting from nothing. SQLite serialises writers anyway (BEGIN IMMEDIATE).
+    """
+    insert = dialect_insert(session, DocState)
+    table = insert.table
+    statement = insert.on_conflict_do_update(
+        index_elements=["source", "doc_id"], set_={"version": table.c.version}
+    ).returning(table.c.source, table.c.doc_id, table.c.version, table.c.source_version)
+    rows = session.connection().execute(
+        statement,
+        [
+            {"source": source, "doc_id": doc_id, "version": 0, "updated_at": now}
+            for source, doc_id in sorted(keys)
+        ],
+    )
+    return {(row.source, row.doc_id): _State(row.version, row.source_version) for row in rows}
+
+
+def _accepted(
+    changes: Sequence[Change], states: dict[Key, _State]
+) -> tuple[dict[Key, Change], int]:
+    """The last accepted change per document, and how many changes were stale."""
+    newest = {
+        key: SourceVersion(state.source_version)
+        for key, state in states.items()
+        if state.source_version is not None
+    }
+    latest: dict[Key, Change] = {}
+    stale = 0
+    for change in changes:
+        key = (change.source, change.doc_id)
+        version = change.source_version
+        if version is not None and key in newest and version.older_than(newest[key]):
+            log.info(
+                "stale change skipped, a newer one was accepted before: source=%s doc_id=%s",
+                change.source,
+                change.doc_id,
+            )
+            stale += 1
+            continue
+        latest[key] = change
+        if version is not None:
+            newest[key] = version
+    return latest, stale
+
+
+def _write(
+    session: Session, latest: dict[Key, Change], states: dict[Key, _State], now: datetime
+) -> None:
+    """Raise each document's version by one and make its latest change its entry's change."""
+    ordered = sorted(latest.items())
+    versions = {key: states[key].version + 1 for key, _ in ordered}
+    table = inspect(DocState).local_table
+    assert isinstance(table, Table)
+    session.connection().execute(
+        update(table)
+        .where(table.c.source == bindparam("key_source"))
+        .where(table.c.doc_id == bindparam("key_doc_id"))
+        .values(
+            version=bindparam("new_version"),
+            source_version=func.coalesce(bindparam("new_source_version"), table.c.source_version),
+            updated_at=bindparam("new_updated_at", type_=UTCDateTime),
+        ),
+        [
+            {
+                "key_source": source,
+                "key_doc_id": doc_id,
+                "new_version": versions[source, doc_id],
+                "new_source_version": _text(change.source_version),
+                "new_updated_at": now,
+            }
+            for (source, doc_id), change in ordered
+        ],
+    )
     insert = dialect_insert(session, OutboxEntry)
     replace: dict[str, ColumnElement[Any]] = {name: insert.excluded[name] for name in _REPLACED}
-    replace["version"] = insert.table.c.version + 1
     # Rows in key order, so concurrent enqueues lock them in one order and cannot deadlock.
     session.exec(
         insert.on_conflict_do_update(index_elements=["source", "doc_id"], set_=replace),
-        params=[_entry_values(change, now) for _, change in sorted(latest.items())],
+        params=[_entry_values(change, versions[key], now) for key, change in ordered],
     )
+
+
+def _text(version: SourceVersion | None) -> str | None:
+    return None if version is None else version.text
+
+
+def current_version(session: Session, source: str, doc_id: str) -> int | None:
+    """The document's local version: that of the newest change accepted for it.
+
+    None when no change of the document was ever accepted. A dead letter (or claim) with this
+    version holds the newest change; with a lower one, a newer change was accepted since.
+    """
+    state = session.get(DocState, (source, doc_id))
+    return None if state is None else state.version
 
 
 def change_of(entry: OutboxEntry | DeadLetter) -> Change:
     """The change an outbox entry or dead letter holds."""
     row = None if entry.row is None else tuple(json.loads(entry.row))
+    version = None if entry.source_version is None else SourceVersion(entry.source_version)
     return Change(
         source=entry.source,
         doc_id=entry.doc_id,
         external_id=entry.external_id,
         op=Op(entry.op),
         row=row,
+        source_version=version,
     )
 
 
@@ -241,6 +375,7 @@ def dead_letter(session: Session, claim: Claim, *, answer: Answer, now: datetime
             op=entry.op,
             row=entry.row,
             version=entry.version,
+            source_version=entry.source_version,
             attempts=entry.attempts + 1,
             answers=_json(_with_answer(entry.answers, answer, now)),
             created_at=now,
@@ -279,3 +414,124 @@ def dead_letters(session: Session, source: str | None = None) -> list[DeadLetter
     if source is not None:
         query = query.where(col(DeadLetter.source) == source)
     return list(session.exec(query).all())
+
+
+def _outbox_table() -> Table:
+    table = inspect(OutboxEntry).local_table
+    assert isinstance(table, Table)
+    return table
+
+
+def _row_of(text: str) -> tuple[str, ...]:
+    try:
+        return tuple(orjson.loads(text))
+    except orjson.JSONDecodeError:
+        # orjson refuses the escaped lone surrogates `_json` may have written; json takes them.
+        return tuple(json.loads(text))
+
+
+def claim_many(
+    session: Session, *, source: str, now: datetime, lease_s: float, limit: int
+) -> list[Claim]:
+    """`claim` for one source in one statement, for delivery's hot path; claims in entry order.
+
+    The same leases as `claim`: up to `limit` due entries, oldest due first, for `lease_s`
+    seconds; on PostgreSQL entries another transaction is claiming are skipped.
+    """
+    table = _outbox_table()
+    columns = table.c
+    until = now + timedelta(seconds=lease_s)
+    due = (
+        select(columns.id)
+        # `source || ''` keeps the (source, doc_id) index out of the plan, so the due index
+        # is read in order; through the other, every entry of the source would be sorted on
+        # each claim, which costs as much as the backlog is long.
+        .where(columns.source.concat("") == source)
+        .where(columns.next_attempt_at <= now)
+        .where(or_(columns.claimed_until.is_(None), columns.claimed_until <= now))
+        .order_by(columns.next_attempt_at, columns.id)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+    )
+    leased = session.exec(
+        update(table)
+        .where(columns.id.in_(due.scalar_subquery()))
+        .values(claimed_until=until)
+        .returning(
+            columns.id,
+            columns.version,
+            columns.doc_id,
+            columns.external_id,
+            columns.op,
+            columns.row,
+            columns.source_version,
+            columns.attempts,
+        )
+    ).all()
+    claims = [
+        Claim(
+            entry_id=entry_id,
+            version=version,
+            change=Change(
+                source=source,
+                doc_id=doc_id,
+                external_id=external_id,
+                op=Op(op),
+                row=None if row is None else _row_of(row),
+                source_version=None if source_version is None else SourceVersion(source_version),
+            ),
+            attempts=attempts,
+            claimed_until=until,
+        )
+        for entry_id, version, doc_id, external_id, op, row, source_version, attempts in leased
+    ]
+    return sorted(claims, key=lambda claim: claim.entry_id)
+
+
+def ack_many(session: Session, claims: Sequence[Claim]) -> int:
+    """`ack` for many claims in a few statements; returns how many entries were removed.
+
+    An entry still holding its claimed change is removed. One that a newer change replaced
+    meanwhile keeps that change, and its lease is released so it goes out next. A claim whose
+    lease was lost to another claim changes nothing.
+    """
+    leases: dict[datetime, list[Claim]] = {}
+    for held in claims:
+        leases.setdefault(held.claimed_until, []).append(held)
+    return sum(_ack_lease(session, until, group) for until, group in leases.items())
+
+
+def _ack_lease(session: Session, until: datetime, claims: Sequence[Claim]) -> int:
+    """`ack_many` for claims of one lease."""
+    columns = _outbox_table().c
+    ids: BindParameter[list[int]] = bindparam("ids", expanding=True)
+    versions: dict[int, int] = dict(
+        session.exec(
+            select(columns.id, columns.version)
+            .where(columns.claimed_until == until)
+            .where(columns.id.in_(ids))
+            .with_for_update(),
+            params={"ids": [held.entry_id for held in claims]},
+        ).all()
+    )
+    same = [held.entry_id for held in claims if versions.get(held.entry_id) == held.version]
+    newer = [
+        held.entry_id
+        for held in claims
+        if versions.get(held.entry_id, held.version) != held.version
+    ]
+    for held in claims:
+        if held.entry_id not in versions:
+            log.warning(
+                "outbox lease lost, another delivery took over source=%s doc_id=%s",
+                held.change.source,
+                held.change.doc_id,
+            )
+    if same:
+        session.exec(delete(_outbox_table()).where(columns.id.in_(ids)), params={"ids": same})
+    if newer:
+        session.exec(
+            update(_outbox_table()).where(columns.id.in_(ids)).values(claimed_until=None),
+            params={"ids": newer},
+        )
+    return len(same)

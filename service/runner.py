@@ -71,11 +71,14 @@ class Runner:
     async def stop(self, *, grace_s: float) -> None:
         """Ask loops to stop, wait up to `grace_s` for work in flight, then cancel them.
 
-        Cancelling is safe: outbox commits are atomic and PANDA calls idempotent.
+        Cancelling is safe: outbox commits are atomic and PANDA calls idempotent. Returns at
+        once if `run()` never started (a `run()` started later then returns at once too).
         """
         self._stopping.set()
         for loop in self._loops.values():
             loop.stop()
+        if self._scope is None:
+            return
         with anyio.move_on_after(grace_s):
             await self._finished.wait()
         if self._scope is not None and not self._finished.is_set():

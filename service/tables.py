@@ -1,4 +1,4 @@
-"""The local store's tables: checkpoints, the outbox and its dead letters (SQLModel).
+"""The local store's tables: checkpoints, the outbox, dead letters, document states, webhook ids.
 
 Only table definitions and column types; reading and writing rows is `checkpoints` and `outbox`.
 """
@@ -79,7 +79,9 @@ class OutboxEntry(_Table, table=True):
     """The latest undelivered change of one source document (one entry per document).
 
     `row` is a JSON array of strings (NULL for a delete); `answers` a JSON list of the recent
-    delivery answers, newest last. `version` grows each time a newer change replaces the entry.
+    delivery answers, newest last. `version` is the document's local version (`DocState`) when
+    this change was accepted; it grows each time a newer change replaces the entry.
+    `source_version` is the change's `SourceVersion.text`, if the source sent one.
     `claimed_until` is the lease of a delivery in flight.
     """
 
@@ -101,6 +103,7 @@ class OutboxEntry(_Table, table=True):
     op: str = Field(sa_type=Text)
     row: str | None = Field(default=None, sa_type=Text)
     version: int
+    source_version: str | None = Field(default=None, sa_type=Text)
     attempts: int
     answers: str = Field(sa_type=Text)
     next_attempt_at: datetime = Field(sa_type=UTCDateTime)
@@ -122,6 +125,39 @@ class DeadLetter(_Table, table=True):
     op: str = Field(sa_type=Text)
     row: str | None = Field(default=None, sa_type=Text)
     version: int
+    source_version: str | None = Field(default=None, sa_type=Text)
     attempts: int
     answers: str = Field(sa_type=Text)
     created_at: datetime = Field(sa_type=UTCDateTime)
+
+
+class DocState(_Table, table=True):
+    """Every document a source has changed: its local version and the newest source version.
+
+    `version` grows by one with each accepted change and is never reset, not even when the
+    outbox entry is acked or dead-lettered: a later change always gets a higher version than
+    any earlier one of the document. `source_version` is the newest `SourceVersion.text`
+    accepted (NULL while the source sent none); an older change is stale.
+    """
+
+    __tablename__: ClassVar[str] = "doc_state"
+
+    source: str = Field(sa_type=Text, primary_key=True)
+    doc_id: str = Field(sa_type=Text, primary_key=True)
+    version: int
+    source_version: str | None = Field(default=None, sa_type=Text)
+    updated_at: datetime = Field(sa_type=UTCDateTime)
+
+
+class SeenWebhook(_Table, table=True):
+    """A delivery id a webhook source sent (`webhook-id`, `X-GitHub-Delivery`), and when.
+
+    Kept for the source's dedup retention, so a redelivered webhook is not applied twice.
+    """
+
+    __tablename__: ClassVar[str] = "seen_webhook"
+    __table_args__ = (Index("ix_seen_webhook_source_seen_at", "source", "seen_at"),)
+
+    source: str = Field(sa_type=Text, primary_key=True)
+    webhook_id: str = Field(sa_type=Text, primary_key=True)
+    seen_at: datetime = Field(sa_type=UTCDateTime)

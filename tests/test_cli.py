@@ -23,6 +23,7 @@ name = "stories"
 kind = "webhook"
 dataset = {{ slug = "stories", name = "Stories" }}
 columns = [{{ name = "Headline", field = "title" }}, {{ name = "Words", field = "words" }}]
+webhook = {{ signature = "none" }}
 """
 
 

@@ -22,6 +22,7 @@ name = "{name}"
 kind = "webhook"
 dataset = {{ slug = "{slug}", name = "Some data" }}
 columns = [{{ name = "A", field = "a" }}]
+webhook = {{ signature = "none" }}
 """
 
 
@@ -148,3 +149,85 @@ def test_a_couchdb_source_must_key_rows_by_document_id(tmp_path: Path) -> None:
     text = MINIMAL + SOURCE.format(name="a", slug="a").replace('"webhook"', '"couchdb"')
     text += 'id_field = "uid"\ncouchdb = { url = "http://127.0.0.1:5984", database = "d" }\n'
     assert [problem.where for problem in problems(write(tmp_path, text))] == ["sources[0].id_field"]
+
+
+def test_the_examples_webhook_source_is_valid_once_uncommented(tmp_path: Path) -> None:
+    head, _, tail = EXAMPLE.read_text(encoding="utf-8").partition("# A webhook source")
+    lines = tail.splitlines()[1:]
+    uncommented = "\n".join(line.removeprefix("#").removeprefix(" ") for line in lines)
+    text = head + uncommented.replace('format = "pandasync"', 'format = "jmespath"')
+    settings = load_settings(write(tmp_path, text))
+    webhook = settings.sources[1].webhook
+    assert webhook is not None
+    assert (webhook.signature, webhook.mapping is not None, settings.ingress.retry_after_s) == (
+        "standard-webhooks",
+        True,
+        30,
+    )
+
+
+def webhook_source(webhook: str, columns: str = '{ name = "A", field = "a" }') -> str:
+    return f"""
+[[sources]]
+name = "hooks"
+kind = "webhook"
+dataset = {{ slug = "hooks", name = "Hooks" }}
+columns = [{columns}]
+webhook = {webhook}
+"""
+
+
+def test_a_webhook_source_without_its_webhook_table_is_refused(tmp_path: Path) -> None:
+    text = MINIMAL + SOURCE.format(name="a", slug="a").replace(
+        'webhook = { signature = "none" }', ""
+    )
+    assert problems(write(tmp_path, text)) == [
+        Problem(
+            "sources[0].webhook",
+            "a webhook source needs its webhook settings",
+            'add its webhook table: a signature and its secrets, or signature = "none"',
+        )
+    ]
+
+
+@pytest.mark.parametrize(
+    ("webhook", "what"),
+    [
+        ('{ format = "pandasync" }', "Field required"),
+        ('{ signature = "github" }', "a github signature needs a secret"),
+        ('{ signature = "none", secrets = ["s"] }', "secrets are set but signature is none"),
+        ('{ signature = "github", secrets = [""] }', "a secret is empty"),
+        (
+            '{ signature = "standard-webhooks", secrets = ["whsec_"] }',
+            "a secret is not a Standard Webhooks secret",
+        ),
+        ('{ signature = "hmac", secrets = ["s"] }', "an hmac signature needs its header"),
+        (
+            '{ signature = "github", secrets = ["s"], header = "X" }',
+            "header is only for the hmac signature",
+        ),
+        ('{ signature = "none", format = "jmespath" }', "the jmespath format needs its mapping"),
+        (
+            '{ signature = "none", mapping = { id = "a" } }',
+            "a mapping is only for the jmespath format",
+        ),
+        (
+            '{ signature = "none", format = "jmespath", mapping = { items = "a..b" } }',
+            "not a JMESPath expression (it breaks at character 3)",
+        ),
+    ],
+)
+def test_webhook_settings_are_checked_and_never_quote_a_secret(
+    tmp_path: Path, webhook: str, what: str
+) -> None:
+    [problem] = problems(write(tmp_path, MINIMAL + webhook_source(webhook)))
+    assert (problem.what, '"s"' in str(problem)) == (what, False)
+
+
+def test_a_mapped_column_must_be_one_of_the_sources_columns(tmp_path: Path) -> None:
+    webhook = '{ signature = "none", format = "jmespath", mapping = { columns = { B = "b" } } }'
+    [problem] = problems(write(tmp_path, MINIMAL + webhook_source(webhook)))
+    assert (problem.where, problem.what) == (
+        "sources[0].webhook.mapping.columns.B",
+        "`B` is not one of the source's columns",
+    )

@@ -524,3 +524,11 @@ async def test_a_silent_feed_is_detected_by_the_read_timeout() -> None:
                 with pytest.raises(FeedBrokenError, match=r"no byte for 0\.2 s"):
                     await feed.batch()
     assert len(requests) == 1
+
+
+def test_large_integers_in_a_document_keep_every_digit() -> None:
+    digits = "123456789012345678901234567890"
+    line = f'{{"seq":1,"id":"a","changes":[],"doc":{{"_id":"a","v":{digits}}}}}'
+    row = parse_line(SOURCE, line)
+    assert isinstance(row, Row)
+    assert row.change == upsert("a", digits, "")

@@ -1,17 +1,25 @@
 """Delivery from the outbox into the PANDA-compatible server over real sockets, on both stores."""
 
+import itertools
+import math
+import random
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
+from datetime import timedelta
+from typing import Any
 
 import anyio
+import httpx
 import pytest
+from sqlmodel import Session, col, select
 
 from service import outbox, panda
 from service.changes import Change, Op
 from service.config import DeliverySettings
 from service.db import Database
-from service.delivery import Delivery
+from service.delivery import Clock, Delivery, utcnow
+from service.tables import OutboxEntry
 from tests.fakes.clock import FakeClock
 from tests.fixtures.panda import RunningPanda
 
@@ -21,23 +29,61 @@ DATASET = panda.Dataset(slug="stories", name="Stories", columns=("Headline", "Wo
 SETTINGS = DeliverySettings(batch_size=10, lease_s=120, retry_base_s=1, retry_cap_s=60)
 
 
-def upsert(doc_id: str, *row: str) -> Change:
-    return Change("stories", doc_id, doc_id, Op.UPSERT, row)
+def upsert(doc_id: str, *row: str, source: str = "stories") -> Change:
+    return Change(source, doc_id, doc_id, Op.UPSERT, row)
 
 
-def delete(doc_id: str) -> Change:
-    return Change("stories", doc_id, doc_id, Op.DELETE)
+def delete(doc_id: str, source: str = "stories") -> Change:
+    return Change(source, doc_id, doc_id, Op.DELETE)
 
 
 @asynccontextmanager
 async def delivery_to(
-    url: str, database: Database, clock: FakeClock, *, email: str, api_key: str
+    url: str,
+    database: Database,
+    clock: Clock,
+    *,
+    email: str,
+    api_key: str,
+    settings: DeliverySettings = SETTINGS,
+    datasets: Mapping[str, panda.Dataset] | None = None,
+    request_timeout_s: float = 5,
+    transport: httpx.AsyncBaseTransport | None = None,
 ) -> AsyncIterator[Delivery]:
-    async with panda.make_http(url=url, timeout_s=5) as http:
+    async with panda.make_http(url=url, timeout_s=5, transport=transport) as http:
         client = panda.PandaClient(http, email=email, api_key=api_key)
         yield Delivery(
-            database, client, {"stories": DATASET}, SETTINGS, request_timeout_s=5, clock=clock
+            database,
+            client,
+            datasets or {"stories": DATASET},
+            settings,
+            request_timeout_s=request_timeout_s,
+            clock=clock,
+            rng=random.Random(0),
         )
+
+
+@asynccontextmanager
+async def delivery_with(
+    server: RunningPanda,
+    database: Database,
+    clock: Clock,
+    settings: DeliverySettings = SETTINGS,
+    *,
+    datasets: Mapping[str, panda.Dataset] | None = None,
+    request_timeout_s: float = 5,
+) -> AsyncIterator[Delivery]:
+    async with delivery_to(
+        server.url,
+        database,
+        clock,
+        email=server.email,
+        api_key=server.api_key,
+        settings=settings,
+        datasets=datasets,
+        request_timeout_s=request_timeout_s,
+    ) as running:
+        yield running
 
 
 @pytest.fixture
@@ -188,3 +234,514 @@ async def test_a_change_that_arrives_during_delivery_is_delivered_after_it(
     assert await pending(database) == 1, "the ack of 'middle' kept 'new'"
     await delivery.run_once()
     assert panda.rows("stories") == {"s1": ["new", "3"]}
+
+
+def statuses(panda: RunningPanda) -> dict[str, int]:
+    by_status = panda.stats()["by_status"]
+    assert isinstance(by_status, dict)
+    return by_status
+
+
+def requests(panda: RunningPanda) -> int:
+    count = panda.stats()["requests"]
+    assert isinstance(count, int)
+    return count
+
+
+async def eventually(condition: Callable[[], Awaitable[bool]], *, deadline_s: float = 5) -> None:
+    """Wait until `condition()` holds; fails the test after `deadline_s`."""
+    with anyio.fail_after(deadline_s):
+        for _ in itertools.count():
+            if await condition():
+                return
+            await anyio.sleep(0.01)
+
+
+async def panda_api(server: RunningPanda, method: str, path: str, **options: Any) -> None:
+    async with httpx.AsyncClient(base_url=server.url, headers=server.auth) as http:
+        (await http.request(method, f"/api/1.0{path}", **options)).raise_for_status()
+
+
+def entries(session: Session) -> list[tuple[str, int, bool]]:
+    """(doc_id, attempts, leased) of every outbox entry, by doc_id."""
+    query = select(OutboxEntry).order_by(col(OutboxEntry.doc_id))
+    return [
+        (entry.doc_id, entry.attempts, entry.claimed_until is not None)
+        for entry in session.exec(query).all()
+    ]
+
+
+async def test_upserts_go_in_one_bulk_put_and_deletes_one_by_one(
+    panda: RunningPanda, database: Database, clock: FakeClock, delivery: Delivery
+) -> None:
+    await enqueue(database, clock, upsert("s1", "a", "1"), upsert("s2", "b", "2"))
+    await delivery.run_once()
+    before = statuses(panda)
+    await enqueue(
+        database,
+        clock,
+        *[upsert(f"n{index}", "new", str(index)) for index in range(5)],
+        delete("s1"),
+        delete("s2"),
+    )
+    assert await delivery.run_once() == 7
+    after = statuses(panda)
+    added = {status: after[status] - before.get(status, 0) for status in after}
+    assert {status: count for status, count in added.items() if count} == {"202": 1, "204": 2}
+    assert panda.rows("stories") == {f"n{index}": ["new", str(index)] for index in range(5)}
+
+
+async def test_an_upsert_then_a_delete_queued_during_a_failure_ends_deleted(
+    panda: RunningPanda, database: Database, clock: FakeClock, delivery: Delivery
+) -> None:
+    await enqueue(database, clock, upsert("s1", "a", "1"))
+    await delivery.run_once()
+    await enqueue(database, clock, upsert("s1", "b", "2"))
+    panda.set_faults(error_rate=1.0)
+    await delivery.run_once()
+    await enqueue(database, clock, delete("s1"))
+    panda.clear_faults()
+    clock.advance(SETTINGS.retry_cap_s)
+    await delivery.run_once()
+    assert (panda.rows("stories"), await pending(database)) == ({}, 0)
+
+
+async def test_a_delete_then_an_upsert_queued_during_a_failure_ends_present(
+    panda: RunningPanda, database: Database, clock: FakeClock, delivery: Delivery
+) -> None:
+    await enqueue(database, clock, upsert("s1", "a", "1"))
+    await delivery.run_once()
+    await enqueue(database, clock, delete("s1"))
+    panda.set_faults(locked=["stories"])
+    await delivery.run_once()
+    await enqueue(database, clock, upsert("s1", "back", "3"))
+    panda.clear_faults()
+    clock.advance(SETTINGS.retry_cap_s)
+    await delivery.run_once()
+    assert panda.rows("stories") == {"s1": ["back", "3"]}
+
+
+async def test_bisection_dead_letters_exactly_the_refused_rows_in_about_log2_n_puts(
+    panda: RunningPanda, database: Database, clock: FakeClock
+) -> None:
+    size = 64
+    bad = {"r7", "r40"}
+    settings = SETTINGS.model_copy(update={"batch_size": size, "max_batch_size": size})
+    await enqueue(database, clock, *[upsert(f"r{index}", "x", str(index)) for index in range(size)])
+    panda.set_faults(refuse_ids=sorted(bad))
+    async with delivery_with(panda, database, clock, settings) as delivery:
+        assert await delivery.run_once() == size
+        assert delivery.status().dead_lettered == len(bad)
+    letters = await database.run(outbox.dead_letters, "stories")
+    assert {letter.doc_id for letter in letters} == bad
+    assert {answer.status for letter in letters for _, answer in outbox.answers_of(letter)} == {400}
+    good = {f"r{index}": ["x", str(index)] for index in range(size) if f"r{index}" not in bad}
+    assert (panda.rows("stories"), await pending(database)) == (good, 0)
+    counts = statuses(panda)
+    bulk_puts = counts["202"] + counts["400"]
+    assert bulk_puts - 1 <= len(bad) * (math.ceil(math.log2(size)) + 1)
+
+
+async def test_one_refused_row_among_a_thousand_costs_eleven_extra_puts_at_most(
+    panda: RunningPanda, database: Database, clock: FakeClock
+) -> None:
+    size = 1000
+    settings = SETTINGS.model_copy(update={"batch_size": size, "max_batch_size": size})
+    await enqueue(database, clock, *[upsert(f"r{index}", "x", "1") for index in range(size)])
+    panda.set_faults(refuse_ids=["r613"])
+    async with delivery_with(panda, database, clock, settings) as delivery:
+        await delivery.run_once()
+    counts = statuses(panda)
+    assert counts["202"] + counts["400"] - 1 <= math.ceil(math.log2(size)) + 1
+    assert len(panda.rows("stories")) == size - 1
+
+
+async def test_rows_pandasync_cannot_send_in_bulk_are_dead_lettered_without_bisecting(
+    panda: RunningPanda, database: Database, clock: FakeClock, delivery: Delivery
+) -> None:
+    unsendable = Change("stories", "odd id", "odd id", Op.UPSERT, ("x", "1"))
+    await enqueue(database, clock, upsert("a", "x", "1"), unsendable, upsert("b", "y", "2"))
+    await delivery.run_once()
+    (letter,) = await database.run(outbox.dead_letters, "stories")
+    (answer,) = [answer for _, answer in outbox.answers_of(letter)]
+    assert (letter.doc_id, answer.status) == ("odd id", None)
+    assert panda.rows("stories") == {"a": ["x", "1"], "b": ["y", "2"]}
+    assert "400" not in statuses(panda)
+
+
+async def test_row_by_row_mode_sends_each_change_on_its_own(
+    panda: RunningPanda, database: Database, clock: FakeClock
+) -> None:
+    settings = SETTINGS.model_copy(update={"row_by_row": True})
+    await enqueue(database, clock, *[upsert(f"r{index}", "x", "1") for index in range(4)])
+    async with delivery_with(panda, database, clock, settings) as delivery:
+        assert await delivery.run_once() == 4
+    assert (statuses(panda)["202"], len(panda.rows("stories"))) == (4, 4)
+
+
+async def test_the_batch_grows_while_panda_answers_fast(
+    panda: RunningPanda, database: Database, clock: FakeClock
+) -> None:
+    settings = SETTINGS.model_copy(update={"batch_size": 10, "max_batch_size": 100})
+    await enqueue(database, clock, *[upsert(f"r{index:03}", "x", "1") for index in range(300)])
+    async with delivery_with(panda, database, clock, settings) as delivery:
+        await delivery.run_once()
+        size = delivery.status().datasets["stories"].batch_size
+    # 10 + 10 + 20 + 40 + 80 + 100 + 40 rows: the next batch is claimed while one is out.
+    assert (statuses(panda)["202"], size, len(panda.rows("stories"))) == (7, 100, 300)
+
+
+async def test_the_batch_shrinks_when_panda_answers_slowly(
+    panda: RunningPanda, database: Database, clock: FakeClock
+) -> None:
+    settings = SETTINGS.model_copy(
+        update={"batch_size": 8, "min_batch_size": 2, "slow_batch_s": 0.05}
+    )
+    await enqueue(database, clock, *[upsert(f"r{index:02}", "x", "1") for index in range(8)])
+    await enqueue(database, clock, *[upsert(f"s{index:02}", "x", "1") for index in range(8)])
+    panda.set_faults(latency_s=0.1)
+    async with delivery_with(panda, database, clock, settings) as delivery:
+        assert await delivery.step() == 8
+        sizes = [delivery.status().datasets["stories"].batch_size]
+        for _ in range(3):
+            await delivery.step()
+            sizes.append(delivery.status().datasets["stories"].batch_size)
+    assert sizes == [4, 2, 2, 2], "each slow answer halves the batch, down to the minimum"
+
+
+async def test_a_server_error_shrinks_the_batch_and_a_lock_does_not(
+    panda: RunningPanda, database: Database, clock: FakeClock, delivery: Delivery
+) -> None:
+    await enqueue(database, clock, upsert("s1", "a", "1"))
+    panda.set_faults(locked=["stories"])
+    await delivery.run_once()
+    locked = delivery.status().datasets["stories"].batch_size
+    panda.set_faults(locked=[], error_rate=1.0)
+    clock.advance(SETTINGS.retry_cap_s)
+    await delivery.run_once()
+    assert (locked, delivery.status().datasets["stories"].batch_size) == (10, 5)
+
+
+async def test_retry_after_sets_when_the_dataset_is_tried_again(
+    panda: RunningPanda, database: Database, clock: FakeClock, delivery: Delivery
+) -> None:
+    await enqueue(database, clock, upsert("s1", "a", "1"))
+    panda.set_faults(down=True, retry_after_s=30)
+    await delivery.run_once()
+    assert delivery.status().retrying_until == clock() + timedelta(seconds=30)
+    clock.advance(29)
+    assert await delivery.run_once() == 0, "not before PANDA said"
+
+
+async def test_while_panda_is_down_one_row_probes_per_wait_and_all_arrive_after(
+    panda: RunningPanda, database: Database, clock: FakeClock, delivery: Delivery
+) -> None:
+    await enqueue(database, clock, *[upsert(f"r{index}", "x", "1") for index in range(5)])
+    panda.set_faults(down=True)
+    handled = []
+    for _ in range(6):
+        handled.append(await delivery.run_once())
+        for _ in range(3):
+            assert await delivery.run_once() == 0, "no hot loop while backing off"
+        clock.advance(SETTINGS.retry_cap_s)
+    # Each failure halves the batch (10, 5, 2 entries; 5 are queued); after three
+    # (breaker_failures) the breaker opens and one row probes at a time.
+    assert handled == [5, 5, 2, 1, 1, 1]
+    assert requests(panda) == 6, "one request per attempt"
+    assert delivery.status().datasets["stories"].breaker_open
+    panda.clear_faults()
+    await delivery.run_once()
+    assert (len(panda.rows("stories")), await pending(database)) == (5, 0)
+    assert not delivery.status().datasets["stories"].breaker_open
+
+
+async def test_a_probe_counts_one_attempt_against_one_entry(
+    panda: RunningPanda, database: Database, clock: FakeClock, delivery: Delivery
+) -> None:
+    await enqueue(database, clock, upsert("a", "x", "1"), upsert("b", "y", "2"))
+    panda.set_faults(error_rate=1.0)
+    for _ in range(4):
+        await delivery.run_once()
+        clock.advance(SETTINGS.retry_cap_s)
+    assert await database.run(entries) == [("a", 4, False), ("b", 3, False)]
+
+
+async def test_a_dataset_with_other_columns_stops_only_its_source(
+    panda: RunningPanda, database: Database, clock: FakeClock
+) -> None:
+    other = panda_dataset("other", ("Headline", "Words"))
+    await panda_api(
+        panda, "PUT", "/dataset/stories/", params={"columns": "Title"}, json={"name": "Stories"}
+    )
+    await enqueue(database, clock, upsert("s1", "a", "1"), upsert("o1", "b", "2", source="other"))
+    async with delivery_with(
+        panda, database, clock, datasets={"stories": DATASET, "other": other}
+    ) as delivery:
+        await delivery.run_once()
+        stopped = delivery.status().stopped_sources
+    assert list(stopped) == ["stories"]
+    assert "Title" in stopped["stories"]
+    assert (panda.rows("other"), await database.run(outbox.pending, "stories")) == (
+        {"o1": ["b", "2"]},
+        1,
+    )
+
+
+def panda_dataset(slug: str, columns: tuple[str, ...]) -> panda.Dataset:
+    return panda.Dataset(slug=slug, name=slug.title(), columns=columns)
+
+
+async def test_a_dataset_deleted_in_panda_is_created_again(
+    panda: RunningPanda, database: Database, clock: FakeClock, delivery: Delivery
+) -> None:
+    await enqueue(database, clock, upsert("s1", "a", "1"))
+    await delivery.run_once()
+    await panda_api(panda, "DELETE", "/dataset/stories/")
+    await enqueue(database, clock, upsert("s2", "b", "2"))
+    await delivery.run_once()
+    clock.advance(SETTINGS.retry_cap_s)
+    await delivery.run_once()
+    assert panda.rows("stories") == {"s2": ["b", "2"]}
+
+
+async def test_a_refused_dataset_creation_stops_the_source(
+    database: Database, clock: FakeClock
+) -> None:
+    def refuse_creation(request: httpx.Request) -> httpx.Response:
+        if request.method == "GET":
+            return httpx.Response(404)
+        return httpx.Response(400, json={"dataset": {"name": ["This field is required."]}})
+
+    await enqueue(database, clock, upsert("s1", "a", "1"))
+    async with delivery_to(
+        "http://panda.test",
+        database,
+        clock,
+        email="e@x",
+        api_key="k",
+        transport=httpx.MockTransport(refuse_creation),
+    ) as refused:
+        await refused.run_once()
+        reason = refused.status().stopped_sources["stories"]
+    assert "PANDA refused to create dataset stories" in reason
+    assert await pending(database) == 1
+
+
+async def test_two_changes_to_one_row_never_share_a_batch(
+    panda: RunningPanda, database: Database, clock: FakeClock, delivery: Delivery
+) -> None:
+    # Two documents that map to one external_id (a source misconfiguration): the second
+    # waits for the next batch, so the two writes to the row never race.
+    await enqueue(
+        database,
+        clock,
+        Change("stories", "first", "same", Op.UPSERT, ("first", "1")),
+        Change("stories", "second", "same", Op.UPSERT, ("second", "2")),
+    )
+    assert await delivery.step() == 2
+    assert (panda.rows("stories"), await pending(database)) == ({"same": ["first", "1"]}, 1)
+    await delivery.run_once()
+    assert panda.rows("stories") == {"same": ["second", "2"]}
+
+
+async def test_no_request_starts_that_could_outlive_its_lease(
+    panda: RunningPanda, database: Database, clock: FakeClock
+) -> None:
+    await enqueue(database, clock, upsert("s1", "a", "1"))
+    async with delivery_with(
+        panda, database, clock, request_timeout_s=SETTINGS.lease_s
+    ) as delivery:
+        assert await delivery.run_once() == 1
+    assert (requests(panda), await database.run(entries)) == (0, [("s1", 0, False)])
+
+
+async def test_datasets_are_written_in_parallel_up_to_the_bound(
+    panda: RunningPanda, database: Database, clock: FakeClock
+) -> None:
+    datasets = {name: panda_dataset(name, ("Headline", "Words")) for name in ("a", "b", "c")}
+    settings = SETTINGS.model_copy(update={"parallel_datasets": 2})
+    for name in datasets:
+        await enqueue(database, clock, upsert("r1", "x", "1", source=name))
+    async with delivery_with(panda, database, clock, settings, datasets=datasets) as delivery:
+        panda.set_faults(hang=True)
+        async with anyio.create_task_group() as group:
+            group.start_soon(delivery.run_once)
+
+            async def two_held() -> bool:
+                return panda.stats()["held"] == 2
+
+            await eventually(two_held)
+            assert requests(panda) == 2, "the third dataset waits for a free slot"
+            panda.clear_faults()
+    assert [panda.rows(name) for name in datasets] == [{"r1": ["x", "1"]}] * 3
+
+
+async def test_run_delivers_what_is_notified_until_stopped(
+    panda: RunningPanda, database: Database
+) -> None:
+    settings = SETTINGS.model_copy(update={"idle_poll_s": 60})
+    async with (
+        delivery_with(panda, database, utcnow, settings) as delivery,
+        anyio.create_task_group() as group,
+    ):
+        group.start_soon(delivery.run)
+        await database.run(outbox.enqueue, [upsert("s1", "a", "1")], now=utcnow())
+        delivery.notify()
+
+        async def arrived() -> bool:
+            return panda.rows("stories") == {"s1": ["a", "1"]}
+
+        await eventually(arrived)
+        delivery.stop()
+    assert await pending(database) == 0
+
+
+async def test_stopping_lets_the_request_in_flight_finish_within_the_grace_period(
+    panda: RunningPanda, database: Database
+) -> None:
+    settings = SETTINGS.model_copy(update={"shutdown_grace_s": 10})
+    await database.run(outbox.enqueue, [upsert("s1", "a", "1")], now=utcnow())
+    async with delivery_with(panda, database, utcnow, settings) as delivery:
+        panda.set_faults(hang=True)
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as group:
+                group.start_soon(delivery.run)
+
+                async def held() -> bool:
+                    return panda.stats()["held"] == 1
+
+                await eventually(held)
+                delivery.stop()
+                await database.run(outbox.enqueue, [upsert("s2", "b", "2")], now=utcnow())
+                panda.clear_faults()
+    assert panda.rows("stories") == {"s1": ["a", "1"]}
+    assert await database.run(entries) == [("s2", 0, False)], "nothing claimed after stop"
+
+
+async def test_a_request_cut_off_at_shutdown_keeps_its_lease_and_the_rest_is_released(
+    panda: RunningPanda, database: Database
+) -> None:
+    settings = SETTINGS.model_copy(update={"shutdown_grace_s": 0.2, "batch_size": 10})
+    async with delivery_with(panda, database, utcnow, settings) as delivery:
+        await database.run(outbox.enqueue, [upsert("s0", "a", "0")], now=utcnow())
+        await delivery.run_once()
+        changes = [upsert("s1", "a", "1"), delete("gone"), delete("gone2")]
+        await database.run(outbox.enqueue, changes, now=utcnow())
+        panda.set_faults(hang=True)
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as group:
+                group.start_soon(delivery.run)
+
+                async def held() -> bool:
+                    return panda.stats()["held"] == 1
+
+                await eventually(held)
+                delivery.stop()
+    panda.clear_faults()
+    assert await database.run(entries) == [
+        ("gone", 0, False),
+        ("gone2", 0, False),
+        ("s1", 0, True),
+    ]
+
+
+async def test_panda_down_for_a_while_then_up_gets_everything_with_no_hot_loop(
+    panda: RunningPanda, database: Database
+) -> None:
+    settings = SETTINGS.model_copy(
+        update={"retry_base_s": 0.05, "retry_cap_s": 0.2, "idle_poll_s": 60}
+    )
+    await database.run(
+        outbox.enqueue, [upsert(f"r{index}", "x", "1") for index in range(30)], now=utcnow()
+    )
+    panda.set_faults(down=True)
+    async with (
+        delivery_with(panda, database, utcnow, settings) as delivery,
+        anyio.create_task_group() as group,
+    ):
+        group.start_soon(delivery.run)
+
+        async def probing() -> bool:
+            return delivery.status().datasets["stories"].breaker_open
+
+        await eventually(probing)
+        down_for = anyio.current_time()
+        while_down = requests(panda)
+        panda.clear_faults()
+
+        async def arrived() -> bool:
+            return len(panda.rows("stories")) == 30
+
+        await eventually(arrived)
+        delivery.stop()
+    # A hot loop would make hundreds; each attempt is one request after a backoff.
+    assert settings.breaker_failures <= while_down <= settings.breaker_failures + 2
+    assert anyio.current_time() - down_for < 5
+    assert await pending(database) == 0
+
+
+async def test_a_request_without_an_answer_in_time_is_retried_later(
+    panda: RunningPanda, database: Database, clock: FakeClock
+) -> None:
+    await enqueue(database, clock, upsert("s1", "a", "1"))
+    async with delivery_with(panda, database, clock, request_timeout_s=0.2) as delivery:
+        await delivery.run_once()
+        panda.set_faults(hang=True)
+        await enqueue(database, clock, upsert("s2", "b", "2"))
+        assert await delivery.run_once() == 1
+        panda.clear_faults()
+        assert "within 0.2 s" in (delivery.status().last_error or "")
+        clock.advance(SETTINGS.retry_cap_s)
+        await delivery.run_once()
+    assert panda.rows("stories") == {"s1": ["a", "1"], "s2": ["b", "2"]}
+
+
+async def test_a_refused_delete_becomes_a_dead_letter(
+    panda: RunningPanda, database: Database, clock: FakeClock, delivery: Delivery
+) -> None:
+    await enqueue(database, clock, upsert("s1", "a", "1"), upsert("s2", "b", "2"))
+    await delivery.run_once()
+    panda.set_faults(refuse_ids=["s1"])
+    await enqueue(database, clock, delete("s1"), delete("s2"))
+    await delivery.run_once()
+    (letter,) = await database.run(outbox.dead_letters, "stories")
+    assert (letter.doc_id, letter.op, panda.rows("stories")) == ("s1", "delete", {"s1": ["a", "1"]})
+
+
+async def test_a_row_that_is_not_valid_text_is_dead_lettered_and_the_rest_delivered(
+    panda: RunningPanda, database: Database, clock: FakeClock, delivery: Delivery
+) -> None:
+    # A lone surrogate (as a JSON `\ud800` decodes) cannot be sent as UTF-8.
+    await enqueue(
+        database, clock, upsert("a", "x", "1"), upsert("odd", "\ud800", "2"), upsert("b", "y", "3")
+    )
+    await delivery.run_once()
+    (letter,) = await database.run(outbox.dead_letters, "stories")
+    (answer,) = [answer for _, answer in outbox.answers_of(letter)]
+    assert (letter.doc_id, answer.status) == ("odd", None)
+    assert panda.rows("stories") == {"a": ["x", "1"], "b": ["y", "3"]}
+
+
+async def test_a_batch_claimed_ahead_is_released_when_requests_are_cut_off(
+    panda: RunningPanda, database: Database
+) -> None:
+    settings = SETTINGS.model_copy(
+        update={"shutdown_grace_s": 0.2, "batch_size": 1, "max_batch_size": 1}
+    )
+    async with delivery_with(panda, database, utcnow, settings) as delivery:
+        await database.run(outbox.enqueue, [upsert("s0", "a", "0")], now=utcnow())
+        await delivery.run_once()
+        changes = [upsert("s1", "a", "1"), upsert("s2", "b", "2")]
+        await database.run(outbox.enqueue, changes, now=utcnow())
+        panda.set_faults(hang=True)
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as group:
+                group.start_soon(delivery.run)
+
+                async def held() -> bool:
+                    return panda.stats()["held"] == 1
+
+                await eventually(held)
+                delivery.stop()
+    panda.clear_faults()
+    assert await database.run(entries) == [("s1", 0, True), ("s2", 0, False)]

@@ -11,11 +11,18 @@ from sqlmodel import Session
 
 from service.db import ALEMBIC_DIR, Database, SchemaError, alembic_config, create_engine, migrate
 
-TABLES = ["alembic_version", "checkpoint", "dead_letter", "outbox_entry"]
+TABLES = [
+    "alembic_version",
+    "checkpoint",
+    "dead_letter",
+    "doc_state",
+    "outbox_entry",
+    "seen_webhook",
+]
 _NEXT_REVISION = '''"""A later schema."""
 
 revision = "0099"
-down_revision = "0001"
+down_revision = "0002"
 branch_labels = None
 depends_on = None
 
@@ -97,7 +104,7 @@ def test_an_older_schema_is_told_to_run_migrate(migrated_database_url: str, tmp_
     message = _schema_error(database)
     database.close()
     assert message == (
-        f"database {database.describe()} is at revision 0001, this pandasync needs 0099: "
+        f"database {database.describe()} is at revision 0002, this pandasync needs 0099: "
         "run `pandasync migrate`"
     )
 

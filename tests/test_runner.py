@@ -72,3 +72,12 @@ async def test_stop_cancels_a_loop_that_outlives_the_grace_period() -> None:
         with anyio.fail_after(5):
             await runner.stop(grace_s=0.05)
     assert loop.cancelled
+
+
+async def test_stopping_a_runner_that_never_ran_returns_at_once() -> None:
+    loop = CrashingLoop(crashes=0)
+    runner = Runner({"delivery": loop})
+    with anyio.fail_after(1):
+        await runner.stop(grace_s=60)
+        await runner.run()
+    assert (loop.runs, runner.health()["delivery"].running) == (0, False)

@@ -44,6 +44,7 @@ name = "stories"
 kind = "webhook"
 dataset = {{ slug = "stories", name = "Stories" }}
 columns = [{{ name = "Headline", field = "title" }}]
+webhook = {{ signature = "none" }}
 """
 
 

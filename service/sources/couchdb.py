@@ -189,12 +189,10 @@ def _batch(rows: Sequence[Row], seq: Seq | None, *, caught_up: bool) -> Batch:
 
 
 def _loads(source: SourceSettings, text: str | bytes) -> object:
+    # The standard parser, not orjson: orjson turns integers beyond 64 bits into floats
+    # (a document's 123456789012345678901234567890 would reach PANDA as 1.2345678901234568e+29)
+    # and refuses lone surrogate escapes, which JSON allows.
     try:
-        return orjson.loads(text)
-    except orjson.JSONDecodeError:
-        pass
-    try:
-        # orjson refuses a lone surrogate escape (`"\ud800"`), which JSON allows.
         return json.loads(text)
     except ValueError as error:
         raise FeedBrokenError(

@@ -1,0 +1,137 @@
+"""Dead letters, the changes PANDA refused for good: list, show, replay and discard them.
+
+Functions run inside the caller's transaction on its `Session`: they never commit and never call
+PANDA. A replay puts the change back into the outbox under the usual version rules, so it can
+never overwrite newer data; delivery then sends it like any other change.
+"""
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from sqlmodel import Session, col, select
+
+from service import outbox
+from service.changes import Change
+from service.tables import DeadLetter, DocState, OutboxEntry
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Letter:
+    """One dead letter: the change, its local version, and every answer PANDA gave to it."""
+
+    id: int
+    change: Change
+    version: int
+    attempts: int
+    created_at: datetime
+    answers: list[tuple[datetime, outbox.Answer]]
+
+    @property
+    def last_answer(self) -> outbox.Answer | None:
+        """PANDA's last answer, the one that made this a dead letter."""
+        return self.answers[-1][1] if self.answers else None
+
+
+@dataclass(frozen=True)
+class Replay:
+    """What a replay did, by dead letter id.
+
+    `replayed`: back in the outbox (the dead letter is gone). `superseded`: the document has a
+    newer change (queued, delivered or dead), so replaying would overwrite it; the dead letter
+    stays until discarded. `missing`: no such dead letter.
+    """
+
+    replayed: list[int] = field(default_factory=list)
+    superseded: list[int] = field(default_factory=list)
+    missing: list[int] = field(default_factory=list)
+
+
+def _letter(dead: DeadLetter) -> Letter:
+    assert dead.id is not None
+    return Letter(
+        id=dead.id,
+        change=outbox.change_of(dead),
+        version=dead.version,
+        attempts=dead.attempts,
+        created_at=dead.created_at,
+        answers=outbox.answers_of(dead),
+    )
+
+
+def find(session: Session, source: str | None = None) -> list[Letter]:
+    """The dead letters, oldest first, of one source or all."""
+    return [_letter(dead) for dead in outbox.dead_letters(session, source)]
+
+
+def show(session: Session, letter_id: int) -> Letter | None:
+    """One dead letter with every answer, or None when there is no such dead letter."""
+    dead = session.get(DeadLetter, letter_id)
+    return None if dead is None else _letter(dead)
+
+
+def replay(session: Session, letter_ids: Sequence[int], *, now: datetime) -> Replay:
+    """Put the dead letters' changes back into the outbox, due at `now`, in id order.
+
+    A change is replayed only while it is its document's newest (`letter.version` is the
+    document's current version) and no outbox entry holds the document; otherwise it is
+    superseded and left alone. A replayed change counts as a newly accepted change: it gets the
+    next version, so whatever happens to it, later changes still win.
+    """
+    done = Replay()
+    for letter_id in sorted(set(letter_ids)):
+        dead = session.get(DeadLetter, letter_id)
+        if dead is None:
+            done.missing.append(letter_id)
+        elif _replayed(session, dead, now):
+            done.replayed.append(letter_id)
+        else:
+            done.superseded.append(letter_id)
+    return done
+
+
+def replay_source(session: Session, source: str, *, now: datetime) -> Replay:
+    """`replay` every dead letter of `source`."""
+    query = select(col(DeadLetter.id)).where(col(DeadLetter.source) == source)
+    return replay(
+        session, [letter_id for letter_id in session.exec(query) if letter_id is not None], now=now
+    )
+
+
+def discard(session: Session, letter_ids: Sequence[int]) -> list[int]:
+    """Delete the dead letters for good; returns the ids that existed, in order."""
+    discarded = []
+    for letter_id in sorted(set(letter_ids)):
+        dead = session.get(DeadLetter, letter_id)
+        if dead is not None:
+            session.delete(dead)
+            discarded.append(letter_id)
+    session.flush()
+    return discarded
+
+
+def _replayed(session: Session, dead: DeadLetter, now: datetime) -> bool:
+    # Lock the document's state first, so no change of it is accepted between the checks
+    # and the enqueue (PostgreSQL; SQLite serialises writers anyway).
+    session.get(DocState, (dead.source, dead.doc_id), with_for_update=True, populate_existing=True)
+    if outbox.current_version(session, dead.source, dead.doc_id) != dead.version:
+        return False
+    queued = select(col(OutboxEntry.id)).where(
+        col(OutboxEntry.source) == dead.source, col(OutboxEntry.doc_id) == dead.doc_id
+    )
+    if session.exec(queued).first() is not None:
+        return False
+    if outbox.enqueue(session, [outbox.change_of(dead)], now=now).accepted != 1:
+        return False  # pragma: no cover - the newest change of a document is never stale
+    session.delete(dead)
+    session.flush()
+    log.info(
+        "dead letter replayed: source=%s doc_id=%s version=%d",
+        dead.source,
+        dead.doc_id,
+        dead.version,
+    )
+    return True
