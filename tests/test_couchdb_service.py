@@ -1,12 +1,6 @@
 """`pandasync serve` with a CouchDB source: SIGKILL during catch-up loses nothing."""
 
-import os
 import signal
-import subprocess
-import sys
-import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,9 +12,7 @@ from service.changes import Seq
 from service.db import Database
 from tests.fixtures.couchdb import CouchDatabase
 from tests.fixtures.panda import RunningPanda, free_port
-
-ROOT = Path(__file__).resolve().parents[1]
-DEADLINE_S = 60.0
+from tests.fixtures.service import serving, wait_until
 
 CONFIG = """
 database_url = "{database_url}"
@@ -58,33 +50,6 @@ timeout_s = 5
 retry_base_s = 0.05
 retry_cap_s = 0.5
 """
-
-
-def wait_until(condition: Callable[[], bool], *, what: str) -> None:
-    deadline = time.monotonic() + DEADLINE_S
-    while not condition():
-        assert time.monotonic() < deadline, f"gave up waiting for {what}"
-        time.sleep(0.02)
-
-
-@contextmanager
-def serving(config: Path, log: Path) -> Iterator[subprocess.Popen[bytes]]:
-    """The service process until the block ends (then SIGTERM, by its PID)."""
-    env = {name: value for name, value in os.environ.items() if not name.startswith("PANDASYNC")}
-    with log.open("ab") as output:
-        child = subprocess.Popen(
-            [sys.executable, "-m", "service.cli", "serve", "--config", str(config)],
-            cwd=ROOT,
-            stdout=output,
-            stderr=output,
-            env=env,
-        )
-    try:
-        yield child
-    finally:
-        if child.poll() is None:
-            child.terminate()
-            child.wait(timeout=20)
 
 
 def expected_rows(couchdb: CouchDatabase) -> dict[str, list[object]]:

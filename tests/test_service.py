@@ -1,13 +1,8 @@
 """`pandasync serve` as a real process: changes survive SIGKILL and arrive after a restart."""
 
-import os
 import signal
-import socket
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -19,7 +14,8 @@ from service.changes import Change, Op
 from service.db import Database
 from service.delivery import utcnow
 from service.tables import OutboxEntry
-from tests.fixtures.panda import RunningPanda
+from tests.fixtures.panda import RunningPanda, free_port
+from tests.fixtures.service import serving, wait_until
 
 CONFIG = """
 database_url = "{url}"
@@ -48,40 +44,8 @@ webhook = {{ signature = "none" }}
 """
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-    return port
-
-
-def wait_until(condition: Callable[[], bool], *, what: str, deadline_s: float = 15.0) -> None:
-    end = time.monotonic() + deadline_s
-    while not condition():
-        assert time.monotonic() < end, f"gave up waiting for {what}"
-        time.sleep(0.02)
-
-
 def url_of(database: Database) -> str:
     return database.engine.url.render_as_string(hide_password=False)
-
-
-@contextmanager
-def serving(config: Path, port: int, log: Path) -> Iterator[subprocess.Popen[bytes]]:
-    env = {name: value for name, value in os.environ.items() if not name.startswith("PANDASYNC")}
-    with log.open("ab") as output:
-        child = subprocess.Popen(
-            [sys.executable, "-m", "service.cli", "serve", "--config", str(config)],
-            stdout=output,
-            stderr=output,
-            env=env,
-        )
-    try:
-        yield child
-    finally:
-        if child.poll() is None:
-            child.terminate()
-            child.wait(timeout=20)
 
 
 def readyz(port: int) -> int | None:
@@ -120,17 +84,17 @@ def leased(session: Session) -> bool:
 def test_a_service_killed_mid_delivery_delivers_the_change_after_a_restart(
     panda: RunningPanda, database: Database, config: tuple[Path, int], tmp_path: Path
 ) -> None:
-    path, port = config
+    path, _ = config
     enqueue(database, "s1", "Flood")
     panda.set_faults(hang=True)
-    with serving(path, port, tmp_path / "first.log") as first:
+    with serving(path, tmp_path / "first.log") as first:
         wait_until(lambda: database.run_sync(leased), what="the change to be claimed")
         first.send_signal(signal.SIGKILL)
         first.wait(timeout=10)
     panda.clear_faults()
     assert panda.rows("stories") == {}
     assert database.run_sync(outbox.pending, None) == 1
-    with serving(path, port, tmp_path / "second.log"):
+    with serving(path, tmp_path / "second.log"):
         wait_until(lambda: panda.rows("stories") == {"s1": ["Flood"]}, what="the row in PANDA")
         wait_until(lambda: database.run_sync(outbox.pending, None) == 0, what="the ack")
 
@@ -142,12 +106,12 @@ def test_a_service_killed_while_panda_is_down_delivers_everything_once_it_is_up(
     for index in range(5):
         enqueue(database, f"s{index}", f"title {index}")
     panda.set_faults(down=True)
-    with serving(path, port, tmp_path / "first.log") as first:
+    with serving(path, tmp_path / "first.log") as first:
         wait_until(lambda: panda.stats()["requests"] >= 3, what="a few refused attempts")  # type: ignore[operator]
         first.send_signal(signal.SIGKILL)
         first.wait(timeout=10)
     panda.clear_faults()
-    with serving(path, port, tmp_path / "second.log"):
+    with serving(path, tmp_path / "second.log"):
         expected = {f"s{index}": [f"title {index}"] for index in range(5)}
         wait_until(lambda: panda.rows("stories") == expected, what="every row in PANDA")
         wait_until(lambda: readyz(port) == 200, what="/readyz")
@@ -181,7 +145,7 @@ def test_a_wrong_api_key_makes_readyz_say_so_and_keeps_the_changes(
     path.write_text(path.read_text().replace(panda.api_key, "not-the-key"), encoding="utf-8")
     enqueue(database, "s1", "Flood")
     log = tmp_path / "serve.log"
-    with serving(path, port, log):
+    with serving(path, log):
         wait_until(lambda: readyz(port) == 503, what="/readyz to answer 503")
         body = httpx.get(f"http://127.0.0.1:{port}/readyz").json()
     assert any("api_key" in problem for problem in body["problems"])
