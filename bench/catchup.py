@@ -1,6 +1,6 @@
 """Catch-up benchmark: 100,000 changes from a fresh SQLite store into the PANDA-compatible server.
 
-Not a test. Run it with `uv run python bench/catchup.py [--changes N] [--sample N]`. It prints,
+Not a test. Run it with `.venv/bin/python bench/catchup.py [--changes N] [--sample N]`. It prints,
 all measured in this run on this machine:
 
 - the server's own bulk-PUT ceiling (requests handed to its ASGI app in-process, no network);
@@ -234,9 +234,19 @@ async def check_rows(server: RunningPanda, count: int) -> None:
         assert answer.json()["row_count"] == count, answer.json()["row_count"]
 
 
+def quiet_heap() -> None:
+    """Collect the garbage of earlier measurements and freeze what lives on (the feed, the
+    modules), so that no measurement pays for walking another's objects."""
+    gc.collect()
+    gc.freeze()
+
+
 async def best(measure: Callable[[], Awaitable[float]]) -> tuple[float, list[float]]:
     """The median of `REPEATS` runs, and the runs."""
-    runs = [await measure() for _ in range(REPEATS)]
+    runs = []
+    for _ in range(REPEATS):
+        quiet_heap()
+        runs.append(await measure())
     return statistics.median(runs), runs
 
 
@@ -252,9 +262,6 @@ async def main(count: int, sample: int) -> None:
     say(f"catch-up of {count:,} changes into the PANDA-compatible server")
     say(f"machine: {machine()}")
     feed = changes(count)
-    # The feed is the benchmark's own data, alive through every run: keep the garbage
-    # collector from walking it again and again (in every measurement alike).
-    gc.freeze()
     with start_fake_panda() as server, tempfile.TemporaryDirectory() as folder:
         store = Path(folder)
         server_rate, _ = await best(lambda: server_ceiling(feed))
@@ -265,17 +272,21 @@ async def main(count: int, sample: int) -> None:
         for run in range(REPEATS):
             database = fresh_store(store, f"bulk-{run}.db")
             enqueue_s.append(enqueue(database, feed))
+            quiet_heap()
             engine_runs.append(await pandasync(server, database, count, DeliverySettings()))
             database.close()
         engine_rate = statistics.median(engine_runs)
         database = fresh_store(store, "row-by-row.db")
         enqueue(database, feed[:sample])
+        quiet_heap()
         row_rate = await pandasync(server, database, sample, DeliverySettings(row_by_row=True))
         database.close()
         slow = feed[:SLOW_SAMPLE]
+        quiet_heap()
         slow_sink = await sink_ceiling(server, slow, SLOW_LATENCY_S)
         database = fresh_store(store, "slow.db")
         enqueue(database, slow)
+        quiet_heap()
         slow_engine = await pandasync(
             server, database, len(slow), DeliverySettings(), SLOW_LATENCY_S
         )

@@ -452,10 +452,14 @@ def claim_many(
         .order_by(columns.next_attempt_at, columns.id)
         .limit(limit)
         .with_for_update(skip_locked=True)
+        .cte("due")
+        # Evaluated once: as a plain subquery PostgreSQL may run it again within the UPDATE,
+        # and with SKIP LOCKED a second run can pick other rows.
+        .prefix_with("MATERIALIZED", dialect="postgresql")
     )
     leased = session.exec(
         update(table)
-        .where(columns.id.in_(due.scalar_subquery()))
+        .where(columns.id.in_(select(due.c.id)))
         .values(claimed_until=until)
         .returning(
             columns.id,

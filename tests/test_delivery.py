@@ -12,6 +12,7 @@ from typing import Any
 import anyio
 import httpx
 import pytest
+from pydantic import ValidationError
 from sqlmodel import Session, col, select
 
 from service import outbox, panda
@@ -377,6 +378,11 @@ async def test_row_by_row_mode_sends_each_change_on_its_own(
     async with delivery_with(panda, database, clock, settings) as delivery:
         assert await delivery.run_once() == 4
     assert (statuses(panda)["202"], len(panda.rows("stories"))) == (4, 4)
+
+
+def test_a_starting_batch_size_outside_its_bounds_is_refused_with_its_fix() -> None:
+    with pytest.raises(ValidationError, match="make min_batch_size <= batch_size"):
+        DeliverySettings(batch_size=100, max_batch_size=50)
 
 
 async def test_the_batch_grows_while_panda_answers_fast(

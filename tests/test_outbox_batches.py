@@ -2,6 +2,7 @@
 
 from datetime import UTC, datetime, timedelta
 
+import anyio
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -9,7 +10,7 @@ from sqlmodel import Session, delete
 
 from service import outbox
 from service.changes import Change, Op
-from service.db import Database
+from service.db import Database, create_engine
 from service.tables import OutboxEntry
 from tests.strategies import changes
 
@@ -62,6 +63,40 @@ def test_any_change_is_claimed_as_it_went_in(database: Database, change: Change)
     database.run_sync(clear)
     enqueue(database, change)
     assert [held.change for held in claim_many(database)] == [change]
+
+
+@pytest.mark.anyio
+async def test_concurrent_claims_never_share_an_entry(database: Database) -> None:
+    enqueue(database, *(upsert(f"d{number}") for number in range(30)))
+    claims: list[outbox.Claim] = []
+
+    async def claim_some() -> None:
+        claims.extend(
+            await database.run(outbox.claim_many, source="stories", now=NOW, lease_s=60, limit=4)
+        )
+
+    async with anyio.create_task_group() as group:
+        for _ in range(10):
+            group.start_soon(claim_some)
+    assert sorted(held.change.doc_id for held in claims) == sorted(f"d{n}" for n in range(30))
+
+
+@pytest.mark.postgres
+def test_postgres_claims_skip_entries_another_transaction_is_claiming(
+    migrated_postgres_url: str,
+) -> None:
+    engine = create_engine(migrated_postgres_url)
+    Database(engine).run_sync(outbox.enqueue, [upsert("a"), upsert("b"), upsert("c")], now=NOW)
+    with Session(engine) as first, first.begin():
+        in_flight = outbox.claim_many(first, source="stories", now=NOW, lease_s=60, limit=2)
+        with Session(engine) as second, second.begin():
+            # Without SKIP LOCKED this would wait for `first` to commit: a deadlock here.
+            beside = outbox.claim_many(second, source="stories", now=NOW, lease_s=60, limit=10)
+    engine.dispose()
+    assert ([held.change for held in in_flight], [held.change for held in beside]) == (
+        [upsert("a"), upsert("b")],
+        [upsert("c")],
+    )
 
 
 def test_an_ack_removes_the_entries_that_still_hold_their_claimed_change(
