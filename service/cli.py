@@ -6,8 +6,9 @@ as one clear message with a non-zero exit code. No logic lives here.
 
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import Annotated, Concatenate, NoReturn, ParamSpec, TypeVar
 
 import anyio
 import httpx
@@ -15,12 +16,16 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+from sqlmodel import Session
 
 from service import app as wiring
 from service import checkpoints, db, dead_letters, logs, mapping, outbox, panda, poller
 from service.changes import Change
 from service.config import ConfigError, Settings, SourceSettings, config_path, load_settings
 from service.delivery import DeliveryStatus, utcnow
+
+P = ParamSpec("P")
+T = TypeVar("T")
 
 cli = typer.Typer(
     help="Replicate changes from CouchDB feeds and webhooks into PANDA.",
@@ -61,6 +66,20 @@ def _open(settings: Settings) -> db.Database:
         database.close()
         _fail(str(error))
     return database
+
+
+def _in_store(
+    settings: Settings,
+    fn: Callable[Concatenate[Session, P], T],
+    *args: P.args,
+    **kwargs: P.kwargs,
+) -> T:
+    """Run one store function in its own transaction on a checked store, then close it."""
+    database = _open(settings)
+    try:
+        return database.run_sync(fn, *args, **kwargs)
+    finally:
+        database.close()
 
 
 def _source(settings: Settings, name: str) -> SourceSettings:
@@ -124,11 +143,7 @@ def push(
         change = mapping.delete(spec, delete) if delete is not None else _upsert(spec, record)
     except (mapping.MappingError, ValueError) as error:
         _fail(str(error))
-    database = _open(settings)
-    try:
-        database.run_sync(outbox.enqueue, [change], now=utcnow())
-    finally:
-        database.close()
+    _in_store(settings, outbox.enqueue, [change], now=utcnow())
     out.print(f"queued {change.op} of {change.doc_id!r} as external_id {change.external_id}")
 
 
@@ -187,11 +202,7 @@ def reset_checkpoint(
     """
     settings = _settings(config)
     _source(settings, source)
-    database = _open(settings)
-    try:
-        old = database.run_sync(poller.reset_checkpoint, source)
-    finally:
-        database.close()
+    old = _in_store(settings, poller.reset_checkpoint, source)
     was = "no checkpoint" if old is None else f"checkpoint {old.json_text}"
     out.print(f"source {source}: {was} removed; restart pandasync to read the feed again")
 
@@ -276,11 +287,7 @@ def list_dead_letters(
     settings = _settings(config)
     if source is not None:
         _source(settings, source)
-    database = _open(settings)
-    try:
-        letters = database.run_sync(dead_letters.find, source)
-    finally:
-        database.close()
+    letters = _in_store(settings, dead_letters.find, source)
     table = Table("id", "source", "doc id", "op", "version", "attempts", "since", "last answer")
     for letter in letters:
         table.add_row(
@@ -303,11 +310,7 @@ def show_dead_letter(
 ) -> None:
     """Show one dead letter: the change, and every answer PANDA gave to it."""
     settings = _settings(config)
-    database = _open(settings)
-    try:
-        letter = database.run_sync(dead_letters.show, letter_id)
-    finally:
-        database.close()
+    letter = _in_store(settings, dead_letters.show, letter_id)
     if letter is None:
         _fail(f"no dead letter {letter_id} (see `pandasync dead-letters list`)")
     change = letter.change
@@ -375,11 +378,7 @@ def discard_dead_letters(
 ) -> None:
     """Delete dead letters for good; their changes are not sent."""
     settings = _settings(config)
-    database = _open(settings)
-    try:
-        discarded = database.run_sync(dead_letters.discard, letter_ids)
-    finally:
-        database.close()
+    discarded = _in_store(settings, dead_letters.discard, letter_ids)
     out.print(f"discarded {len(discarded)}: {_ids(discarded)}", highlight=False)
     missing = sorted(set(letter_ids) - set(discarded))
     if missing:
