@@ -329,7 +329,8 @@ class IngressSettings(_Strict):
     """Limits on webhooks taken in (all sources)."""
 
     max_body_bytes: int = Field(default=1024 * 1024, ge=1)
-    # Above this many outbox entries, webhooks get 503 with Retry-After (nothing is taken in).
+    # Above this many outbox entries, webhooks get 503 with Retry-After (nothing is taken in),
+    # and a CouchDB source with this many entries waiting pauses its feed.
     outbox_high_water: int = Field(default=100_000, ge=1)
     retry_after_s: int = Field(default=30, ge=1)
 

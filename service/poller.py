@@ -25,7 +25,9 @@ from service.tables import Checkpoint
 log = logging.getLogger(__name__)
 
 Clock = Callable[[], datetime]
-State = Literal["starting", "running", "reconnecting", "stopped"]
+State = Literal["starting", "running", "reconnecting", "paused", "stopped"]
+# How often a paused source looks whether the outbox has room again.
+ROOM_POLL_S = 1.0
 
 
 def utcnow() -> datetime:
@@ -91,10 +93,12 @@ class Poller:
         http: httpx.AsyncClient,
         *,
         on_commit: Callable[[], None] | None = None,
+        high_water: int | None = None,
         clock: Clock = utcnow,
         rng: random.Random | None = None,
     ) -> None:
         self._source = source
+        self._high_water = high_water
         self._settings = couchdb.settings_of(source)
         self._db = db
         self._http = http
@@ -176,6 +180,7 @@ class Poller:
             if self._stopping:
                 self._scope.cancel()
             while self._stopped is None:
+                await self._wait_for_room()
                 await self._connection()
             await anyio.sleep_forever()
         self._scope = None
@@ -202,10 +207,31 @@ class Poller:
         async with couchdb.follow(self._http, self._source, since or self._first()) as feed:
             self._state, self._failures = "running", 0
             caught_up = False
-            while not caught_up:
+            while not caught_up and not self._full():
                 batch = await feed.batch()
                 await self._commit(batch)
                 caught_up = batch.caught_up
+
+    def _full(self) -> bool:
+        """True when the last commit left the source's outbox at its high-water mark."""
+        return self._high_water is not None and (self._pending or 0) >= self._high_water
+
+    async def _wait_for_room(self) -> None:
+        """While the outbox is at the high-water mark, read nothing more (STYLE rule 5).
+
+        The feed is closed meanwhile and reopened from the checkpoint, so nothing is skipped;
+        CouchDB keeps the changes, the store does not grow without bound while PANDA is away.
+        """
+        while self._full():
+            if self._state != "paused":
+                log.warning(
+                    "outbox at its high-water mark, pausing the feed: source=%s pending=%s",
+                    self.name,
+                    self._pending,
+                )
+            self._state = "paused"
+            await anyio.sleep(ROOM_POLL_S)
+            self._pending = await self._db.run(outbox.pending, self.name)
 
     def _first(self) -> Seq:
         return Seq.of(self._settings.since)
@@ -274,10 +300,11 @@ def build_pollers(
     """A poller for every CouchDB source, by source name (webhook sources have none).
 
     `http` should be a client of its own (no base URL): every followed feed holds one of its
-    connections open.
+    connections open. Each pauses while its outbox holds `ingress.outbox_high_water` entries.
     """
+    high_water = settings.ingress.outbox_high_water
     return {
-        source.name: Poller(source, db, http, on_commit=on_commit)
+        source.name: Poller(source, db, http, on_commit=on_commit, high_water=high_water)
         for source in settings.sources
         if source.kind == "couchdb"
     }
