@@ -91,6 +91,7 @@ class OutboxEntry(_Table, table=True):
         CheckConstraint("op IN ('upsert', 'delete')", name="op"),
         CheckConstraint("""(op = 'upsert') = ("row" IS NOT NULL)""", name="row_matches_op"),
         Index("ix_outbox_entry_due", "next_attempt_at", "id"),
+        Index("ix_outbox_entry_source_due", "source", "next_attempt_at", "id"),
         # AUTOINCREMENT: a deleted entry's id is never reused, so a stale claim cannot match
         # a newer entry by id and version.
         {"sqlite_autoincrement": True},
