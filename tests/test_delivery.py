@@ -258,6 +258,25 @@ async def eventually(condition: Callable[[], Awaitable[bool]], *, deadline_s: fl
             await anyio.sleep(0.01)
 
 
+async def until_held(panda: RunningPanda, count: int = 1) -> None:
+    """Wait until PANDA holds `count` requests (under the `hang` fault)."""
+
+    async def held() -> bool:
+        return panda.stats()["held"] == count
+
+    await eventually(held)
+
+
+async def stop_while_held(delivery: Delivery, panda: RunningPanda) -> None:
+    """Run delivery until PANDA holds one of its requests, then stop it and wait for the end."""
+    panda.set_faults(hang=True)
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as group:
+            group.start_soon(delivery.run)
+            await until_held(panda)
+            delivery.stop()
+
+
 async def panda_api(server: RunningPanda, method: str, path: str, **options: Any) -> None:
     async with httpx.AsyncClient(base_url=server.url, headers=server.auth) as http:
         (await http.request(method, f"/api/1.0{path}", **options)).raise_for_status()
@@ -572,11 +591,7 @@ async def test_datasets_are_written_in_parallel_up_to_the_bound(
         panda.set_faults(hang=True)
         async with anyio.create_task_group() as group:
             group.start_soon(delivery.run_once)
-
-            async def two_held() -> bool:
-                return panda.stats()["held"] == 2
-
-            await eventually(two_held)
+            await until_held(panda, 2)
             assert requests(panda) == 2, "the third dataset waits for a free slot"
             panda.clear_faults()
     assert [panda.rows(name) for name in datasets] == [{"r1": ["x", "1"]}] * 3
@@ -612,11 +627,7 @@ async def test_stopping_lets_the_request_in_flight_finish_within_the_grace_perio
         with anyio.fail_after(10):
             async with anyio.create_task_group() as group:
                 group.start_soon(delivery.run)
-
-                async def held() -> bool:
-                    return panda.stats()["held"] == 1
-
-                await eventually(held)
+                await until_held(panda)
                 delivery.stop()
                 await database.run(outbox.enqueue, [upsert("s2", "b", "2")], now=utcnow())
                 panda.clear_faults()
@@ -633,16 +644,7 @@ async def test_a_request_cut_off_at_shutdown_keeps_its_lease_and_the_rest_is_rel
         await delivery.run_once()
         changes = [upsert("s1", "a", "1"), delete("gone"), delete("gone2")]
         await database.run(outbox.enqueue, changes, now=utcnow())
-        panda.set_faults(hang=True)
-        with anyio.fail_after(10):
-            async with anyio.create_task_group() as group:
-                group.start_soon(delivery.run)
-
-                async def held() -> bool:
-                    return panda.stats()["held"] == 1
-
-                await eventually(held)
-                delivery.stop()
+        await stop_while_held(delivery, panda)
     panda.clear_faults()
     assert await database.run(entries) == [
         ("gone", 0, False),
@@ -739,15 +741,6 @@ async def test_a_batch_claimed_ahead_is_released_when_requests_are_cut_off(
         await delivery.run_once()
         changes = [upsert("s1", "a", "1"), upsert("s2", "b", "2")]
         await database.run(outbox.enqueue, changes, now=utcnow())
-        panda.set_faults(hang=True)
-        with anyio.fail_after(10):
-            async with anyio.create_task_group() as group:
-                group.start_soon(delivery.run)
-
-                async def held() -> bool:
-                    return panda.stats()["held"] == 1
-
-                await eventually(held)
-                delivery.stop()
+        await stop_while_held(delivery, panda)
     panda.clear_faults()
     assert await database.run(entries) == [("s1", 0, True), ("s2", 0, False)]
