@@ -7,31 +7,9 @@ from typer.testing import CliRunner
 from service import outbox
 from service.cli import cli
 from service.db import Database
+from tests.fixtures.configs import write_config
 
 runner = CliRunner()
-
-CONFIG = """
-database_url = "{url}"
-
-[panda]
-url = "http://127.0.0.1:9"
-email = "sync@example.org"
-api_key = "{key}"
-
-[[sources]]
-name = "stories"
-kind = "webhook"
-dataset = {{ slug = "stories", name = "Stories" }}
-columns = [{{ name = "Headline", field = "title" }}, {{ name = "Words", field = "words" }}]
-webhook = {{ signature = "none" }}
-"""
-
-
-def write_config(tmp_path: Path, *, url: str = "", key: str = "key-0123") -> Path:
-    path = tmp_path / "pandasync.toml"
-    url = url or f"sqlite:///{tmp_path}/store.db"
-    path.write_text(CONFIG.format(url=url, key=key), encoding="utf-8")
-    return path
 
 
 def test_check_config_accepts_a_good_file(tmp_path: Path) -> None:

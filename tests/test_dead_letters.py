@@ -16,6 +16,7 @@ from service.config import DeliverySettings
 from service.db import Database
 from service.delivery import Delivery
 from service.tables import DeadLetter
+from tests.fixtures.configs import write_config
 from tests.fixtures.panda import RunningPanda
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
@@ -201,28 +202,10 @@ async def panda_delivery(
 
 runner = CliRunner()
 
-CONFIG = """
-database_url = "{url}"
-
-[panda]
-url = "http://127.0.0.1:9"
-email = "sync@example.org"
-api_key = "key-0123"
-
-[[sources]]
-name = "stories"
-kind = "webhook"
-dataset = {{ slug = "stories", name = "Stories" }}
-columns = [{{ name = "Headline", field = "title" }}, {{ name = "Words", field = "words" }}]
-webhook = {{ signature = "none" }}
-"""
-
 
 @pytest.fixture
 def config(tmp_path: Path, migrated_sqlite_url: str) -> Path:
-    path = tmp_path / "pandasync.toml"
-    path.write_text(CONFIG.format(url=migrated_sqlite_url), encoding="utf-8")
-    return path
+    return write_config(tmp_path, url=migrated_sqlite_url)
 
 
 @pytest.fixture
