@@ -75,7 +75,22 @@ class Checkpoint(_Table, table=True):
     updated_at: datetime = Field(sa_type=UTCDateTime)
 
 
-class OutboxEntry(_Table, table=True):
+class _HeldChange(_Table):
+    """The columns an outbox entry and a dead letter share: a change and its answers so far."""
+
+    id: int | None = Field(default=None, primary_key=True)
+    source: str = Field(sa_type=Text)
+    doc_id: str = Field(sa_type=Text)
+    external_id: str = Field(sa_type=Text)
+    op: str = Field(sa_type=Text)
+    row: str | None = Field(default=None, sa_type=Text)
+    version: int
+    source_version: str | None = Field(default=None, sa_type=Text)
+    attempts: int
+    answers: str = Field(sa_type=Text)
+
+
+class OutboxEntry(_HeldChange, table=True):
     """The latest undelivered change of one source document (one entry per document).
 
     `row` is a JSON array of strings (NULL for a delete); `answers` a JSON list of the recent
@@ -97,38 +112,18 @@ class OutboxEntry(_Table, table=True):
         {"sqlite_autoincrement": True},
     )
 
-    id: int | None = Field(default=None, primary_key=True)
-    source: str = Field(sa_type=Text)
-    doc_id: str = Field(sa_type=Text)
-    external_id: str = Field(sa_type=Text)
-    op: str = Field(sa_type=Text)
-    row: str | None = Field(default=None, sa_type=Text)
-    version: int
-    source_version: str | None = Field(default=None, sa_type=Text)
-    attempts: int
-    answers: str = Field(sa_type=Text)
     next_attempt_at: datetime = Field(sa_type=UTCDateTime)
     claimed_until: datetime | None = Field(default=None, sa_type=UTCDateTime)
     created_at: datetime = Field(sa_type=UTCDateTime)
     updated_at: datetime = Field(sa_type=UTCDateTime)
 
 
-class DeadLetter(_Table, table=True):
+class DeadLetter(_HeldChange, table=True):
     """A change PANDA refused for good, with every answer that put it here."""
 
     __tablename__: ClassVar[str] = "dead_letter"
     __table_args__ = (Index("ix_dead_letter_source_doc_id", "source", "doc_id"),)
 
-    id: int | None = Field(default=None, primary_key=True)
-    source: str = Field(sa_type=Text)
-    doc_id: str = Field(sa_type=Text)
-    external_id: str = Field(sa_type=Text)
-    op: str = Field(sa_type=Text)
-    row: str | None = Field(default=None, sa_type=Text)
-    version: int
-    source_version: str | None = Field(default=None, sa_type=Text)
-    attempts: int
-    answers: str = Field(sa_type=Text)
     created_at: datetime = Field(sa_type=UTCDateTime)
 
 
