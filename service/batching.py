@@ -34,12 +34,12 @@ def plan(claims: Sequence[Claim], *, row_by_row: bool) -> Plan:
     later: list[Claim] = []
     seen: set[str] = set()
     for claim in claims:
-        external_id = claim.change.external_id
+        external_id = claim.external_id
         if external_id in seen:
             later.append(claim)
             continue
         seen.add(external_id)
-        if claim.change.op is Op.UPSERT and not row_by_row:
+        if claim.op is Op.UPSERT and not row_by_row:
             bulk.append(claim)
         else:
             single.append(claim)

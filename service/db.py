@@ -8,11 +8,29 @@ from pathlib import Path
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import anyio.to_thread
+import orjson
 from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import URL, Connection, Engine, Table, event, inspect, make_url
+from sqlalchemy import (
+    URL,
+    BigInteger,
+    ColumnElement,
+    Connection,
+    Dialect,
+    Engine,
+    Table,
+    Text,
+    TypeDecorator,
+    any_,
+    bindparam,
+    event,
+    func,
+    inspect,
+    make_url,
+    select,
+)
 from sqlalchemy import create_engine as sa_create_engine
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import ArgumentError
@@ -98,6 +116,28 @@ def dialect_insert(session: Session, model: type[SQLModel]) -> sqlite.Insert | p
     if session.get_bind().dialect.name == "postgresql":
         return postgresql.insert(table)
     return sqlite.insert(table)
+
+
+class _JsonIntegers(TypeDecorator[list[int]]):
+    """A list of integers bound as one JSON array text, for SQLite's `json_each`."""
+
+    impl = Text
+    cache_ok = True
+
+    def process_bind_param(self, value: list[int] | None, dialect: Dialect) -> str | None:
+        return None if value is None else orjson.dumps(value).decode()
+
+
+def in_integers(session: Session, column: ColumnElement[int], name: str) -> ColumnElement[bool]:
+    """`column IN` the list of integers bound as parameter `name`, however long it is.
+
+    One parameter, not one per value: the statement compiles once and stays cached, where
+    an expanding IN is rendered anew for each length.
+    """
+    if session.get_bind().dialect.name == "postgresql":
+        return column == any_(bindparam(name, type_=postgresql.ARRAY(BigInteger)))
+    values = func.json_each(bindparam(name, type_=_JsonIntegers())).table_valued("value")
+    return column.in_(select(values.c.value))
 
 
 def alembic_config(url: str | None = None, *, migrations: Path = ALEMBIC_DIR) -> Config:

@@ -408,13 +408,13 @@ class Delivery:
         if refusal is None:
             return
         named = set(refusal.external_ids)
-        unfit = [held for held in claims if held.change.external_id in named]
+        unfit = [held for held in claims if held.external_id in named]
         if unfit and len(unfit) < len(claims):
             # The client refused these rows itself, before sending anything.
             for held in unfit:
                 tally.dead.append((held, _answer(refusal)))
                 self._log_refusal(held, refusal)
-            rest = [held for held in claims if held.change.external_id not in named]
+            rest = [held for held in claims if held.external_id not in named]
             await self._put(lane, batch, tally, rest)
             return
         await self._bisect(lane, batch, tally, claims, refusal)
@@ -440,10 +440,10 @@ class Delivery:
     ) -> PermanentError | None:
         """One bulk PUT of `claims`; None when PANDA took it (they are delivered), else the
         refusal. Its time adapts the batch size."""
-        rows = [(held.change.external_id, _row(held)) for held in claims]
+        rows = [(held.external_id, _row_json(held)) for held in claims]
         started = self._timer()
         refusal = await self._request(
-            lane, batch, tally, claims, lambda: self._panda.put_rows(lane.dataset.slug, rows)
+            lane, batch, tally, claims, lambda: self._panda.put_rows_json(lane.dataset.slug, rows)
         )
         if refusal is None or refusal.status is not None:  # PANDA answered
             lane.sizer.took(self._timer() - started, full=len(claims) >= batch.limit)
@@ -556,8 +556,8 @@ class Delivery:
         self._last_error = f"PANDA refused a row: {refusal.detail}"
         log.warning(
             "PANDA refused a change, kept as a dead letter: source=%s doc_id=%s status=%s",
-            held.change.source,
-            held.change.doc_id,
+            held.source,
+            held.doc_id,
             refusal.status,
         )
 
@@ -566,8 +566,8 @@ def _answer(refusal: PermanentError) -> outbox.Answer:
     return outbox.Answer(status=refusal.status, detail=refusal.detail)
 
 
-def _row(held: outbox.Claim) -> tuple[str, ...]:
-    row = held.change.row
+def _row_json(held: outbox.Claim) -> str:
+    row = held.row_json
     assert row is not None, "only upserts go into a bulk PUT"
     return row
 
@@ -587,7 +587,7 @@ def _settle(session: Session, tally: _Tally, now: datetime) -> tuple[int, int]:
         log.warning(
             "request cut off, its changes keep their lease and go out again after it:"
             " source=%s rows=%d",
-            tally.in_doubt[0].change.source,
+            tally.in_doubt[0].source,
             len(tally.in_doubt),
         )
     return delivered, dead

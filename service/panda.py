@@ -5,6 +5,7 @@ touches the database, and never puts the API key or row values into an error, re
 """
 
 import email.utils
+import json
 import math
 import re
 import string
@@ -248,11 +249,27 @@ class PandaClient:
         they are known, else re-send the rows one by one with `put_row` to find them. At most
         `BULK_LIMIT` rows (`ValueError` beyond); an empty list sends nothing.
         """
+        encoded: list[tuple[str, str]] = []
+        for external_id, row in rows:
+            try:
+                text = orjson.dumps(list(row)).decode()
+            except orjson.JSONEncodeError:
+                text = _json_with_escapes(row)  # refused as not UTF-8 by `put_rows_json`
+            encoded.append((external_id, text))
+        await self.put_rows_json(slug, encoded)
+
+    async def put_rows_json(self, slug: str, rows: Sequence[tuple[str, str]]) -> None:
+        """`put_rows` for rows already encoded: (external_id, JSON array text of the row).
+
+        The text goes into the body as it is (delivery sends rows as the outbox stores them).
+        Rows whose text holds a lone surrogate (`\\ud800`), which is not UTF-8 text, are named
+        in the `PermanentError` and nothing is sent.
+        """
         if len(rows) > BULK_LIMIT:
             raise ValueError(f"{len(rows)} rows in one bulk PUT; send at most {BULK_LIMIT}")
         if not rows:
             return
-        unfit = [eid for eid, row in rows if not _BULK_ID.fullmatch(eid) or not row]
+        unfit = [eid for eid, row in rows if not _BULK_ID.fullmatch(eid) or row == "[]"]
         if unfit:
             raise PermanentError(
                 "PANDA's bulk PUT needs an external_id of ASCII letters, digits, `_` or `-`"
@@ -260,8 +277,19 @@ class PandaClient:
                 status=None,
                 external_ids=unfit,
             )
-        objects = [{"data": list(row), "external_id": eid} for eid, row in rows]
-        content = _encode({"objects": objects}, [eid for eid, _ in rows])
+        # The ids are checked ASCII letters, digits, `_` and `-`: nothing to escape.
+        objects = ",".join(f'{{"data":{row},"external_id":"{eid}"}}' for eid, row in rows)
+        body = f'{{"objects":[{objects}]}}'
+        if "\\ud" in body or "\\uD" in body or not body.isascii():
+            unfit = [eid for eid, row in rows if not _utf8_json(row)]
+            if unfit:
+                raise PermanentError(
+                    f"a row for {unfit!r} is not valid UTF-8 text (it holds a lone surrogate);"
+                    " not sent",
+                    status=None,
+                    external_ids=unfit,
+                )
+        content = body.encode()
         response = await self._send("PUT", _rows_path(slug), content=content)
         self._check(response, slug=slug, rows=True)
 
@@ -385,6 +413,20 @@ def _encode(body: dict[str, Any], external_ids: Sequence[str]) -> bytes:
             status=None,
             external_ids=external_ids,
         ) from None
+
+
+def _json_with_escapes(row: Sequence[str]) -> str:
+    """A row's JSON text with every non-ASCII character escaped, lone surrogates too."""
+    return json.dumps(list(row), ensure_ascii=True, separators=(",", ":"))
+
+
+def _utf8_json(text: str) -> bool:
+    """Whether JSON `text` encodes as UTF-8 and holds no lone surrogate (orjson refuses both)."""
+    try:
+        orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return False
+    return True
 
 
 def _refusal(response: httpx.Response, call: str, *, slug: str, rows: bool) -> Exception:

@@ -17,7 +17,7 @@ LEASE = datetime(2026, 1, 1, tzinfo=UTC)
 def claim(entry_id: int, external_id: str, op: Op = Op.UPSERT) -> Claim:
     row = ("a", "b") if op is Op.UPSERT else None
     change = Change("stories", f"doc-{entry_id}", external_id, op, row)
-    return Claim(entry_id=entry_id, version=1, change=change, attempts=0, claimed_until=LEASE)
+    return Claim.holding(change, entry_id=entry_id, version=1, attempts=0, claimed_until=LEASE)
 
 
 def test_upserts_go_in_bulk_and_deletes_one_by_one() -> None:

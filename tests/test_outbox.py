@@ -65,12 +65,8 @@ def _empty(session: Session) -> None:
 def test_an_enqueued_change_is_claimed_with_a_lease(database: Database) -> None:
     _enqueue(database, _upsert("d", "v"))
     [held] = _claim(database)
-    assert held == Claim(
-        entry_id=held.entry_id,
-        version=1,
-        change=_upsert("d", "v"),
-        attempts=0,
-        claimed_until=LEASED_UNTIL,
+    assert held == Claim.holding(
+        _upsert("d", "v"), entry_id=held.entry_id, version=1, attempts=0, claimed_until=LEASED_UNTIL
     )
 
 

@@ -194,10 +194,34 @@ async def test_put_rows_names_the_ids_the_bulk_path_would_refuse_and_sends_nothi
 
 
 async def test_put_rows_names_the_rows_that_are_not_utf8_text() -> None:
+    rows = [("r1", ("\udcff",)), ("r2", ("ok",)), ("r3", ("\U0001f600 fine",))]
     async with scripted() as (panda, script):
         with pytest.raises(PermanentError) as refused:
-            await panda.put_rows("ds", [("r1", ("\udcff",)), ("r2", ("ok",))])
-    assert refused.value.external_ids == ("r1", "r2")
+            await panda.put_rows("ds", rows)
+    assert refused.value.external_ids == ("r1",)
+    assert script.requests == []
+
+
+async def test_put_rows_json_sends_the_rows_text_as_stored() -> None:
+    rows = [("r1", '["\\ud83d\\ude00","2"]'), ("r2", '["caf\\u00e9","x"]')]
+    async with scripted(httpx.Response(202)) as (panda, script):
+        await panda.put_rows_json("ds", rows)
+    [(_, _, content)] = script.sent()
+    assert orjson.loads(content) == {
+        "objects": [
+            {"data": ["\U0001f600", "2"], "external_id": "r1"},
+            {"data": ["café", "x"], "external_id": "r2"},
+        ]
+    }
+
+
+async def test_put_rows_json_names_rows_holding_an_escaped_lone_surrogate() -> None:
+    rows = [("r1", '["ok"]'), ("r2", '["\\udcff"]'), ("r3", '["\\ud83d\\ude00"]')]
+    async with scripted() as (panda, script):
+        with pytest.raises(PermanentError) as refused:
+            await panda.put_rows_json("ds", rows)
+    assert (refused.value.status, refused.value.external_ids) == (None, ("r2",))
+    assert "ud" not in refused.value.detail.replace("r2", "")
     assert script.requests == []
 
 
