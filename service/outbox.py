@@ -7,9 +7,10 @@ Each document's state (`DocState`) gives entries their version and keeps stale c
 
 import json
 import logging
-from collections.abc import Collection, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from operator import attrgetter
 from typing import Any
 
 import orjson
@@ -38,13 +39,14 @@ _REPLACED = (
 )
 Key = tuple[str, str]
 _OPS = {op.value: op for op in Op}
+_ENTRY_ID = attrgetter("entry_id")
 
 
 @dataclass(slots=True)
 class Claim:
     """A leased outbox entry: deliver its change, then settle the claim exactly once.
 
-    Settle with `ack`, `retry_later`, `dead_letter` or `release`. `claimed_until` identifies
+    Settle with `ack_many`, `retry_later`, `dead_letter` or `release`. `claimed_until` identifies
     the lease: once it has expired and another claim has taken the entry, settling this claim
     changes nothing. Deliver well within the lease, or two deliveries of one document may race.
 
@@ -295,57 +297,6 @@ def _with_answer(answers: str, answer: Answer, now: datetime) -> list[dict[str, 
     return [*json.loads(answers), recorded]
 
 
-def _claim_of(entry: OutboxEntry) -> Claim:
-    assert entry.id is not None
-    assert entry.claimed_until is not None
-    return Claim(
-        entry_id=entry.id,
-        version=entry.version,
-        source=entry.source,
-        doc_id=entry.doc_id,
-        external_id=entry.external_id,
-        op=_OPS[entry.op],
-        row_json=entry.row,
-        source_version=entry.source_version,
-        attempts=entry.attempts,
-        claimed_until=entry.claimed_until,
-    )
-
-
-def claim(
-    session: Session,
-    *,
-    now: datetime,
-    lease_s: float,
-    limit: int,
-    sources: Collection[str] | None = None,
-) -> list[Claim]:
-    """Lease up to `limit` due entries for `lease_s` seconds, oldest due first.
-
-    An entry is due when `next_attempt_at <= now` and it has no lease running at `now`.
-    `sources=None` means any source. On PostgreSQL, rows another transaction is claiming are
-    skipped (FOR UPDATE SKIP LOCKED), so concurrent replicas never claim the same entry;
-    SQLite serialises writers instead (BEGIN IMMEDIATE).
-    """
-    until = now + timedelta(seconds=lease_s)
-    claimed_until = col(OutboxEntry.claimed_until)
-    query = (
-        select(OutboxEntry)
-        .where(col(OutboxEntry.next_attempt_at) <= now)
-        .where(or_(claimed_until.is_(None), claimed_until <= now))
-        .order_by(col(OutboxEntry.next_attempt_at), col(OutboxEntry.id))
-        .limit(limit)
-        .with_for_update(skip_locked=True)
-    )
-    if sources is not None:
-        query = query.where(col(OutboxEntry.source).in_(sources))
-    entries = session.exec(query).all()
-    for entry in entries:
-        entry.claimed_until = until
-    session.flush()
-    return [_claim_of(entry) for entry in entries]
-
-
 def _held(session: Session, claim: Claim) -> OutboxEntry | None:
     """The claim's entry, locked, if the claim's lease is still the entry's lease."""
     entry = session.get(OutboxEntry, claim.entry_id, with_for_update=True, populate_existing=True)
@@ -357,25 +308,6 @@ def _held(session: Session, claim: Claim) -> OutboxEntry | None:
         )
         return None
     return entry
-
-
-def ack(session: Session, claim: Claim) -> bool:
-    """Settle a delivered claim: remove its entry if it still holds the claimed change.
-
-    Returns True if the entry was removed. If a newer change replaced it meanwhile, that
-    change is kept and its lease released, so it goes out next (False). If the lease was
-    lost to another claim, nothing changes (False).
-    """
-    entry = _held(session, claim)
-    if entry is None:
-        return False
-    if entry.version != claim.version:
-        entry.claimed_until = None
-        session.flush()
-        return False
-    session.delete(entry)
-    session.flush()
-    return True
 
 
 def retry_later(
@@ -480,10 +412,13 @@ def _row_of(text: str) -> tuple[str, ...]:
 def claim_many(
     session: Session, *, source: str, now: datetime, lease_s: float, limit: int
 ) -> list[Claim]:
-    """`claim` for one source in one statement, for delivery's hot path; claims in entry order.
+    """Lease up to `limit` due entries of `source` for `lease_s` seconds, oldest due first;
+    returns their claims in entry order. One statement: delivery's hot path.
 
-    The same leases as `claim`: up to `limit` due entries, oldest due first, for `lease_s`
-    seconds; on PostgreSQL entries another transaction is claiming are skipped.
+    An entry is due when `next_attempt_at <= now` and it has no lease running at `now`. On
+    PostgreSQL, rows another transaction is claiming are skipped (FOR UPDATE SKIP LOCKED), so
+    concurrent replicas never claim the same entry; SQLite serialises writers instead
+    (BEGIN IMMEDIATE). The lease records the version it was taken for (`claimed_version`).
     """
     table = _outbox_table()
     columns = table.c
@@ -505,7 +440,7 @@ def claim_many(
     leased = session.exec(
         update(table)
         .where(columns.id.in_(select(due.c.id)))
-        .values(claimed_until=until)
+        .values(claimed_until=until, claimed_version=columns.version)
         .returning(
             columns.id,
             columns.version,
@@ -532,11 +467,11 @@ def claim_many(
         )
         for entry_id, version, doc_id, external_id, op, row, version_text, tries in leased
     ]
-    return sorted(claims, key=lambda claim: claim.entry_id)
+    return sorted(claims, key=_ENTRY_ID)
 
 
 def ack_many(session: Session, claims: Sequence[Claim]) -> int:
-    """`ack` for many claims in a few statements; returns how many entries were removed.
+    """Settle delivered claims; returns how many entries were removed.
 
     An entry still holding its claimed change is removed. One that a newer change replaced
     meanwhile keeps that change, and its lease is released so it goes out next. A claim whose
@@ -549,35 +484,37 @@ def ack_many(session: Session, claims: Sequence[Claim]) -> int:
 
 
 def _ack_lease(session: Session, until: datetime, claims: Sequence[Claim]) -> int:
-    """`ack_many` for claims of one lease."""
-    columns = _outbox_table().c
-    ids = in_integers(session, columns.id, "ids")
-    versions: dict[int, int] = dict(
+    """`ack_many` for claims of one lease: one DELETE when every entry is as claimed."""
+    table = _outbox_table()
+    columns = table.c
+    ours = (columns.claimed_until == until) & in_integers(session, columns.id, "ids")
+    params = {"ids": [held.entry_id for held in claims]}
+    removed = set(
         session.execute(
-            select(columns.id, columns.version)
-            .where(columns.claimed_until == until)
-            .where(ids)
-            .with_for_update(),
-            {"ids": [held.entry_id for held in claims]},
-        ).all()
+            delete(table)
+            .where(ours)
+            .where(columns.version == columns.claimed_version)
+            .returning(columns.id),
+            params,
+        )
+        .scalars()
+        .all()
     )
-    same = [held.entry_id for held in claims if versions.get(held.entry_id) == held.version]
-    newer = [
-        held.entry_id
-        for held in claims
-        if versions.get(held.entry_id, held.version) != held.version
-    ]
+    if len(removed) == len(claims):
+        return len(removed)
+    # The rest still under this lease hold a newer change: release them so it goes out next.
+    released = set(
+        session.execute(
+            update(table).where(ours).values(claimed_until=None).returning(columns.id), params
+        )
+        .scalars()
+        .all()
+    )
     for held in claims:
-        if held.entry_id not in versions:
+        if held.entry_id not in removed and held.entry_id not in released:
             log.warning(
                 "outbox lease lost, another delivery took over source=%s doc_id=%s",
                 held.source,
                 held.doc_id,
             )
-    if same:
-        session.execute(delete(_outbox_table()).where(ids), {"ids": same})
-    if newer:
-        session.execute(
-            update(_outbox_table()).where(ids).values(claimed_until=None), {"ids": newer}
-        )
-    return len(same)
+    return len(removed)

@@ -97,7 +97,8 @@ class OutboxEntry(_HeldChange, table=True):
     delivery answers, newest last. `version` is the document's local version (`DocState`) when
     this change was accepted; it grows each time a newer change replaces the entry.
     `source_version` is the change's `SourceVersion.text`, if the source sent one.
-    `claimed_until` is the lease of a delivery in flight.
+    `claimed_until` is the lease of a delivery in flight, taken for the entry's version
+    `claimed_version`: while they differ, a newer change waits behind the one in flight.
     """
 
     __tablename__: ClassVar[str] = "outbox_entry"
@@ -105,7 +106,6 @@ class OutboxEntry(_HeldChange, table=True):
         UniqueConstraint("source", "doc_id"),
         CheckConstraint("op IN ('upsert', 'delete')", name="op"),
         CheckConstraint("""(op = 'upsert') = ("row" IS NOT NULL)""", name="row_matches_op"),
-        Index("ix_outbox_entry_due", "next_attempt_at", "id"),
         Index("ix_outbox_entry_source_due", "source", "next_attempt_at", "id"),
         # AUTOINCREMENT: a deleted entry's id is never reused, so a stale claim cannot match
         # a newer entry by id and version.
@@ -114,6 +114,7 @@ class OutboxEntry(_HeldChange, table=True):
 
     next_attempt_at: datetime = Field(sa_type=UTCDateTime)
     claimed_until: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    claimed_version: int | None = Field(default=None)
     created_at: datetime = Field(sa_type=UTCDateTime)
     updated_at: datetime = Field(sa_type=UTCDateTime)
 

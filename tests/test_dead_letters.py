@@ -22,27 +22,39 @@ from tests.fixtures.panda import RunningPanda
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
 REFUSED = outbox.Answer(status=400, detail='{"data": {"external_id": ["bad"]}}')
 TIMEOUT = outbox.Answer(status=None, detail="no answer from PANDA in time")
+# Every source these tests queue changes for.
+SOURCES = ("stories", "other")
 
 
 def upsert(doc_id: str, headline: str, source: str = "stories") -> Change:
     return Change(source, doc_id, doc_id, Op.UPSERT, (headline, "1"))
 
 
+def claim(database: Database, *, now: datetime = NOW, lease_s: float = 60) -> list[outbox.Claim]:
+    """Claim every due entry, source by source."""
+    return [
+        held
+        for source in SOURCES
+        for held in database.run_sync(
+            outbox.claim_many, source=source, now=now, lease_s=lease_s, limit=100
+        )
+    ]
+
+
 def refuse(database: Database, *changes: Change) -> list[int]:
     """Queue the changes and make each a dead letter after one timeout; returns their ids."""
     before = {letter.id for letter in database.run_sync(dead_letters.find, None)}
     database.run_sync(outbox.enqueue, changes, now=NOW)
-    for held in database.run_sync(outbox.claim, now=NOW, lease_s=60, limit=100):
+    for held in claim(database):
         database.run_sync(outbox.retry_later, held, at=NOW, answer=TIMEOUT, now=NOW)
-    for held in database.run_sync(outbox.claim, now=NOW, lease_s=60, limit=100):
+    for held in claim(database):
         database.run_sync(outbox.dead_letter, held, answer=REFUSED, now=NOW)
     letters = database.run_sync(dead_letters.find, None)
     return [letter.id for letter in letters if letter.id not in before]
 
 
 def queued(database: Database) -> list[Change]:
-    claims = database.run_sync(outbox.claim, now=NOW + timedelta(days=1), lease_s=1, limit=100)
-    return [held.change for held in claims]
+    return [held.change for held in claim(database, now=NOW + timedelta(days=1), lease_s=1)]
 
 
 def test_dead_letters_are_listed_oldest_first_with_pandas_last_answer(database: Database) -> None:
@@ -103,8 +115,8 @@ def test_a_letter_superseded_by_a_queued_change_is_not_replayed(database: Databa
 def test_a_letter_superseded_by_a_delivered_change_is_not_replayed(database: Database) -> None:
     (letter_id,) = refuse(database, upsert("a", "old"))
     database.run_sync(outbox.enqueue, [upsert("a", "new")], now=NOW)
-    (held,) = database.run_sync(outbox.claim, now=NOW, lease_s=60, limit=10)
-    database.run_sync(outbox.ack, held)
+    (held,) = database.run_sync(outbox.claim_many, source="stories", now=NOW, lease_s=60, limit=10)
+    database.run_sync(outbox.ack_many, [held])
     done = database.run_sync(dead_letters.replay, [letter_id], now=NOW)
     assert (done.superseded, queued(database)) == ([letter_id], [])
 

@@ -3,8 +3,6 @@
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 
-import anyio
-import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
@@ -21,7 +19,7 @@ from sqlmodel import Session, col, delete, select
 
 from service import outbox
 from service.changes import Change, Op
-from service.db import Database, create_engine
+from service.db import Database
 from service.outbox import Answer, Claim
 from service.tables import DeadLetter, OutboxEntry
 from tests import strategies
@@ -45,8 +43,12 @@ def _enqueue(database: Database, *changes: Change, now: datetime = NOW) -> None:
     database.run_sync(outbox.enqueue, changes, now=now)
 
 
-def _claim(database: Database, *, now: datetime = NOW, limit: int = 10) -> list[Claim]:
-    return database.run_sync(outbox.claim, now=now, lease_s=LEASE_S, limit=limit)
+def _claim(
+    database: Database, *, source: str = "a", now: datetime = NOW, limit: int = 10
+) -> list[Claim]:
+    return database.run_sync(
+        outbox.claim_many, source=source, now=now, lease_s=LEASE_S, limit=limit
+    )
 
 
 def _changes(claims: Sequence[Claim]) -> list[Change]:
@@ -73,7 +75,7 @@ def test_an_enqueued_change_is_claimed_with_a_lease(database: Database) -> None:
 def test_an_acked_claim_leaves_nothing_pending(database: Database) -> None:
     _enqueue(database, _upsert("d", "v"))
     [held] = _claim(database)
-    assert database.run_sync(outbox.ack, held) is True
+    assert database.run_sync(outbox.ack_many, [held]) == 1
     assert database.run_sync(outbox.pending) == 0
 
 
@@ -82,8 +84,8 @@ def test_the_latest_change_per_document_wins(database: Database) -> None:
     _enqueue(database, _delete("d"), now=LATER)
     claims = _claim(database, now=LATER)
     assert [(held.change, held.version) for held in claims] == [
-        (_upsert("e", "1"), 1),
         (_delete("d"), 2),
+        (_upsert("e", "1"), 1),
     ]
 
 
@@ -94,9 +96,9 @@ def test_within_one_call_the_last_change_per_document_wins(database: Database) -
 
 def test_documents_are_told_apart_by_source(database: Database) -> None:
     _enqueue(database, _upsert("d", "1", source="a"), _upsert("d", "2", source="b"))
-    assert _changes(_claim(database)) == [
-        _upsert("d", "1", source="a"),
-        _upsert("d", "2", source="b"),
+    assert [_changes(_claim(database, source=source)) for source in "ab"] == [
+        [_upsert("d", "1", source="a")],
+        [_upsert("d", "2", source="b")],
     ]
 
 
@@ -113,7 +115,7 @@ def test_rows_round_trip_exactly(database: Database) -> None:
 def test_any_change_comes_back_as_it_went_in(database: Database, change: Change) -> None:
     database.run_sync(_empty)
     _enqueue(database, change)
-    assert _changes(_claim(database)) == [change]
+    assert _changes(_claim(database, source=change.source)) == [change]
 
 
 def test_an_ack_after_a_newer_change_keeps_it_and_it_goes_out_next(database: Database) -> None:
@@ -121,7 +123,7 @@ def test_an_ack_after_a_newer_change_keeps_it_and_it_goes_out_next(database: Dat
     [held] = _claim(database)
     _enqueue(database, _upsert("d", "new"), now=LATER)
     assert _claim(database, now=LATER) == []
-    assert database.run_sync(outbox.ack, held) is False
+    assert database.run_sync(outbox.ack_many, [held]) == 0
     assert [(c.change, c.version) for c in _claim(database, now=LATER)] == [
         (_upsert("d", "new"), 2)
     ]
@@ -145,11 +147,11 @@ def test_settling_a_claim_whose_lease_was_taken_over_changes_nothing(database: D
     _enqueue(database, _upsert("d", "v"))
     [stale] = _claim(database)
     [current] = _claim(database, now=LEASED_UNTIL)
-    assert database.run_sync(outbox.ack, stale) is False
+    assert database.run_sync(outbox.ack_many, [stale]) == 0
     database.run_sync(outbox.release, [stale])
     database.run_sync(outbox.retry_later, stale, at=LATER, answer=REFUSED, now=NOW)
     assert database.run_sync(outbox.dead_letter, stale, answer=REFUSED, now=NOW) is False
-    assert database.run_sync(outbox.ack, current) is True
+    assert database.run_sync(outbox.ack_many, [current]) == 1
 
 
 def test_claims_are_oldest_due_first_and_limited(database: Database) -> None:
@@ -161,40 +163,15 @@ def test_claims_are_oldest_due_first_and_limited(database: Database) -> None:
     assert _changes(_claim(database, now=LATER)) == [_upsert("late", "v")]
 
 
-def test_claims_can_be_limited_to_some_sources(database: Database) -> None:
+def test_a_claim_leases_only_the_entries_of_its_source(database: Database) -> None:
     _enqueue(database, _upsert("d", source="a"), _upsert("d", source="b"))
     _enqueue(database, _upsert("d", source="c"))
-    claims = database.run_sync(outbox.claim, now=NOW, lease_s=LEASE_S, limit=10, sources={"c", "b"})
-    assert _changes(claims) == [_upsert("d", source="b"), _upsert("d", source="c")]
-
-
-@pytest.mark.anyio
-async def test_concurrent_claims_never_share_an_entry(database: Database) -> None:
-    _enqueue(database, *(_upsert(f"d{number}", "v") for number in range(30)))
-    claims: list[Claim] = []
-
-    async def claim_some() -> None:
-        claims.extend(await database.run(outbox.claim, now=NOW, lease_s=LEASE_S, limit=4))
-
-    async with anyio.create_task_group() as group:
-        for _ in range(10):
-            group.start_soon(claim_some)
-    assert sorted(held.change.doc_id for held in claims) == sorted(f"d{n}" for n in range(30))
-
-
-@pytest.mark.postgres
-def test_postgres_claims_skip_entries_another_transaction_is_claiming(
-    migrated_postgres_url: str,
-) -> None:
-    engine = create_engine(migrated_postgres_url)
-    Database(engine).run_sync(outbox.enqueue, [_upsert("a"), _upsert("b"), _upsert("c")], now=NOW)
-    with Session(engine) as first, first.begin():
-        in_flight = outbox.claim(first, now=NOW, lease_s=LEASE_S, limit=2)
-        with Session(engine) as second, second.begin():
-            # Without SKIP LOCKED this would wait for `first` to commit: a deadlock here.
-            beside = outbox.claim(second, now=NOW, lease_s=LEASE_S, limit=10)
-    engine.dispose()
-    assert (_changes(in_flight), _changes(beside)) == ([_upsert("a"), _upsert("b")], [_upsert("c")])
+    assert _changes(_claim(database, source="b")) == [_upsert("d", source="b")]
+    assert [_changes(_claim(database, source=source)) for source in "abc"] == [
+        [_upsert("d", source="a")],
+        [],
+        [_upsert("d", source="c")],
+    ]
 
 
 def test_retry_later_counts_the_attempt_and_delays_the_entry(database: Database) -> None:
@@ -294,7 +271,7 @@ def test_a_newer_change_does_not_end_a_lease_in_flight(database: Database) -> No
 
 def test_pending_and_dead_letters_count_per_source(database: Database) -> None:
     _enqueue(database, _upsert("d", source="a"), _upsert("e", source="a"), _upsert("d", source="b"))
-    [held] = database.run_sync(outbox.claim, now=NOW, lease_s=1, limit=1, sources=["b"])
+    [held] = database.run_sync(outbox.claim_many, source="b", now=NOW, lease_s=1, limit=1)
     database.run_sync(outbox.dead_letter, held, answer=REFUSED, now=NOW)
     assert (
         database.run_sync(outbox.pending),
@@ -342,7 +319,7 @@ class _Replication(RuleBasedStateMachine):
         # Delivered to PANDA, whether or not a newer change superseded it meanwhile.
         self.unsettled.remove(held)
         self.delivered[held.change.doc_id] = held.change
-        self.database.run_sync(outbox.ack, held)
+        self.database.run_sync(outbox.ack_many, [held])
 
     @rule(held=consumes(in_flight))
     def fail_and_retry(self, held: Claim) -> None:
@@ -364,7 +341,7 @@ class _Replication(RuleBasedStateMachine):
             claims = _claim(self.database, limit=100)
             for held in claims:
                 self.delivered[held.change.doc_id] = held.change
-                self.database.run_sync(outbox.ack, held)
+            self.database.run_sync(outbox.ack_many, claims)
         assert (self.delivered, self.database.run_sync(outbox.pending)) == (self.latest, 0)
 
 

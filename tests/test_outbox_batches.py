@@ -41,7 +41,7 @@ def test_claims_are_the_oldest_due_entries_of_one_source_up_to_the_limit(
     assert [held.change.doc_id for held in claim_many(database)] == ["late"]
 
 
-def test_claims_come_back_leased_as_claim_makes_them(database: Database) -> None:
+def test_claims_hold_the_change_its_version_and_attempts(database: Database) -> None:
     enqueue(database, upsert("a"), Change("stories", "b", "b", Op.DELETE))
     claims = claim_many(database)
     assert [(held.change, held.version, held.attempts) for held in claims] == [

@@ -36,14 +36,13 @@ def enqueue(database: Database, *changes: Change) -> Enqueued:
 
 
 def claim(database: Database) -> list[Claim]:
-    return database.run_sync(outbox.claim, now=NOW, lease_s=60, limit=100)
+    return database.run_sync(outbox.claim_many, source="a", now=NOW, lease_s=60, limit=100)
 
 
 def deliver(database: Database) -> list[tuple[Change, int]]:
     """Claim and ack everything due; the changes and versions that went out."""
     claims = claim(database)
-    for held in claims:
-        database.run_sync(outbox.ack, held)
+    database.run_sync(outbox.ack_many, claims)
     return [(held.change, held.version) for held in claims]
 
 

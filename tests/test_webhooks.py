@@ -411,8 +411,10 @@ async def test_above_the_high_water_mark_webhooks_get_503_and_nothing_is_written
         full = await post(client, "stories", late, late_headers)
         redelivered = await post(client, "stories", second, signed(second, msg_id="msg_second"))
         pending = sorted(await entries(database))
-        for held in await database.run(outbox.claim, now=datetime.now(UTC), lease_s=5, limit=9):
-            await database.run(outbox.ack, held)
+        claims = await database.run(
+            outbox.claim_many, source="stories", now=datetime.now(UTC), lease_s=5, limit=9
+        )
+        await database.run(outbox.ack_many, claims)
         retried = await post(client, "stories", late, signed(late, msg_id="msg_late"))
     assert (full.status_code, full.headers["retry-after"], full.json()["error"]) == (
         503,
