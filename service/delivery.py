@@ -108,10 +108,12 @@ class _Tally:
     in_doubt: Sequence[outbox.Claim] = ()
     went_on: bool = False
 
-    def retry_all(self, answer: outbox.Answer, *, at: datetime) -> None:
-        """Every claim not settled yet is tried again `at`, with `answer` recorded."""
+    def retry_failed(self, answer: outbox.Answer, *, at: datetime) -> None:
+        """The claims of the request that failed are tried again `at`, with `answer` recorded
+        as their attempt; the batch's claims not sent yet stay unsettled (released without an
+        attempt). A request for no claims (creating the dataset) fails them all."""
+        self.retry = list(self.in_doubt) or self.unsettled()
         self.in_doubt = ()
-        self.retry = self.unsettled()
         self.retry_as = (answer, at)
 
     def unsettled(self) -> list[outbox.Claim]:
@@ -354,7 +356,8 @@ class Delivery:
         into `drain.upcoming`: one transaction, never cut off, so no outcome is lost."""
         with anyio.CancelScope(shield=True):
             now = self._clock()
-            limit = lane.breaker.limit(lane.sizer.size) if claim and self._ready(lane) else 0
+            wanted = lane.sizer.size * self._settings.batches_per_claim
+            limit = lane.breaker.limit(wanted) if claim and self._ready(lane) else 0
             if not (settling or limit):
                 return
             delivered, dead, claims = await self._db.run(
@@ -377,8 +380,7 @@ class Delivery:
         async with self._limiter:
             try:
                 await self._ensure(lane, batch, tally)
-                if requests.bulk:
-                    await self._put(lane, batch, tally, requests.bulk)
+                await self._put_in_batches(lane, batch, tally, requests.bulk)
                 for held in requests.single:
                     await self._send_one(lane, batch, tally, held)
             except _StopBatchError:
@@ -399,6 +401,19 @@ class Delivery:
             )
             raise _StopBatchError
         lane.ensured = True
+
+    async def _put_in_batches(
+        self, lane: _Lane, batch: _Batch, tally: _Tally, claims: list[outbox.Claim]
+    ) -> None:
+        """Upsert `claims` in bulk PUTs of the lane's batch size (as it adapts), one after
+        another; stops before the next PUT once the lane must not go on (stopping, paused)."""
+        start = 0
+        while start < len(claims):
+            if start and not self._ready(lane):
+                raise _StopBatchError
+            size = lane.sizer.size
+            await self._put(lane, batch, tally, claims[start : start + size])
+            start += size
 
     async def _put(
         self, lane: _Lane, batch: _Batch, tally: _Tally, claims: list[outbox.Claim]
@@ -441,12 +456,15 @@ class Delivery:
         """One bulk PUT of `claims`; None when PANDA took it (they are delivered), else the
         refusal. Its time adapts the batch size."""
         rows = [(held.external_id, _row_json(held)) for held in claims]
+        # Full: as many rows as this PUT was allowed (by the batch size, or by the claim's
+        # limit when the batch was claimed before the size grew).
+        full = len(claims) >= min(lane.sizer.size, batch.limit)
         started = self._timer()
         refusal = await self._request(
             lane, batch, tally, claims, lambda: self._panda.put_rows_json(lane.dataset.slug, rows)
         )
         if refusal is None or refusal.status is not None:  # PANDA answered
-            lane.sizer.took(self._timer() - started, full=len(claims) >= batch.limit)
+            lane.sizer.took(self._timer() - started, full=full)
         if refusal is None:
             tally.delivered.extend(claims)
         return refusal
@@ -524,7 +542,7 @@ class Delivery:
         was_open = lane.breaker.open
         wait_s = lane.breaker.failed(now, retry_after_s=error.retry_after_s)
         answer = outbox.Answer(status=error.status, detail=error.detail)
-        tally.retry_all(answer, at=now + timedelta(seconds=wait_s))
+        tally.retry_failed(answer, at=now + timedelta(seconds=wait_s))
         self._last_error = f"PANDA: {error.detail}"
         log.warning(
             "PANDA asked to retry later: source=%s status=%s rows=%d retry_in_s=%.1f",

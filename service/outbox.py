@@ -14,6 +14,7 @@ from operator import attrgetter
 from typing import Any
 
 import orjson
+import sqlalchemy
 from sqlalchemy import ColumnElement, Table, bindparam, inspect
 from sqlmodel import Session, col, delete, func, or_, select, update
 
@@ -413,7 +414,7 @@ def claim_many(
     session: Session, *, source: str, now: datetime, lease_s: float, limit: int
 ) -> list[Claim]:
     """Lease up to `limit` due entries of `source` for `lease_s` seconds, oldest due first;
-    returns their claims in entry order. One statement: delivery's hot path.
+    returns their claims in entry order. Delivery's hot path.
 
     An entry is due when `next_attempt_at <= now` and it has no lease running at `now`. On
     PostgreSQL, rows another transaction is claiming are skipped (FOR UPDATE SKIP LOCKED), so
@@ -423,25 +424,8 @@ def claim_many(
     table = _outbox_table()
     columns = table.c
     until = now + timedelta(seconds=lease_s)
-    due = (
-        select(columns.id)
-        # Served in order by ix_outbox_entry_source_due: no sort of the backlog per claim.
-        .where(columns.source == source)
-        .where(columns.next_attempt_at <= now)
-        .where(or_(columns.claimed_until.is_(None), columns.claimed_until <= now))
-        .order_by(columns.next_attempt_at, columns.id)
-        .limit(limit)
-        .with_for_update(skip_locked=True)
-        .cte("due")
-        # Evaluated once: as a plain subquery PostgreSQL may run it again within the UPDATE,
-        # and with SKIP LOCKED a second run can pick other rows.
-        .prefix_with("MATERIALIZED", dialect="postgresql")
-    )
-    leased = session.exec(
-        update(table)
-        .where(columns.id.in_(select(due.c.id)))
-        .values(claimed_until=until, claimed_version=columns.version)
-        .returning(
+    due = session.execute(
+        sqlalchemy.select(
             columns.id,
             columns.version,
             columns.doc_id,
@@ -451,21 +435,27 @@ def claim_many(
             columns.source_version,
             columns.attempts,
         )
+        # Served in order by ix_outbox_entry_source_due: no sort of the backlog per claim.
+        .where(columns.source == source)
+        .where(columns.next_attempt_at <= now)
+        .where(or_(columns.claimed_until.is_(None), columns.claimed_until <= now))
+        .order_by(columns.next_attempt_at, columns.id)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
     ).all()
+    if not due:
+        return []
+    # The rows are locked (PostgreSQL) or the store is (SQLite) until the transaction ends.
+    # Cheaper than UPDATE ... RETURNING on SQLite, which buffers every returned row.
+    session.execute(
+        update(table)
+        .where(in_integers(session, columns.id, "ids"))
+        .values(claimed_until=until, claimed_version=columns.version),
+        {"ids": [entry[0] for entry in due]},
+    )
     claims = [
-        Claim(
-            entry_id,
-            version,
-            source,
-            doc_id,
-            external_id,
-            _OPS[op],
-            row,
-            version_text,
-            tries,
-            until,
-        )
-        for entry_id, version, doc_id, external_id, op, row, version_text, tries in leased
+        Claim(entry_id, version, source, doc_id, external_id, _OPS[op], row, text, tries, until)
+        for entry_id, version, doc_id, external_id, op, row, text, tries in due
     ]
     return sorted(claims, key=_ENTRY_ID)
 

@@ -27,7 +27,10 @@ from tests.fixtures.panda import RunningPanda
 pytestmark = pytest.mark.anyio
 
 DATASET = panda.Dataset(slug="stories", name="Stories", columns=("Headline", "Words"))
-SETTINGS = DeliverySettings(batch_size=10, lease_s=120, retry_base_s=1, retry_cap_s=60)
+# One bulk PUT's worth per claim, so that each step is one batch (several: see their tests).
+SETTINGS = DeliverySettings(
+    batch_size=10, batches_per_claim=1, lease_s=120, retry_base_s=1, retry_cap_s=60
+)
 
 
 def upsert(doc_id: str, *row: str, source: str = "stories") -> Change:
@@ -414,6 +417,37 @@ async def test_the_batch_grows_while_panda_answers_fast(
         size = delivery.status().datasets["stories"].batch_size
     # 10 + 10 + 20 + 40 + 80 + 100 + 40 rows: the next batch is claimed while one is out.
     assert (statuses(panda)["202"], size, len(panda.rows("stories"))) == (7, 100, 300)
+
+
+async def test_a_claim_of_several_batches_goes_out_in_bulk_puts_of_the_batch_size(
+    panda: RunningPanda, database: Database, clock: FakeClock
+) -> None:
+    settings = SETTINGS.model_copy(
+        update={"batch_size": 10, "max_batch_size": 10, "batches_per_claim": 3}
+    )
+    await enqueue(database, clock, *[upsert(f"r{index:02}", "x", "1") for index in range(25)])
+    async with delivery_with(panda, database, clock, settings) as delivery:
+        assert await delivery.step() == 25, "one claim takes three batches' worth"
+    assert (statuses(panda)["202"], len(panda.rows("stories"))) == (3, 25)
+    assert await pending(database) == 0
+
+
+async def test_a_failed_put_counts_an_attempt_only_against_its_rows_and_releases_the_rest(
+    panda: RunningPanda, database: Database, clock: FakeClock
+) -> None:
+    settings = SETTINGS.model_copy(
+        update={"batch_size": 2, "max_batch_size": 2, "batches_per_claim": 3}
+    )
+    await enqueue(database, clock, *[upsert(f"r{index}", "x", "1") for index in range(6)])
+    panda.set_faults(error_rate=1.0)
+    async with delivery_with(panda, database, clock, settings) as delivery:
+        await delivery.run_once()
+    assert statuses(panda)["500"] == 1, "only the first bulk PUT went out; the rest waits"
+    assert await database.run(entries) == [
+        ("r0", 1, False),
+        ("r1", 1, False),
+        *[(f"r{index}", 0, False) for index in range(2, 6)],
+    ]
 
 
 async def test_the_batch_shrinks_when_panda_answers_slowly(
