@@ -15,7 +15,7 @@ from typing import Any
 
 import orjson
 import sqlalchemy
-from sqlalchemy import ColumnElement, Table, bindparam, inspect
+from sqlalchemy import ColumnElement, CursorResult, Table, bindparam, inspect
 from sqlmodel import Session, col, delete, func, or_, select, update
 
 from service.changes import Change, Op, SourceVersion
@@ -41,6 +41,8 @@ _REPLACED = (
 Key = tuple[str, str]
 _OPS = {op.value: op for op in Op}
 _ENTRY_ID = attrgetter("entry_id")
+# How many documents a log line names at most.
+_NAMED = 10
 
 
 @dataclass(slots=True)
@@ -477,21 +479,16 @@ def _ack_lease(session: Session, until: datetime, claims: Sequence[Claim]) -> in
     """`ack_many` for claims of one lease: one DELETE when every entry is as claimed."""
     table = _outbox_table()
     columns = table.c
-    ours = (columns.claimed_until == until) & in_integers(session, columns.id, "ids")
+    ids = in_integers(session, columns.id, "ids")
     params = {"ids": [held.entry_id for held in claims]}
-    removed = set(
-        session.execute(
-            delete(table)
-            .where(ours)
-            .where(columns.version == columns.claimed_version)
-            .returning(columns.id),
-            params,
-        )
-        .scalars()
-        .all()
+    ours = (columns.claimed_until == until) & ids
+    deleted = session.execute(
+        delete(table).where(ours).where(columns.version == columns.claimed_version), params
     )
-    if len(removed) == len(claims):
-        return len(removed)
+    assert isinstance(deleted, CursorResult)
+    removed: int = deleted.rowcount
+    if removed == len(claims):
+        return removed
     # The rest still under this lease hold a newer change: release them so it goes out next.
     released = set(
         session.execute(
@@ -500,11 +497,14 @@ def _ack_lease(session: Session, until: datetime, claims: Sequence[Claim]) -> in
         .scalars()
         .all()
     )
-    for held in claims:
-        if held.entry_id not in removed and held.entry_id not in released:
-            log.warning(
-                "outbox lease lost, another delivery took over source=%s doc_id=%s",
-                held.source,
-                held.doc_id,
-            )
-    return len(removed)
+    if removed + len(released) < len(claims):
+        # Entries still here but not released were leased again by another delivery.
+        present = set(session.execute(select(columns.id).where(ids), params).scalars().all())
+        taken = [held for held in claims if held.entry_id in present - released]
+        log.warning(
+            "outbox lease lost, another delivery took over: source=%s entries=%d doc_ids=%s",
+            claims[0].source,
+            len(claims) - removed - len(released),
+            [held.doc_id for held in taken[:_NAMED]],
+        )
+    return removed

@@ -125,6 +125,7 @@ def test_an_ack_of_a_lost_lease_changes_nothing(
     current = claim_many(database, at=NOW + timedelta(seconds=61))
     assert database.run_sync(outbox.ack_many, stale) == 0
     assert "outbox lease lost" in caplog.text
+    assert "entries=1 doc_ids=['a']" in caplog.text, "names the document taken over"
     assert database.run_sync(outbox.ack_many, current) == 1
 
 
