@@ -41,6 +41,8 @@ _REPLACED = (
 Key = tuple[str, str]
 _OPS = {op.value: op for op in Op}
 _ENTRY_ID = attrgetter("entry_id")
+# One encoder for every value stored (json.dumps builds one per call when given options).
+_ENCODER = json.JSONEncoder(ensure_ascii=True, separators=(",", ":"))
 # How many documents a log line names at most.
 _NAMED = 10
 
@@ -121,7 +123,7 @@ class Answer:
 def _json(value: object) -> str:
     # ASCII escapes, so any Python string (even a lone surrogate from a JSON `\ud800`) stores
     # as text on both databases and reads back identical.
-    return json.dumps(value, ensure_ascii=True, separators=(",", ":"))
+    return _ENCODER.encode(value)
 
 
 def _entry_values(change: Change, version: int, now: datetime) -> dict[str, Any]:

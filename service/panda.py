@@ -280,7 +280,12 @@ class PandaClient:
         # The ids are checked ASCII letters, digits, `_` and `-`: nothing to escape.
         objects = ",".join(f'{{"data":{row},"external_id":"{eid}"}}' for eid, row in rows)
         body = f'{{"objects":[{objects}]}}'
-        if "\\ud" in body or "\\uD" in body or not body.isascii():
+        try:
+            content = body.encode()
+        except UnicodeEncodeError:  # a lone surrogate, unescaped
+            content = b""
+        # Escaped (`\\ud800`), a lone surrogate is valid JSON but not text PANDA can store.
+        if not content or "\\ud" in body or "\\uD" in body:
             unfit = [eid for eid, row in rows if not _utf8_json(row)]
             if unfit:
                 raise PermanentError(
@@ -289,7 +294,6 @@ class PandaClient:
                     status=None,
                     external_ids=unfit,
                 )
-        content = body.encode()
         response = await self._send("PUT", _rows_path(slug), content=content)
         self._check(response, slug=slug, rows=True)
 

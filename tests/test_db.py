@@ -4,7 +4,8 @@ from datetime import UTC, datetime, timedelta, timezone
 
 import anyio
 import pytest
-from sqlalchemy import text
+from sqlalchemy import DateTime, text
+from sqlalchemy.dialects import sqlite
 from sqlalchemy.exc import StatementError
 from sqlmodel import Session, select
 
@@ -128,6 +129,46 @@ def test_datetimes_come_back_as_the_same_instant_in_utc(database: Database) -> N
     database.run_sync(store)
     read_back = database.run_sync(read)
     assert (read_back, read_back.tzinfo) == (datetime(2026, 3, 4, 10, 6, 7, 891011, UTC), UTC)
+
+
+@pytest.mark.parametrize(
+    "moment",
+    [
+        datetime(2026, 3, 4, 5, 6, 7, 891011, tzinfo=UTC),
+        datetime(2026, 3, 4, 5, 6, 7, tzinfo=timezone(timedelta(hours=2))),
+        datetime(1, 1, 1, tzinfo=UTC),
+        datetime(9999, 12, 31, 23, 59, 59, 999999, tzinfo=UTC),
+    ],
+)
+def test_sqlite_stores_datetimes_as_sqlalchemys_datetime_text(
+    migrated_sqlite_url: str, moment: datetime
+) -> None:
+    # Stores written by earlier versions hold SQLAlchemy's text; comparisons and order rely
+    # on every row, old or new, having that same fixed-width form.
+    database = Database.open(migrated_sqlite_url)
+    sources = ["a", "b", "c"]
+    later = moment if moment.year == 9999 else moment + timedelta(microseconds=1)
+
+    def store(session: Session) -> None:
+        for source, stamp in zip(sources, [moment, moment, later], strict=True):
+            session.add(Checkpoint(source=source, seq="1", updated_at=stamp))
+
+    def stored_text(session: Session) -> list[str]:
+        query = text("SELECT updated_at FROM checkpoint ORDER BY source")
+        return list(session.execute(query).scalars())
+
+    try:
+        database.run_sync(store)
+        dialect = sqlite.dialect()
+        sqlalchemys = DateTime().dialect_impl(dialect).bind_processor(dialect)
+        assert sqlalchemys is not None
+        expected = [
+            sqlalchemys(stamp.astimezone(UTC).replace(tzinfo=None))
+            for stamp in (moment, moment, later)
+        ]
+        assert database.run_sync(stored_text) == expected
+    finally:
+        database.close()
 
 
 def test_naive_datetimes_are_refused(database: Database) -> None:
