@@ -669,6 +669,32 @@ async def test_stopping_lets_the_request_in_flight_finish_within_the_grace_perio
     assert await database.run(entries) == [("s2", 0, False)], "nothing claimed after stop"
 
 
+async def test_after_stop_the_rest_of_a_claim_is_released_not_sent(
+    panda: RunningPanda, database: Database
+) -> None:
+    settings = SETTINGS.model_copy(
+        update={
+            "batch_size": 1,
+            "max_batch_size": 1,
+            "batches_per_claim": 3,
+            "shutdown_grace_s": 10,
+        }
+    )
+    changes = [upsert(f"s{index}", "a", str(index)) for index in range(3)]
+    await database.run(outbox.enqueue, changes, now=utcnow())
+    async with delivery_with(panda, database, utcnow, settings) as delivery:
+        panda.set_faults(hang=True)
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as group:
+                group.start_soon(delivery.run)
+                await until_held(panda)
+                delivery.stop()
+                panda.clear_faults()
+    # The batch in flight (creating the dataset, then s0's PUT) finished; no later one went.
+    assert panda.rows("stories") == {"s0": ["a", "0"]}
+    assert await database.run(entries) == [("s1", 0, False), ("s2", 0, False)]
+
+
 async def test_a_request_cut_off_at_shutdown_keeps_its_lease_and_the_rest_is_released(
     panda: RunningPanda, database: Database
 ) -> None:
