@@ -129,13 +129,30 @@ class CouchDBFilter(_Strict):
         return tuple(self.equals) if isinstance(self.equals, list) else (self.equals,)
 
 
+def _from_environment(setting: str, name: str, instead: str) -> str:
+    """The value of environment variable `name`, which `setting` names; `ValueError` (naming
+    the variable, never a value) when it is unset or empty."""
+    value = os.environ.get(name, "")
+    if not value:
+        raise ValueError(
+            f"{setting} names the environment variable {name}, which is not set: export"
+            f" {name} before starting pandasync, or set {instead} in the file"
+        )
+    return value
+
+
 class CouchDBSettings(_Strict):
-    """Where a CouchDB source reads its `_changes` feed, and how it follows it."""
+    """Where a CouchDB source reads its `_changes` feed, and how it follows it.
+
+    The password is `password`, or read from the environment variable `password_env` names
+    when the settings are loaded (so it need not be written in the file).
+    """
 
     url: AnyHttpUrl
     database: str = Field(min_length=1)
     username: str | None = None
     password: SecretStr | None = None
+    password_env: str | None = Field(default=None, min_length=1)
     # Where a source with no checkpoint yet starts: "0" (every document) or "now".
     since: Literal["0", "now"] = "0"
     batch_size: int = Field(default=500, ge=1, le=10_000)
@@ -156,6 +173,16 @@ class CouchDBSettings(_Strict):
                 " URL and set username and password"
             )
         return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _password_from_environment(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or not data.get("password_env"):
+            return data
+        if data.get("password") is not None:
+            raise ValueError("password and password_env are both set: keep one of them")
+        name = str(data["password_env"])
+        return {**data, "password": _from_environment("password_env", name, "password")}
 
     @model_validator(mode="after")
     def _consistent(self) -> "CouchDBSettings":
@@ -208,12 +235,14 @@ class WebhookSettings(_Strict):
     """How a webhook source's requests are authenticated, deduplicated and read.
 
     `signature` has no default: a source that takes unsigned webhooks says `"none"`. Several
-    `secrets` are tried in turn, so a secret can be rotated without refusing webhooks.
+    `secrets` are tried in turn, so a secret can be rotated without refusing webhooks. Each
+    environment variable `secrets_env` names adds its value to them when the settings load.
     """
 
     format: WebhookFormat = "pandasync"
     signature: SignatureScheme
     secrets: list[SecretStr] = []
+    secrets_env: list[Annotated[str, Field(min_length=1)]] = []
     # hmac: the header holding the HMAC-SHA256 of the raw body, in `encoding`.
     header: str | None = None
     encoding: Literal["hex", "base64"] = "hex"
@@ -225,6 +254,17 @@ class WebhookSettings(_Strict):
     # How long a delivery id is remembered: at least the sender's retry span.
     dedup_retention_s: float = Field(default=72 * 3600.0, gt=0)
     mapping: WebhookMapping | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _secrets_from_environment(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or not data.get("secrets_env"):
+            return data
+        names = data["secrets_env"]
+        if not isinstance(names, list):
+            return data  # the field's own check names the problem
+        found = [_from_environment("secrets_env", str(name), "secrets") for name in names]
+        return {**data, "secrets": [*data.get("secrets", []), *found]}
 
     @model_validator(mode="after")
     def _consistent(self) -> "WebhookSettings":

@@ -231,3 +231,73 @@ def test_a_mapped_column_must_be_one_of_the_sources_columns(tmp_path: Path) -> N
         "sources[0].webhook.mapping.columns.B",
         "`B` is not one of the source's columns",
     )
+
+
+def couchdb_source(couchdb: str) -> str:
+    server = f'url = "http://127.0.0.1:5984", database = "d", {couchdb}'
+    source = SOURCE.format(name="a", slug="a").replace('"webhook"', '"couchdb"')
+    return source.replace(
+        'webhook = { signature = "none" }', f'id_field = "_id"\ncouchdb = {{ {server} }}'
+    )
+
+
+def test_a_couchdb_password_can_come_from_the_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("COUCH_PASSWORD", "s3cret")
+    text = MINIMAL + couchdb_source('username = "sync", password_env = "COUCH_PASSWORD"')
+    (source,) = load_settings(write(tmp_path, text)).sources
+    assert source.couchdb is not None
+    assert source.couchdb.password is not None
+    assert source.couchdb.password.get_secret_value() == "s3cret"
+
+
+@pytest.mark.parametrize(
+    ("couchdb", "what", "fix"),
+    [
+        (
+            'username = "sync", password_env = "COUCH_PASSWORD"',
+            "password_env names the environment variable COUCH_PASSWORD, which is not set",
+            "export COUCH_PASSWORD before starting pandasync, or set password in the file",
+        ),
+        (
+            'username = "sync", password = "s3cret", password_env = "COUCH_PASSWORD"',
+            "password and password_env are both set",
+            "keep one of them",
+        ),
+    ],
+)
+def test_a_couchdb_password_from_the_environment_is_checked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, couchdb: str, what: str, fix: str
+) -> None:
+    monkeypatch.delenv("COUCH_PASSWORD", raising=False)
+    [problem] = problems(write(tmp_path, MINIMAL + couchdb_source(couchdb)))
+    assert (problem.where, problem.what, problem.fix) == ("sources[0].couchdb", what, fix)
+    assert "s3cret" not in str(problem)
+
+
+def test_webhook_secrets_can_come_from_the_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HOOK_SECRET_NEW", "new-secret")
+    webhook = (
+        '{ signature = "github", secrets = ["old-secret"], secrets_env = ["HOOK_SECRET_NEW"] }'
+    )
+    (source,) = load_settings(write(tmp_path, MINIMAL + webhook_source(webhook))).sources
+    assert source.webhook is not None
+    assert [secret.get_secret_value() for secret in source.webhook.secrets] == [
+        "old-secret",
+        "new-secret",
+    ]
+
+
+def test_a_webhook_secret_named_but_not_in_the_environment_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("HOOK_SECRET", raising=False)
+    webhook = '{ signature = "github", secrets_env = ["HOOK_SECRET"] }'
+    [problem] = problems(write(tmp_path, MINIMAL + webhook_source(webhook)))
+    assert (problem.where, problem.what) == (
+        "sources[0].webhook",
+        "secrets_env names the environment variable HOOK_SECRET, which is not set",
+    )
