@@ -30,6 +30,7 @@ DETAIL_LIMIT = 2048
 # the bulk body takes ASCII ids only. `schema` is taken by /dataset/schema/ as a slug.
 _ROUTABLE = re.compile(r"[\w-]+")
 _BULK_ID = re.compile(r"[A-Za-z0-9_-]+")
+_BULK_IDS = re.compile(r"[A-Za-z0-9_-]+(?:\n[A-Za-z0-9_-]+)*")
 # PANDA 1.1 streams its plain-text errors as this repr, not the message (§0.1).
 _LAZY_REPR = re.compile(r"<django\.utils\.functional\.__proxy__ object at 0x[0-9A-Fa-f]+>")
 # Header-safe email characters; PANDA URL-unquotes the email (§1), so anything else is quoted.
@@ -269,7 +270,17 @@ class PandaClient:
             raise ValueError(f"{len(rows)} rows in one bulk PUT; send at most {BULK_LIMIT}")
         if not rows:
             return
-        unfit = [eid for eid, row in rows if not _BULK_ID.fullmatch(eid) or row == "[]"]
+        # One match over all the ids (no id may hold the separator), and a row-by-row look
+        # only when something is off.
+        joined = "\n".join(eid for eid, _ in rows)
+        fit = (
+            joined.count("\n") == len(rows) - 1
+            and _BULK_IDS.fullmatch(joined) is not None
+            and "[]" not in (row for _, row in rows)
+        )
+        unfit = (
+            [] if fit else [eid for eid, row in rows if not _BULK_ID.fullmatch(eid) or row == "[]"]
+        )
         if unfit:
             raise PermanentError(
                 "PANDA's bulk PUT needs an external_id of ASCII letters, digits, `_` or `-`"

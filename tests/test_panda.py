@@ -185,11 +185,31 @@ async def test_put_rows_refuses_more_than_the_bulk_limit() -> None:
 
 
 async def test_put_rows_names_the_ids_the_bulk_path_would_refuse_and_sends_nothing() -> None:
-    rows = [("ok", ("1",)), ("café", ("1",)), ("", ("1",)), ("empty", ()), ("fine", ("2",))]
+    rows = [
+        ("ok", ("1",)),
+        ("café", ("1",)),
+        ("", ("1",)),
+        ("empty", ()),
+        ("two\nlines", ("1",)),
+        ("fine", ("2",)),
+    ]
     async with scripted() as (panda, script):
         with pytest.raises(PermanentError) as refused:
             await panda.put_rows("ds", rows)
-    assert (refused.value.status, refused.value.external_ids) == (None, ("café", "", "empty"))
+    assert (refused.value.status, refused.value.external_ids) == (
+        None,
+        ("café", "", "empty", "two\nlines"),
+    )
+    assert script.requests == []
+
+
+@pytest.mark.parametrize("bad", ["two\nlines", "trailing\n", "\nleading", "a b", "", "é"])
+async def test_put_rows_json_refuses_a_lone_bad_id_among_good_ones(bad: str) -> None:
+    rows = [("r1", '["1"]'), (bad, '["2"]'), ("r3", '["3"]')]
+    async with scripted() as (panda, script):
+        with pytest.raises(PermanentError) as refused:
+            await panda.put_rows_json("ds", rows)
+    assert refused.value.external_ids == (bad,)
     assert script.requests == []
 
 
