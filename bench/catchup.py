@@ -227,9 +227,9 @@ async def reset(server: RunningPanda, latency_s: float = 0.0) -> None:
             (await http.put(f"{server.url}/_fake/faults", json=faults)).raise_for_status()
 
 
-async def check_rows(server: RunningPanda, count: int) -> None:
+async def check_rows(server: RunningPanda, count: int, slug: str = DATASET.slug) -> None:
     async with httpx.AsyncClient(headers=server.auth) as http:
-        answer = await http.get(f"{server.url}/api/1.0/dataset/{DATASET.slug}/")
+        answer = await http.get(f"{server.url}/api/1.0/dataset/{slug}/")
         answer.raise_for_status()
         assert answer.json()["row_count"] == count, answer.json()["row_count"]
 

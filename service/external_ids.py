@@ -8,7 +8,8 @@ import re
 
 # Lucene operators: a bare `AND`, `OR` or `NOT` breaks PANDA's unescaped row queries (§3.3.3).
 _OPERATORS = frozenset({"AND", "OR", "NOT"})
-_PLAIN = re.compile(r"[A-Za-z0-9]")
+# Runs of characters other than ASCII letters and digits: each becomes its UTF-8 bytes.
+_OTHER = re.compile(r"[^A-Za-z0-9]+")
 _ENCODED = re.compile(r"(?:[A-Za-z0-9]|_[0-9A-F]{2})+")
 
 
@@ -30,12 +31,11 @@ def encode(doc_id: str) -> str:
         raise ExternalIdError("an empty id cannot become a PANDA external_id")
     if doc_id in _OPERATORS:
         return f"_{ord(doc_id[0]):02X}{doc_id[1:]}"
-    return "".join(
-        char
-        if _PLAIN.fullmatch(char)
-        else "".join(f"_{byte:02X}" for byte in char.encode(errors="surrogatepass"))
-        for char in doc_id
-    )
+    return _OTHER.sub(_escaped, doc_id)
+
+
+def _escaped(run: re.Match[str]) -> str:
+    return "".join(f"_{byte:02X}" for byte in run.group().encode(errors="surrogatepass"))
 
 
 def decode(external_id: str) -> str:

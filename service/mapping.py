@@ -54,6 +54,8 @@ def text(value: object) -> str:
         return value
     if isinstance(value, bool):
         return "true" if value else "false"
+    if type(value) is int:
+        return str(value)  # what json.dumps writes, without building an encoder
     if isinstance(value, float) and not math.isfinite(value):
         return ""
     return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
