@@ -154,12 +154,12 @@ async def main(count: int) -> None:
         "plain script (feed pages -> bulk PUTs)": count / plain_s,
         "pandasync, feed -> store (poller)": count / feed_s,
         "pandasync, store -> PANDA (delivery)": count / deliver_s,
-        "pandasync, end to end": count / (feed_s + deliver_s),
+        "pandasync, both stages in turn (sync --once)": count / (feed_s + deliver_s),
     }
     for label, value in rate.items():
         say(f"  {label:<46} {value:>10,.0f} rows/s")
     ratio = plain_s / (feed_s + deliver_s)
-    say(f"pandasync end to end runs at {ratio:.2f} of the plain script (the price of safety)")
+    say(f"pandasync (sync --once) runs at {ratio:.2f} of the plain script (the price of safety)")
 
 
 if __name__ == "__main__":
