@@ -6,7 +6,7 @@ crash never skips a change and a repeat is harmless. Knows nothing of FastAPI or
 
 import logging
 import random
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Literal
@@ -161,13 +161,31 @@ class Poller:
     async def run_once(self) -> int:
         """Commit pages until CouchDB has nothing more (or the source stops); returns rows read.
 
-        Raises `couchdb.FeedBrokenError` when CouchDB cannot be read.
+        Each page is read while the page before it commits. Raises `couchdb.FeedBrokenError`
+        (also kept as `last_error`) when CouchDB cannot be read; the pages read before it are
+        committed.
         """
-        total = 0
         self._caught_up = False
-        while self._stopped is None and not self._caught_up:
-            total += await self.step()
-        return total
+        if self._stopped is not None:
+            return 0
+        read = 0
+        try:
+            since = await self._load()
+            batch = await couchdb.read_page(self._http, self._source, since or self._first())
+            while not batch.caught_up and batch.seq is not None:
+                reading = couchdb.read_page(self._http, self._source, batch.seq)
+                following = await self._commit_while(batch, reading)
+                read += batch.rows
+                batch = following
+            await self._commit(batch)
+            read += batch.rows
+            self._caught_up = True
+        except couchdb.SourceStoppedError as error:
+            self._stop_source(error)
+        except couchdb.FeedBrokenError as error:
+            self._last_error = str(error)
+            raise
+        return read
 
     async def run(self) -> None:
         """Follow the feed and commit each batch until `stop()`.
@@ -206,11 +224,13 @@ class Poller:
             since = await self._load()
         async with couchdb.follow(self._http, self._source, since or self._first()) as feed:
             self._state, self._failures = "running", 0
-            caught_up = False
-            while not caught_up and not self._full():
-                batch = await feed.batch()
-                await self._commit(batch)
-                caught_up = batch.caught_up
+            batch = await feed.batch()
+            while not batch.caught_up:
+                following = await self._commit_while(batch, feed.batch())
+                if self._full():
+                    return  # `following` is not committed: it is read again after the pause
+                batch = following
+            await self._commit(batch)
 
     def _full(self) -> bool:
         """True when the last commit left the source's outbox at its high-water mark."""
@@ -248,6 +268,22 @@ class Poller:
         await self._commit(batch)
         self._caught_up = batch.caught_up
         return batch.rows
+
+    async def _commit_while(
+        self, batch: couchdb.Batch, reading: Awaitable[couchdb.Batch]
+    ) -> couchdb.Batch:
+        """Commit `batch` while `reading` reads the batch after it; returns that batch.
+
+        The commit always finishes (it is shielded); a failed read raises once it has.
+        """
+        following: list[couchdb.Batch] = []
+        try:
+            async with anyio.create_task_group() as group:
+                group.start_soon(self._commit, batch)
+                following.append(await reading)
+        except BaseExceptionGroup as error:
+            raise _sole(error) from None
+        return following[0]
 
     async def _commit(self, batch: couchdb.Batch) -> None:
         # Shielded so that stop() never leaves a commit's bookkeeping half done.
@@ -288,6 +324,11 @@ class Poller:
     def _stop_source(self, error: couchdb.SourceStoppedError) -> None:
         self._state, self._stopped, self._last_error = "stopped", str(error), str(error)
         log.error("source stopped: source=%s reason=%s", self.name, error)
+
+
+def _sole(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The one exception a task group raised, or the group when there were several."""
+    return group.exceptions[0] if len(group.exceptions) == 1 else group
 
 
 def build_pollers(

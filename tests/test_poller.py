@@ -543,6 +543,47 @@ async def test_run_once_on_an_unreachable_server_raises_and_keeps_the_error(
     assert "lost CouchDB" in (poller.status().last_error or "")
 
 
+async def test_run_once_reads_page_after_page_and_commits_every_one(
+    couchdb: CouchDatabase, store: Database, http: httpx.AsyncClient
+) -> None:
+    couchdb.bulk([{"_id": f"doc{index:04}", "title": f"t{index}"} for index in range(1050)])
+    poller = Poller(source_for(couchdb, batch_size=100), store, http)
+    assert await poller.run_once() == 1050
+    assert await store.run(outbox.pending, "stories") == 1050
+    assert await store.run(checkpoints.load, "stories") == Seq.of(1050)
+
+
+class _BreaksAtChangesRequest(httpx.AsyncHTTPTransport):
+    """Passes requests through, but the `_changes` request number `at` fails to connect."""
+
+    def __init__(self, at: int) -> None:
+        super().__init__()
+        self._at = at
+        self._seen = 0
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        if request.url.path.endswith("/_changes"):
+            self._seen += 1
+            if self._seen == self._at:
+                raise httpx.ConnectError("refused for the test", request=request)
+        return await super().handle_async_request(request)
+
+
+async def test_run_once_commits_the_pages_read_before_the_feed_broke(
+    couchdb: CouchDatabase, store: Database, http: httpx.AsyncClient
+) -> None:
+    couchdb.bulk([{"_id": f"doc{index:03}", "title": f"t{index}"} for index in range(500)])
+    source = source_for(couchdb, batch_size=100)
+    async with httpx.AsyncClient(transport=_BreaksAtChangesRequest(at=3)) as breaking:
+        with pytest.raises(FeedBrokenError):
+            await Poller(source, store, breaking).run_once()
+    # Page 3 failed while page 2 was committing: pages 1 and 2 and their checkpoint stay.
+    assert await store.run(outbox.pending, "stories") == 200
+    assert await store.run(checkpoints.load, "stories") == Seq.of(200)
+    assert await Poller(source, store, http).run_once() == 300
+    assert await store.run(outbox.pending, "stories") == 500
+
+
 async def test_a_store_failure_ends_run_for_the_runner_and_shows_in_status(
     couchdb: CouchDatabase, tmp_path: Path, http: httpx.AsyncClient
 ) -> None:
