@@ -6,7 +6,8 @@ crash never skips a change and a repeat is harmless. Knows nothing of FastAPI or
 
 import logging
 import random
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Literal
@@ -149,14 +150,9 @@ class Poller:
         """
         if self._stopped is not None:
             return 0
-        try:
+        with self._feed_errors():
             return await self._page()
-        except couchdb.SourceStoppedError as error:
-            self._stop_source(error)
-            return 0
-        except couchdb.FeedBrokenError as error:
-            self._last_error = str(error)
-            raise
+        return 0  # the source was stopped
 
     async def run_once(self) -> int:
         """Commit pages until CouchDB has nothing more (or the source stops); returns rows read.
@@ -169,9 +165,8 @@ class Poller:
         if self._stopped is not None:
             return 0
         read = 0
-        try:
-            since = await self._load()
-            batch = await couchdb.read_page(self._http, self._source, since or self._first())
+        with self._feed_errors():
+            batch = await self._first_page()
             while not batch.caught_up and batch.seq is not None:
                 reading = couchdb.read_page(self._http, self._source, batch.seq)
                 following = await self._commit_while(batch, reading)
@@ -180,11 +175,6 @@ class Poller:
             await self._commit(batch)
             read += batch.rows
             self._caught_up = True
-        except couchdb.SourceStoppedError as error:
-            self._stop_source(error)
-        except couchdb.FeedBrokenError as error:
-            self._last_error = str(error)
-            raise
         return read
 
     async def run(self) -> None:
@@ -262,9 +252,25 @@ class Poller:
             self._checkpoint = seq.json_text
         return seq
 
-    async def _page(self) -> int:
+    @contextmanager
+    def _feed_errors(self) -> Iterator[None]:
+        """A refusal stops the source (and ends the block quietly); a broken feed is kept as
+        `last_error` and raised."""
+        try:
+            yield
+        except couchdb.SourceStoppedError as error:
+            self._stop_source(error)
+        except couchdb.FeedBrokenError as error:
+            self._last_error = str(error)
+            raise
+
+    async def _first_page(self) -> couchdb.Batch:
+        """The page after the saved checkpoint (or after `since`, without one)."""
         since = await self._load()
-        batch = await couchdb.read_page(self._http, self._source, since or self._first())
+        return await couchdb.read_page(self._http, self._source, since or self._first())
+
+    async def _page(self) -> int:
+        batch = await self._first_page()
         await self._commit(batch)
         self._caught_up = batch.caught_up
         return batch.rows
