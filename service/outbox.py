@@ -92,15 +92,13 @@ class Claim:
     @property
     def change(self) -> Change:
         """The claimed change, decoded."""
-        return Change(
-            source=self.source,
-            doc_id=self.doc_id,
-            external_id=self.external_id,
-            op=self.op,
-            row=None if self.row_json is None else _row_of(self.row_json),
-            source_version=None
-            if self.source_version is None
-            else SourceVersion(self.source_version),
+        return _stored_change(
+            self.source,
+            self.doc_id,
+            self.external_id,
+            self.op,
+            self.row_json,
+            self.source_version,
         )
 
 
@@ -277,15 +275,32 @@ def current_version(session: Session, source: str, doc_id: str) -> int | None:
 
 def change_of(entry: OutboxEntry | DeadLetter) -> Change:
     """The change an outbox entry or dead letter holds."""
-    row = None if entry.row is None else _row_of(entry.row)
-    version = None if entry.source_version is None else SourceVersion(entry.source_version)
+    return _stored_change(
+        entry.source,
+        entry.doc_id,
+        entry.external_id,
+        Op(entry.op),
+        entry.row,
+        entry.source_version,
+    )
+
+
+def _stored_change(
+    source: str,
+    doc_id: str,
+    external_id: str,
+    op: Op,
+    row: str | None,
+    source_version: str | None,
+) -> Change:
+    """A change from its stored columns (`row` as its JSON text, the source version as text)."""
     return Change(
-        source=entry.source,
-        doc_id=entry.doc_id,
-        external_id=entry.external_id,
-        op=Op(entry.op),
-        row=row,
-        source_version=version,
+        source=source,
+        doc_id=doc_id,
+        external_id=external_id,
+        op=op,
+        row=None if row is None else _row_of(row),
+        source_version=None if source_version is None else SourceVersion(source_version),
     )
 
 
