@@ -11,6 +11,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from operator import attrgetter
 
 import anyio
 from sqlmodel import Session
@@ -36,6 +37,8 @@ Clock = Callable[[], datetime]
 Timer = Callable[[], float]
 # PANDA answers 403 only while another process holds the dataset's lock (panda-api.md §3.3.7).
 LOCKED = 403
+_EXTERNAL_ID = attrgetter("external_id")
+_ROW_JSON = attrgetter("row_json")
 
 
 def utcnow() -> datetime:
@@ -455,13 +458,19 @@ class Delivery:
     ) -> PermanentError | None:
         """One bulk PUT of `claims`; None when PANDA took it (they are delivered), else the
         refusal. Its time adapts the batch size."""
-        rows = [(held.external_id, _row_json(held)) for held in claims]
+        external_ids = list(map(_EXTERNAL_ID, claims))
+        rows = list(map(_ROW_JSON, claims))
+        assert None not in rows, "only upserts go into a bulk PUT"
         # Full: as many rows as this PUT was allowed (by the batch size, or by the claim's
         # limit when the batch was claimed before the size grew).
         full = len(claims) >= min(lane.sizer.size, batch.limit)
         started = self._timer()
         refusal = await self._request(
-            lane, batch, tally, claims, lambda: self._panda.put_rows_json(lane.dataset.slug, rows)
+            lane,
+            batch,
+            tally,
+            claims,
+            lambda: self._panda.put_rows_json(lane.dataset.slug, external_ids, rows),
         )
         if refusal is None or refusal.status is not None:  # PANDA answered
             lane.sizer.took(self._timer() - started, full=full)
@@ -582,12 +591,6 @@ class Delivery:
 
 def _answer(refusal: PermanentError) -> outbox.Answer:
     return outbox.Answer(status=refusal.status, detail=refusal.detail)
-
-
-def _row_json(held: outbox.Claim) -> str:
-    row = held.row_json
-    assert row is not None, "only upserts go into a bulk PUT"
-    return row
 
 
 def _settle(session: Session, tally: _Tally, now: datetime) -> tuple[int, int]:

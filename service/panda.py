@@ -31,6 +31,8 @@ DETAIL_LIMIT = 2048
 _ROUTABLE = re.compile(r"[\w-]+")
 _BULK_ID = re.compile(r"[A-Za-z0-9_-]+")
 _BULK_IDS = re.compile(r"[A-Za-z0-9_-]+(?:\n[A-Za-z0-9_-]+)*")
+# One object of a bulk PUT's body, from a row's JSON text and its (checked) external_id.
+_BULK_OBJECT = '{{"data":{},"external_id":"{}"}}'
 # PANDA 1.1 streams its plain-text errors as this repr, not the message (§0.1).
 _LAZY_REPR = re.compile(r"<django\.utils\.functional\.__proxy__ object at 0x[0-9A-Fa-f]+>")
 # Header-safe email characters; PANDA URL-unquotes the email (§1), so anything else is quoted.
@@ -250,37 +252,43 @@ class PandaClient:
         they are known, else re-send the rows one by one with `put_row` to find them. At most
         `BULK_LIMIT` rows (`ValueError` beyond); an empty list sends nothing.
         """
-        encoded: list[tuple[str, str]] = []
+        external_ids: list[str] = []
+        encoded: list[str] = []
         for external_id, row in rows:
             try:
                 text = orjson.dumps(list(row)).decode()
             except orjson.JSONEncodeError:
                 text = _json_with_escapes(row)  # refused as not UTF-8 by `put_rows_json`
-            encoded.append((external_id, text))
-        await self.put_rows_json(slug, encoded)
+            external_ids.append(external_id)
+            encoded.append(text)
+        await self.put_rows_json(slug, external_ids, encoded)
 
-    async def put_rows_json(self, slug: str, rows: Sequence[tuple[str, str]]) -> None:
-        """`put_rows` for rows already encoded: (external_id, JSON array text of the row).
+    async def put_rows_json(
+        self, slug: str, external_ids: Sequence[str], rows: Sequence[str]
+    ) -> None:
+        """`put_rows` for rows already encoded: `rows[i]` is the JSON array text of the row
+        `external_ids[i]`.
 
         The text goes into the body as it is (delivery sends rows as the outbox stores them).
         Rows whose text holds a lone surrogate (`\\ud800`), which is not UTF-8 text, are named
         in the `PermanentError` and nothing is sent.
         """
+        if len(external_ids) != len(rows):
+            raise ValueError(f"{len(external_ids)} external_ids for {len(rows)} rows")
         if len(rows) > BULK_LIMIT:
             raise ValueError(f"{len(rows)} rows in one bulk PUT; send at most {BULK_LIMIT}")
         if not rows:
             return
         # One match over all the ids (no id may hold the separator), and a row-by-row look
         # only when something is off.
-        joined = "\n".join(eid for eid, _ in rows)
+        joined = "\n".join(external_ids)
         fit = (
             joined.count("\n") == len(rows) - 1
             and _BULK_IDS.fullmatch(joined) is not None
-            and "[]" not in (row for _, row in rows)
+            and "[]" not in rows
         )
-        unfit = (
-            [] if fit else [eid for eid, row in rows if not _BULK_ID.fullmatch(eid) or row == "[]"]
-        )
+        pairs = zip(external_ids, rows, strict=True)
+        unfit = [] if fit else [eid for eid, row in pairs if not _fits_bulk(eid, row)]
         if unfit:
             raise PermanentError(
                 "PANDA's bulk PUT needs an external_id of ASCII letters, digits, `_` or `-`"
@@ -289,7 +297,7 @@ class PandaClient:
                 external_ids=unfit,
             )
         # The ids are checked ASCII letters, digits, `_` and `-`: nothing to escape.
-        objects = ",".join(f'{{"data":{row},"external_id":"{eid}"}}' for eid, row in rows)
+        objects = ",".join(map(_BULK_OBJECT.format, rows, external_ids))
         body = f'{{"objects":[{objects}]}}'
         try:
             content = body.encode()
@@ -297,7 +305,9 @@ class PandaClient:
             content = b""
         # Escaped (`\\ud800`), a lone surrogate is valid JSON but not text PANDA can store.
         if not content or "\\ud" in body or "\\uD" in body:
-            unfit = [eid for eid, row in rows if not _utf8_json(row)]
+            unfit = [
+                eid for eid, row in zip(external_ids, rows, strict=True) if not _utf8_json(row)
+            ]
             if unfit:
                 raise PermanentError(
                     f"a row for {unfit!r} is not valid UTF-8 text (it holds a lone surrogate);"
@@ -433,6 +443,10 @@ def _encode(body: dict[str, Any], external_ids: Sequence[str]) -> bytes:
 def _json_with_escapes(row: Sequence[str]) -> str:
     """A row's JSON text with every non-ASCII character escaped, lone surrogates too."""
     return json.dumps(list(row), ensure_ascii=True, separators=(",", ":"))
+
+
+def _fits_bulk(external_id: str, row: str) -> bool:
+    return _BULK_ID.fullmatch(external_id) is not None and row != "[]"
 
 
 def _utf8_json(text: str) -> bool:

@@ -37,6 +37,25 @@ def test_a_second_change_to_one_row_waits_for_a_later_batch() -> None:
     assert (split.bulk, split.single, split.later) == ([first, other], [], [second])
 
 
+@given(
+    st.lists(st.tuples(st.sampled_from("abcdef"), st.sampled_from(list(Op))), max_size=12),
+    st.booleans(),
+)
+def test_each_row_goes_once_per_batch_in_claim_order(
+    specs: list[tuple[str, Op]], row_by_row: bool
+) -> None:
+    claims = [claim(index, external_id, op) for index, (external_id, op) in enumerate(specs)]
+    split = plan(claims, row_by_row=row_by_row)
+    firsts = [
+        held
+        for index, held in enumerate(claims)
+        if held.external_id not in {earlier.external_id for earlier in claims[:index]}
+    ]
+    assert split.later == [held for held in claims if held not in firsts]
+    assert split.bulk == [held for held in firsts if held.op is Op.UPSERT and not row_by_row]
+    assert split.single == [held for held in firsts if held not in split.bulk]
+
+
 def sizer(start: int = 100) -> BatchSizer:
     return BatchSizer(start=start, minimum=10, maximum=1000, slow_s=4.0)
 

@@ -208,7 +208,7 @@ async def test_put_rows_json_refuses_a_lone_bad_id_among_good_ones(bad: str) -> 
     rows = [("r1", '["1"]'), (bad, '["2"]'), ("r3", '["3"]')]
     async with scripted() as (panda, script):
         with pytest.raises(PermanentError) as refused:
-            await panda.put_rows_json("ds", rows)
+            await panda.put_rows_json("ds", [eid for eid, _ in rows], [row for _, row in rows])
     assert refused.value.external_ids == (bad,)
     assert script.requests == []
 
@@ -222,10 +222,17 @@ async def test_put_rows_names_the_rows_that_are_not_utf8_text() -> None:
     assert script.requests == []
 
 
+async def test_put_rows_json_refuses_ids_and_rows_that_do_not_pair_up() -> None:
+    async with scripted() as (panda, script):
+        with pytest.raises(ValueError, match="2 external_ids for 1 rows"):
+            await panda.put_rows_json("ds", ["r1", "r2"], ['["1"]'])
+    assert script.requests == []
+
+
 async def test_put_rows_json_sends_the_rows_text_as_stored() -> None:
     rows = [("r1", '["\\ud83d\\ude00","2"]'), ("r2", '["caf\\u00e9","x"]')]
     async with scripted(httpx.Response(202)) as (panda, script):
-        await panda.put_rows_json("ds", rows)
+        await panda.put_rows_json("ds", [eid for eid, _ in rows], [row for _, row in rows])
     [(_, _, content)] = script.sent()
     assert orjson.loads(content) == {
         "objects": [
@@ -240,7 +247,7 @@ async def test_put_rows_json_names_rows_holding_a_lone_surrogate(odd: str) -> No
     rows = [("r1", '["ok"]'), ("r2", odd), ("r3", '["\\ud83d\\ude00", "caf\u00e9"]')]
     async with scripted() as (panda, script):
         with pytest.raises(PermanentError) as refused:
-            await panda.put_rows_json("ds", rows)
+            await panda.put_rows_json("ds", [eid for eid, _ in rows], [row for _, row in rows])
     assert (refused.value.status, refused.value.external_ids) == (None, ("r2",))
     assert "ud" not in refused.value.detail.replace("r2", "")
     assert script.requests == []
