@@ -8,6 +8,7 @@ dead letter, a 401 pauses delivery loudly. Knows nothing of FastAPI.
 import logging
 import random
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -39,6 +40,8 @@ Timer = Callable[[], float]
 LOCKED = 403
 _EXTERNAL_ID = attrgetter("external_id")
 _ROW_JSON = attrgetter("row_json")
+# How many claimed batches may wait behind the one at PANDA.
+_CLAIMED_AHEAD = 2
 
 
 def utcnow() -> datetime:
@@ -130,11 +133,43 @@ class _Tally:
 
 @dataclass(eq=False)
 class _Drain:
-    """One drain of a lane: the batch claimed next, and tallies not settled yet."""
+    """One drain of a lane: batches claimed and waiting their turn, the batch at PANDA, and
+    batches delivered but not settled yet. Delivery and the store hand work over here."""
 
-    upcoming: _Batch | None = None
-    unsettled: list[_Tally] = field(default_factory=list)
+    # How many more batches may be claimed (None: no limit).
+    claims_left: int | None
+    ready: deque[_Batch] = field(default_factory=deque)
+    current: _Tally | None = None
+    finished: list[_Tally] = field(default_factory=list)
     handled: int = 0
+    # Set when a claim came back empty or the lane must not claim now: no batch is coming.
+    exhausted: bool = False
+    halted: bool = False
+    poked: anyio.Event = field(default_factory=anyio.Event)
+
+    def more_coming(self) -> bool:
+        """Whether another batch may yet be claimed."""
+        return not self.exhausted and self.claims_left != 0
+
+    def room(self) -> bool:
+        """Whether the store should claim now: more may come and few batches are waiting."""
+        return self.more_coming() and len(self.ready) < _CLAIMED_AHEAD
+
+    def poke(self) -> None:
+        """Wake whoever waits for the other side (`await drain.poked.wait()`)."""
+        self.poked.set()
+        self.poked = anyio.Event()
+
+    def leftovers(self) -> list[_Tally]:
+        """Every tally not settled yet (batches still waiting as tallies of nothing sent);
+        the drain holds none afterwards."""
+        tallies = self.finished
+        if self.current is not None:
+            tallies.append(self.current)
+        tallies.extend(_Tally(batch.claims) for batch in self.ready)
+        self.finished, self.current = [], None
+        self.ready.clear()
+        return tallies
 
 
 class _StopBatchError(Exception):
@@ -308,59 +343,89 @@ class Delivery:
         """Deliver `lane`'s due entries batch after batch (at most `batches`) until none is
         due or the lane must wait; returns how many claims were handled.
 
-        While a batch is at PANDA, the store settles the batch before it and claims the next
-        one in a single transaction, so store round trips overlap PANDA's work. A probe (open
-        breaker) goes alone. Whatever happens, settled claims are written and unsent ones
-        released before returning.
+        While batches go to PANDA one after another, the store settles those delivered and
+        claims the next ones ahead (`_deliver_claiming_ahead`), so store work overlaps PANDA's.
+        A probe (open breaker) goes alone, settled before anything more is claimed. Whatever
+        happens, settled claims are written and unsent ones released before returning.
         """
-        drain = _Drain()
+        drain = _Drain(claims_left=batches)
         async with lane.lock:
             try:
                 await self._exchange(lane, drain, [], claim=True)
-                while drain.upcoming is not None:
-                    batch, drain.upcoming = drain.upcoming, None
-                    drain.handled += len(batch.claims)
-                    batches = None if batches is None else batches - 1
-                    tally = await self._deliver_next(lane, drain, batch, more=batches != 0)
-                    if drain.upcoming is not None and not (tally.went_on and self._ready(lane)):
-                        drain.unsettled.append(_Tally(drain.upcoming.claims))
-                        drain.upcoming = None
+                while drain.ready and (lane.breaker.open or not drain.more_coming()):
+                    await self._deliver_alone(lane, drain)
+                if drain.ready:
+                    await self._deliver_claiming_ahead(lane, drain)
             finally:
                 with anyio.CancelScope(shield=True):
-                    if drain.upcoming is not None:
-                        drain.unsettled.append(_Tally(drain.upcoming.claims))
-                        drain.upcoming = None
-                    if drain.unsettled:
-                        await self._exchange(lane, drain, drain.unsettled, claim=False)
+                    drain.halted = True
+                    leftovers = drain.leftovers()
+                    if leftovers:
+                        await self._exchange(lane, drain, leftovers, claim=False)
         return drain.handled
 
-    async def _deliver_next(
-        self, lane: _Lane, drain: _Drain, batch: _Batch, *, more: bool
-    ) -> _Tally:
-        """Deliver `batch`; settle the tallies before it and, if `more`, claim the next batch
-        into `drain.upcoming`, while the batch is at PANDA when the breaker is closed."""
-        tally = _Tally(batch.claims)
-        if more and not lane.breaker.open:
-            settling, drain.unsettled = drain.unsettled, [tally]
-            async with anyio.create_task_group() as group:
-                group.start_soon(self._deliver, lane, batch, tally)
-                group.start_soon(self._exchange, lane, drain, settling, True)
-            return tally
-        drain.unsettled.append(tally)
+    async def _deliver_alone(self, lane: _Lane, drain: _Drain) -> None:
+        """Deliver the next batch, then settle it and claim the next one if the lane may go on."""
+        tally = await self._deliver_batch(lane, drain)
+        settling, drain.finished = drain.finished, []
+        go_on = tally.went_on and self._ready(lane)
+        await self._exchange(lane, drain, settling, claim=go_on)
+
+    async def _deliver_claiming_ahead(self, lane: _Lane, drain: _Drain) -> None:
+        """Deliver the claimed batches in order while the store, beside it, settles those
+        delivered and keeps up to `_CLAIMED_AHEAD` batches claimed; stops at the first batch
+        after which the lane must not go on, or when no batch is coming."""
+        async with anyio.create_task_group() as group:
+            group.start_soon(self._claim_ahead, lane, drain)
+            try:
+                while True:
+                    while not drain.ready and drain.more_coming():
+                        await drain.poked.wait()
+                    if not drain.ready:
+                        return
+                    tally = await self._deliver_batch(lane, drain)
+                    if not (tally.went_on and self._ready(lane)):
+                        return
+            finally:
+                drain.halted = True
+                drain.poke()
+
+    async def _claim_ahead(self, lane: _Lane, drain: _Drain) -> None:
+        """The store's side of `_deliver_claiming_ahead`: whenever there is room for another
+        batch, settle what was delivered and claim it, in one transaction; until halted."""
+        while True:
+            while not (drain.halted or drain.room()):
+                await drain.poked.wait()
+            if drain.halted:
+                return
+            settling, drain.finished = drain.finished, []
+            await self._exchange(lane, drain, settling, claim=True)
+            drain.poke()
+
+    async def _deliver_batch(self, lane: _Lane, drain: _Drain) -> _Tally:
+        """Deliver the drain's next claimed batch; its tally joins `drain.finished` after."""
+        batch = drain.ready.popleft()
+        drain.poke()  # room for the store to claim another
+        drain.handled += len(batch.claims)
+        tally = drain.current = _Tally(batch.claims)
         await self._deliver(lane, batch, tally)
-        settling, drain.unsettled = drain.unsettled, []
-        await self._exchange(lane, drain, settling, claim=more and tally.went_on)
+        drain.current = None
+        drain.finished.append(tally)
         return tally
 
     async def _exchange(
         self, lane: _Lane, drain: _Drain, settling: list[_Tally], claim: bool
     ) -> None:
-        """Settle `settling` and, if `claim` and the lane is ready, claim the lane's next batch
-        into `drain.upcoming`: one transaction, never cut off, so no outcome is lost."""
+        """Settle `settling` and, if `claim` and the lane may go on, claim the lane's next
+        batch into `drain.ready`: one transaction, never cut off, so no outcome is lost. A
+        claim that finds nothing, or may not be made now, marks the drain exhausted."""
         with anyio.CancelScope(shield=True):
             now = self._clock()
             wanted = lane.sizer.size * self._settings.batches_per_claim
-            limit = lane.breaker.limit(wanted) if claim and self._ready(lane) else 0
+            may_claim = claim and drain.more_coming() and self._ready(lane)
+            limit = lane.breaker.limit(wanted) if may_claim else 0
+            if claim and not limit:
+                drain.exhausted = True
             if not (settling or limit):
                 return
             delivered, dead, claims = await self._db.run(
@@ -373,8 +438,14 @@ class Delivery:
             )
             self._delivered += delivered
             self._dead_lettered += dead
-            if claims:
-                drain.upcoming = _Batch(claims, now, limit)
+            if not limit:
+                return
+            if not claims:
+                drain.exhausted = True
+                return
+            drain.ready.append(_Batch(claims, now, limit))
+            if drain.claims_left is not None:
+                drain.claims_left -= 1
 
     async def _deliver(self, lane: _Lane, batch: _Batch, tally: _Tally) -> None:
         """Send one batch to PANDA and record in `tally` what became of each claim; sets

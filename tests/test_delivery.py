@@ -695,6 +695,36 @@ async def test_after_stop_the_rest_of_a_claim_is_released_not_sent(
     assert await database.run(entries) == [("s1", 0, False), ("s2", 0, False)]
 
 
+async def test_while_a_batch_is_at_panda_the_next_two_are_claimed_and_a_stop_releases_them(
+    panda: RunningPanda, database: Database
+) -> None:
+    settings = SETTINGS.model_copy(
+        update={"batch_size": 1, "max_batch_size": 1, "shutdown_grace_s": 10}
+    )
+    await database.run(outbox.enqueue, [upsert("s0", "a", "0")], now=utcnow())
+    async with delivery_with(panda, database, utcnow, settings) as delivery:
+        await delivery.run_once()  # the dataset exists: the next request held is a PUT
+        changes = [upsert(f"s{index}", "a", str(index)) for index in range(1, 6)]
+        await database.run(outbox.enqueue, changes, now=utcnow())
+        panda.set_faults(hang=True)
+        expected = [("s1", 0, True), ("s2", 0, True), ("s3", 0, True)]
+        expected += [("s4", 0, False), ("s5", 0, False)]
+
+        async def claimed_ahead() -> bool:
+            return await database.run(entries) == expected
+
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as group:
+                group.start_soon(delivery.run)
+                await until_held(panda)
+                await eventually(claimed_ahead)
+                delivery.stop()
+                panda.clear_faults()
+    # The PUT in flight finished; the batches claimed behind it went back unsent.
+    assert panda.rows("stories") == {"s0": ["a", "0"], "s1": ["a", "1"]}
+    assert await database.run(entries) == [(f"s{index}", 0, False) for index in range(2, 6)]
+
+
 async def test_a_request_cut_off_at_shutdown_keeps_its_lease_and_the_rest_is_released(
     panda: RunningPanda, database: Database
 ) -> None:
