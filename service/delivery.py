@@ -124,6 +124,8 @@ class _Tally:
 
     def unsettled(self) -> list[outbox.Claim]:
         """The claims neither delivered, dead, retried nor in doubt."""
+        if len(self.delivered) == len(self.claims):  # every claim of the batch went through
+            return []
         settled = {held.entry_id for held in self.delivered}
         settled.update(held.entry_id for held, _ in self.dead)
         settled.update(held.entry_id for held in self.retry)
