@@ -146,6 +146,7 @@ class _Drain:
     handled: int = 0
     # Set when a claim came back empty or the lane must not claim now: no batch is coming.
     exhausted: bool = False
+    # Set when delivery stops going on: the store's task (`_claim_ahead`) claims no more.
     halted: bool = False
     poked: anyio.Event = field(default_factory=anyio.Event)
 
@@ -360,7 +361,6 @@ class Delivery:
                     await self._deliver_claiming_ahead(lane, drain)
             finally:
                 with anyio.CancelScope(shield=True):
-                    drain.halted = True
                     leftovers = drain.leftovers()
                     if leftovers:
                         await self._exchange(lane, drain, leftovers, claim=False)
