@@ -17,17 +17,21 @@ import asyncio
 import gc
 import os
 import platform
+import resource
 import sqlite3
 import statistics
 import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Concatenate, ParamSpec, TypeVar
 
 import httpx
 import orjson
+from sqlmodel import Session
 from starlette.types import Message, Scope
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -35,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from service import outbox, panda
 from service.changes import Change, Op
 from service.config import DeliverySettings
-from service.db import Database, migrate
+from service.db import Database, create_engine, migrate
 from service.delivery import Delivery
 from service.fake_panda import FakePandaOptions, create_app
 from tests.fixtures.panda import RunningPanda, start_fake_panda
@@ -133,10 +137,95 @@ async def server_ceiling(batch_changes: list[Change]) -> float:
     return len(batch_changes) / (time.perf_counter() - started)
 
 
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+class MeteredDatabase(Database):
+    """A store that counts the CPU time its transactions take, in whichever thread runs them."""
+
+    store_cpu_s = 0.0
+
+    def run_sync(
+        self, fn: Callable[Concatenate[Session, P], T], *args: P.args, **kwargs: P.kwargs
+    ) -> T:
+        started = time.thread_time()
+        try:
+            return super().run_sync(fn, *args, **kwargs)
+        finally:
+            self.store_cpu_s += time.thread_time() - started
+
+
+@dataclass(frozen=True)
+class Costs:
+    """What one run cost: CPU per row of this process (and of its store's transactions) and of
+    the server, and the median time PANDA took to answer a bulk PUT."""
+
+    client_us: float
+    store_us: float | None
+    server_us: float | None
+    answer_ms: float
+
+
+class Meter:
+    """Measures `Costs` from `start()` to `stop()`: this process's CPU (every thread), the
+    server's (from /proc, None elsewhere), and each PUT's time to answer on `http`."""
+
+    def __init__(self, server: RunningPanda, http: httpx.AsyncClient) -> None:
+        self._pid = server.pid
+        self._answers: list[float] = []
+        http.event_hooks = {"request": [self._sent], "response": [self._answered]}
+
+    async def _sent(self, request: httpx.Request) -> None:
+        request.extensions["bench_sent"] = time.perf_counter()
+
+    async def _answered(self, response: httpx.Response) -> None:
+        if response.request.method == "PUT":
+            self._answers.append(time.perf_counter() - response.request.extensions["bench_sent"])
+
+    def start(self, database: MeteredDatabase | None = None) -> None:
+        self._database = database
+        self._store = 0.0 if database is None else database.store_cpu_s
+        self._client = _process_cpu_s()
+        self._server = _server_cpu_s(self._pid)
+        self._answers.clear()
+
+    def stop(self, rows: int) -> Costs:
+        client = _process_cpu_s() - self._client
+        server = _server_cpu_s(self._pid)
+        store = None if self._database is None else self._database.store_cpu_s - self._store
+        return Costs(
+            client_us=client / rows * 1e6,
+            store_us=None if store is None else store / rows * 1e6,
+            server_us=None
+            if server is None or self._server is None
+            else (server - self._server) / rows * 1e6,
+            answer_ms=statistics.median(self._answers) * 1000,
+        )
+
+
+def _process_cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _server_cpu_s(pid: int) -> float | None:
+    """The server process's user + system CPU seconds, from /proc (None without it)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 async def sink_ceiling(
-    server: RunningPanda, batch_changes: list[Change], latency_s: float = 0.0
+    server: RunningPanda,
+    batch_changes: list[Change],
+    latency_s: float = 0.0,
+    costs: list[Costs] | None = None,
 ) -> float:
-    """Rows/s of a plain loop of bulk PUTs, 1000 rows each, straight to the server."""
+    """Rows/s of a plain loop of bulk PUTs, 1000 rows each, straight to the server (its
+    `Costs` appended to `costs`)."""
     await reset(server, latency_s)
     async with panda.make_http(url=server.url, timeout_s=60) as http:
         await panda.PandaClient(http, email=server.email, api_key=server.api_key).ensure_dataset(
@@ -144,6 +233,8 @@ async def sink_ceiling(
         )
         headers = {**server.auth, "Content-Type": "application/json"}
         path = f"/api/1.0/dataset/{DATASET.slug}/data/"
+        meter = Meter(server, http)
+        meter.start()
         started = time.perf_counter()
         for index in range(0, len(batch_changes), BULK):
             answer = await http.put(
@@ -151,6 +242,8 @@ async def sink_ceiling(
             )
             answer.raise_for_status()
         elapsed = time.perf_counter() - started
+        if costs is not None:
+            costs.append(meter.stop(len(batch_changes)))
     await check_rows(server, len(batch_changes))
     return len(batch_changes) / elapsed
 
@@ -180,10 +273,10 @@ async def plain_script(server: RunningPanda, feed: list[Change]) -> float:
     return len(feed) / elapsed
 
 
-def fresh_store(folder: Path, name: str) -> Database:
+def fresh_store(folder: Path, name: str) -> MeteredDatabase:
     url = f"sqlite:///{folder / name}"
     migrate(url)
-    return Database.open(url)
+    return MeteredDatabase(create_engine(url))
 
 
 def enqueue(database: Database, feed: list[Change]) -> float:
@@ -198,19 +291,25 @@ def enqueue(database: Database, feed: list[Change]) -> float:
 
 async def pandasync(
     server: RunningPanda,
-    database: Database,
+    database: MeteredDatabase,
     count: int,
     settings: DeliverySettings,
     latency_s: float = 0.0,
+    costs: list[Costs] | None = None,
 ) -> float:
-    """Rows/s of the delivery engine draining `count` queued changes."""
+    """Rows/s of the delivery engine draining `count` queued changes (its `Costs` appended to
+    `costs`)."""
     await reset(server, latency_s)
     async with panda.make_http(url=server.url, timeout_s=60) as http:
         client = panda.PandaClient(http, email=server.email, api_key=server.api_key)
         delivery = Delivery(database, client, {SOURCE: DATASET}, settings, request_timeout_s=60)
+        meter = Meter(server, http)
+        meter.start(database)
         started = time.perf_counter()
         handled = await delivery.run_once()
         elapsed = time.perf_counter() - started
+        if costs is not None:
+            costs.append(meter.stop(count))
     status = delivery.status()
     assert (handled, status.delivered, status.dead_lettered) == (count, count, 0), status
     assert database.run_sync(outbox.pending, None) == 0
@@ -265,15 +364,19 @@ async def main(count: int, sample: int) -> None:
     with start_fake_panda() as server, tempfile.TemporaryDirectory() as folder:
         store = Path(folder)
         server_rate, _ = await best(lambda: server_ceiling(feed))
-        sink_rate, sink_runs = await best(lambda: sink_ceiling(server, feed))
+        sink_costs: list[Costs] = []
+        sink_rate, sink_runs = await best(lambda: sink_ceiling(server, feed, costs=sink_costs))
         plain_rate, _ = await best(lambda: plain_script(server, feed))
         engine_runs: list[float] = []
+        engine_costs: list[Costs] = []
         enqueue_s: list[float] = []
         for run in range(REPEATS):
             database = fresh_store(store, f"bulk-{run}.db")
             enqueue_s.append(enqueue(database, feed))
             quiet_heap()
-            engine_runs.append(await pandasync(server, database, count, DeliverySettings()))
+            engine_runs.append(
+                await pandasync(server, database, count, DeliverySettings(), costs=engine_costs)
+            )
             database.close()
         engine_rate = statistics.median(engine_runs)
         database = fresh_store(store, "row-by-row.db")
@@ -298,6 +401,15 @@ async def main(count: int, sample: int) -> None:
     line("pandasync (store + delivery engine)", engine_rate, _runs(engine_runs))
     line(f"pandasync row by row ({sample:,}-change sample)", row_rate)
     say(f"  enqueueing into the fresh store, not timed above: {statistics.median(enqueue_s):.1f} s")
+    sink = _of_median(sink_runs, sink_costs)
+    engine = _of_median(engine_runs, engine_costs)
+    say("costs in the median runs above, pandasync / sink loop:")
+    say(
+        f"  CPU a row: this process {engine.client_us:.1f} / {sink.client_us:.1f} µs"
+        f" (pandasync's store transactions {_us(engine.store_us)} of it),"
+        f" the server {_us(engine.server_us)} / {_us(sink.server_us)}"
+    )
+    say(f"  PANDA's median answer to a bulk PUT: {engine.answer_ms:.2f} / {sink.answer_ms:.2f} ms")
     say(f"ratio pandasync / sink ceiling: {engine_rate / sink_rate:.2f} (target 0.8 or more)")
     say(f"price of safety: pandasync runs at {engine_rate / plain_rate:.2f} of the plain script")
     say(
@@ -309,6 +421,15 @@ async def main(count: int, sample: int) -> None:
         f" one run): sink {slow_sink:,.0f} rows/s, pandasync {slow_engine:,.0f} rows/s,"
         f" ratio {slow_engine / slow_sink:.2f}"
     )
+
+
+def _of_median(runs: Sequence[float], costs: Sequence[Costs]) -> Costs:
+    """The costs of the run whose rate is the median of `runs` (odd `REPEATS`)."""
+    return costs[list(runs).index(statistics.median(runs))]
+
+
+def _us(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.1f} µs"
 
 
 def _runs(runs: Sequence[float]) -> str:
