@@ -116,14 +116,13 @@ def discard(session: Session, letter_ids: Sequence[int]) -> list[int]:
 def _replayed(session: Session, dead: DeadLetter, now: datetime) -> bool:
     # Lock the document's state first, so no change of it is accepted between the checks
     # and the enqueue (PostgreSQL; SQLite serialises writers anyway).
-    session.get(DocState, (dead.source, dead.doc_id), with_for_update=True, populate_existing=True)
-    if outbox.current_version(session, dead.source, dead.doc_id) != dead.version:
-        return False
-    queued = select(col(OutboxEntry.id)).where(
-        col(OutboxEntry.source) == dead.source, col(OutboxEntry.doc_id) == dead.doc_id
+    state = session.get(
+        DocState, (dead.source, dead.doc_id), with_for_update=True, populate_existing=True
     )
-    if session.exec(queued).first() is not None:
+    if state is None or state.version != dead.version:
         return False
+    if state.entry_id is not None and session.get(OutboxEntry, state.entry_id) is not None:
+        return False  # the document's latest entry is still queued
     if outbox.enqueue(session, [outbox.change_of(dead)], now=now).accepted != 1:
         return False  # pragma: no cover - the newest change of a document is never stale
     session.delete(dead)

@@ -140,6 +140,8 @@ class _Drain:
 
     # How many more batches may be claimed (None: no limit).
     claims_left: int | None
+    # The source's lease the drain claims under, once it has claimed anything.
+    lease: int | None = None
     ready: deque[_Batch] = field(default_factory=deque)
     current: _Tally | None = None
     finished: list[_Tally] = field(default_factory=list)
@@ -361,9 +363,7 @@ class Delivery:
                     await self._deliver_claiming_ahead(lane, drain)
             finally:
                 with anyio.CancelScope(shield=True):
-                    leftovers = drain.leftovers()
-                    if leftovers:
-                        await self._exchange(lane, drain, leftovers, claim=False)
+                    await self._exchange(lane, drain, drain.leftovers(), claim=False)
         return drain.handled
 
     async def _deliver_alone(self, lane: _Lane, drain: _Drain) -> None:
@@ -419,8 +419,10 @@ class Delivery:
         self, lane: _Lane, drain: _Drain, settling: list[_Tally], claim: bool
     ) -> None:
         """Settle `settling` and, if `claim` and the lane may go on, claim the lane's next
-        batch into `drain.ready`: one transaction, never cut off, so no outcome is lost. A
-        claim that finds nothing, or may not be made now, marks the drain exhausted."""
+        batch into `drain.ready`; without `claim`, end the drain's lease too (kept to its
+        expiry while a request cut off may still be applied). One transaction, never cut off,
+        so no outcome is lost. A claim that finds nothing, or may not be made now, marks the
+        drain exhausted."""
         with anyio.CancelScope(shield=True):
             now = self._clock()
             wanted = lane.sizer.size * self._settings.batches_per_claim
@@ -428,7 +430,8 @@ class Delivery:
             limit = lane.breaker.limit(wanted) if may_claim else 0
             if claim and not limit:
                 drain.exhausted = True
-            if not (settling or limit):
+            ending = None if claim or drain.lease is None else drain.lease
+            if not (settling or limit or ending is not None):
                 return
             delivered, dead, claims = await self._db.run(
                 _settle_and_claim,
@@ -437,7 +440,11 @@ class Delivery:
                 now=now,
                 lease_s=self._settings.lease_s,
                 limit=limit,
+                lease=drain.lease,
+                ending=ending,
             )
+            if ending is not None:
+                drain.lease = None
             self._delivered += delivered
             self._dead_lettered += dead
             if not limit:
@@ -445,6 +452,7 @@ class Delivery:
             if not claims:
                 drain.exhausted = True
                 return
+            drain.lease = claims[0].lease
             drain.ready.append(_Batch(claims, now, limit))
             if drain.claims_left is not None:
                 drain.claims_left -= 1
@@ -676,7 +684,8 @@ def _settle(session: Session, tally: _Tally, now: datetime) -> tuple[int, int]:
         answer, at = tally.retry_as
         for held in tally.retry:
             outbox.retry_later(session, held, at=at, answer=answer, now=now)
-    outbox.release(session, tally.unsettled())
+    # Claims neither delivered, dead nor retried stay due as they were: the drain's lease
+    # ends with it, and they go out under the next one.
     if tally.in_doubt:
         log.warning(
             "request cut off, its changes keep their lease and go out again after it:"
@@ -695,14 +704,22 @@ def _settle_and_claim(
     now: datetime,
     lease_s: float,
     limit: int,
+    lease: int | None,
+    ending: int | None,
 ) -> tuple[int, int, list[outbox.Claim]]:
-    """Settle `tallies`, then claim up to `limit` due entries of `source` (none for 0)."""
+    """Settle `tallies`, then claim up to `limit` due entries of `source` (none for 0) under
+    `lease` (taking the source's lease if None), or end the lease `ending`."""
     delivered = dead = 0
     for tally in tallies:
         removed, refused = _settle(session, tally, now)
         delivered += removed
         dead += refused
+    if ending is not None:
+        in_doubt = any(tally.in_doubt for tally in tallies)
+        outbox.end_lease(session, source, ending, keep=in_doubt)
     if limit == 0:
         return delivered, dead, []
-    claims = outbox.claim_many(session, source=source, now=now, lease_s=lease_s, limit=limit)
+    claims = outbox.claim_many(
+        session, source=source, now=now, lease_s=lease_s, limit=limit, lease=lease
+    )
     return delivered, dead, claims

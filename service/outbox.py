@@ -1,7 +1,10 @@
-"""The outbox: the latest undelivered change per (source, doc_id), leased out to deliveries.
+"""The outbox: the latest undelivered change per (source, doc_id), claimed by deliveries.
 
 Functions run inside the caller's transaction on its `Session`: they never commit and never
-call PANDA. One change per document is in flight; a change that arrives meanwhile survives.
+call PANDA. Each accepted change is appended as an entry and replaces its document's older
+entry, so a source's entries go out in acceptance order, the latest change per document only.
+One delivery at a time holds a source's lease (`DeliveryLease`) and claims its entries batch
+after batch; a change that arrives meanwhile is a new entry, sent after the one in flight.
 Each document's state (`DocState`) gives entries their version and keeps stale changes out.
 """
 
@@ -15,33 +18,21 @@ from typing import Any
 
 import orjson
 import sqlalchemy
-from sqlalchemy import ColumnElement, CursorResult, Table, bindparam, inspect
-from sqlmodel import Session, col, delete, func, or_, select, update
+from sqlalchemy import CursorResult, Table, bindparam, inspect
+from sqlmodel import Session, SQLModel, col, delete, func, select, update
 
 from service.changes import Change, Op, SourceVersion
 from service.db import dialect_insert, in_integers
-from service.tables import DeadLetter, DocState, OutboxEntry, UTCDateTime
+from service.tables import DeadLetter, DeliveryLease, DocState, OutboxEntry, UTCDateTime
 
 log = logging.getLogger(__name__)
 
 # How many delivery answers an outbox entry keeps (the newest).
 MAX_ANSWERS = 10
-# What a newer change for the same document replaces in its entry.
-_REPLACED = (
-    "external_id",
-    "op",
-    "row",
-    "version",
-    "source_version",
-    "attempts",
-    "answers",
-    "next_attempt_at",
-    "updated_at",
-)
 Key = tuple[str, str]
 _OPS = {op.value: op for op in Op}
 _ENTRY_ID = attrgetter("entry_id")
-_CLAIMED_UNTIL = attrgetter("claimed_until")
+_SOURCE_LEASE = attrgetter("source", "lease")
 # One encoder for every value stored (json.dumps builds one per call when given options).
 _ENCODER = json.JSONEncoder(ensure_ascii=True, separators=(",", ":"))
 # How many documents a log line names at most.
@@ -52,8 +43,9 @@ _NAMED = 10
 class Claim:
     """A leased outbox entry: deliver its change, then settle the claim exactly once.
 
-    Settle with `ack_many`, `retry_later`, `dead_letter` or `release`. `claimed_until` identifies
-    the lease: once it has expired and another claim has taken the entry, settling this claim
+    Settle with `ack_many`, `retry_later`, `dead_letter` or `release`. `lease` is the source's
+    lease it was claimed under (`DeliveryLease.lease_id`), due to end at `claimed_until` unless
+    renewed: once another delivery has taken the source's lease over, settling this claim
     changes nothing. Deliver well within the lease, or two deliveries of one document may race.
 
     Holds the change as stored, for delivery's hot path: `row_json` is the row's JSON array
@@ -70,11 +62,19 @@ class Claim:
     row_json: str | None
     source_version: str | None
     attempts: int
+    lease: int
     claimed_until: datetime
 
     @classmethod
     def holding(
-        cls, change: Change, *, entry_id: int, version: int, attempts: int, claimed_until: datetime
+        cls,
+        change: Change,
+        *,
+        entry_id: int,
+        version: int,
+        attempts: int,
+        claimed_until: datetime,
+        lease: int = 1,
     ) -> "Claim":
         """A claim of `change`, stored as `enqueue` stores it."""
         return cls(
@@ -87,6 +87,7 @@ class Claim:
             row_json=None if change.row is None else _json(list(change.row)),
             source_version=_text(change.source_version),
             attempts=attempts,
+            lease=lease,
             claimed_until=claimed_until,
         )
 
@@ -137,7 +138,6 @@ def _entry_values(change: Change, version: int, now: datetime) -> dict[str, Any]
         "attempts": 0,
         "answers": "[]",
         "next_attempt_at": now,
-        "claimed_until": None,
         "created_at": now,
         "updated_at": now,
     }
@@ -151,10 +151,10 @@ def enqueue(session: Session, changes: Sequence[Change], *, now: datetime) -> En
     row back. A change without a source version, or with one of another kind, is never stale.
     Each accepted change raises its document's local version by one (`DocState`, never reset,
     so a later change always has a higher version than any earlier one, even after an ack) and
-    becomes its entry's change with that version: inserted, or replacing the pending change
-    (attempts and answers start over; a delivery in flight keeps its lease, so the new change
-    goes out only after it). Within `changes`, the last accepted change per document wins.
-    Safe against concurrent writers: document states are locked first, in key order.
+    is appended as an entry with that version, due at once; the document's older entry, if
+    any, is deleted (a delivery holding it sends the newer entry after it, under its lease).
+    Within `changes`, the last accepted change per document wins. Safe against concurrent
+    writers: document states are locked first, in key order.
     """
     if not changes:
         return Enqueued(accepted=0, stale=0)
@@ -167,10 +167,11 @@ def enqueue(session: Session, changes: Sequence[Change], *, now: datetime) -> En
 
 @dataclass(frozen=True)
 class _State:
-    """A document's local version and newest accepted source version (`DocState`)."""
+    """A document's local version, newest accepted source version and latest entry."""
 
     version: int
     source_version: str | None
+    entry_id: int | None
 
 
 def _locked_states(session: Session, keys: set[Key], now: datetime) -> dict[Key, _State]:
@@ -184,7 +185,9 @@ def _locked_states(session: Session, keys: set[Key], now: datetime) -> dict[Key,
     table = insert.table
     statement = insert.on_conflict_do_update(
         index_elements=["source", "doc_id"], set_={"version": table.c.version}
-    ).returning(table.c.source, table.c.doc_id, table.c.version, table.c.source_version)
+    ).returning(
+        table.c.source, table.c.doc_id, table.c.version, table.c.source_version, table.c.entry_id
+    )
     rows = session.connection().execute(
         statement,
         [
@@ -192,7 +195,10 @@ def _locked_states(session: Session, keys: set[Key], now: datetime) -> dict[Key,
             for source, doc_id in sorted(keys)
         ],
     )
-    return {(row.source, row.doc_id): _State(row.version, row.source_version) for row in rows}
+    return {
+        (row.source, row.doc_id): _State(row.version, row.source_version, row.entry_id)
+        for row in rows
+    }
 
 
 def _accepted(
@@ -226,11 +232,23 @@ def _accepted(
 def _write(
     session: Session, latest: dict[Key, Change], states: dict[Key, _State], now: datetime
 ) -> None:
-    """Raise each document's version by one and make its latest change its entry's change."""
+    """Append each document's latest change as an entry with the document's version raised by
+    one, delete the document's older entry, and point its state at the new one."""
+    # Rows in key order, so concurrent enqueues lock them in one order and cannot deadlock.
     ordered = sorted(latest.items())
     versions = {key: states[key].version + 1 for key, _ in ordered}
-    table = inspect(DocState).local_table
-    assert isinstance(table, Table)
+    entries = _table(OutboxEntry)
+    appended = session.connection().execute(
+        sqlalchemy.insert(entries).returning(entries.c.id, sort_by_parameter_order=True),
+        [_entry_values(change, versions[key], now) for key, change in ordered],
+    )
+    entry_ids = appended.scalars().all()
+    older = [states[key].entry_id for key, _ in ordered if states[key].entry_id is not None]
+    if older:
+        session.execute(
+            delete(entries).where(in_integers(session, entries.c.id, "ids")), {"ids": older}
+        )
+    table = _table(DocState)
     session.connection().execute(
         update(table)
         .where(table.c.source == bindparam("key_source"))
@@ -238,6 +256,7 @@ def _write(
         .values(
             version=bindparam("new_version"),
             source_version=func.coalesce(bindparam("new_source_version"), table.c.source_version),
+            entry_id=bindparam("new_entry_id"),
             updated_at=bindparam("new_updated_at", type_=UTCDateTime),
         ),
         [
@@ -246,17 +265,11 @@ def _write(
                 "key_doc_id": doc_id,
                 "new_version": versions[source, doc_id],
                 "new_source_version": _text(change.source_version),
+                "new_entry_id": entry_id,
                 "new_updated_at": now,
             }
-            for (source, doc_id), change in ordered
+            for ((source, doc_id), change), entry_id in zip(ordered, entry_ids, strict=True)
         ],
-    )
-    insert = dialect_insert(session, OutboxEntry)
-    replace: dict[str, ColumnElement[Any]] = {name: insert.excluded[name] for name in _REPLACED}
-    # Rows in key order, so concurrent enqueues lock them in one order and cannot deadlock.
-    session.exec(
-        insert.on_conflict_do_update(index_elements=["source", "doc_id"], set_=replace),
-        params=[_entry_values(change, versions[key], now) for key, change in ordered],
     )
 
 
@@ -318,36 +331,41 @@ def _with_answer(answers: str, answer: Answer, now: datetime) -> list[dict[str, 
     return [*json.loads(answers), recorded]
 
 
+def _holds(session: Session, source: str, lease: int) -> bool:
+    """Whether `lease` is still `source`'s lease (locked until the transaction ends); logs
+    when another delivery has taken it over."""
+    leases = _table(DeliveryLease).c
+    held = session.execute(
+        sqlalchemy.select(leases.lease_id).where(leases.source == source).with_for_update()
+    ).scalar_one_or_none()
+    if held == lease:
+        return True
+    log.warning("delivery lease lost, another delivery took the source over: source=%s", source)
+    return False
+
+
 def _held(session: Session, claim: Claim) -> OutboxEntry | None:
-    """The claim's entry, locked, if the claim's lease is still the entry's lease."""
-    entry = session.get(OutboxEntry, claim.entry_id, with_for_update=True, populate_existing=True)
-    if entry is None or entry.claimed_until != claim.claimed_until:
-        log.warning(
-            "outbox lease lost, another delivery took over source=%s doc_id=%s",
-            claim.source,
-            claim.doc_id,
-        )
+    """The claim's entry, if its lease still holds and no newer change replaced it."""
+    if not _holds(session, claim.source, claim.lease):
         return None
-    return entry
+    return session.get(OutboxEntry, claim.entry_id, populate_existing=True)
 
 
 def retry_later(
     session: Session, claim: Claim, *, at: datetime, answer: Answer, now: datetime
 ) -> None:
-    """Settle a failed attempt: release the lease and make the entry due again `at`.
+    """Settle a failed attempt: the entry is due again `at`.
 
     Counts the attempt and records `answer` (time `now`; the newest `MAX_ANSWERS` are kept).
-    If a newer change replaced the entry meanwhile, the newer change is kept and only delayed
-    until `at`: neither the attempt nor the answer is held against it. A lost lease: no-op.
+    If a newer change replaced the entry meanwhile, there is nothing to retry: the newer
+    change goes out as it came. A lost lease: no-op.
     """
     entry = _held(session, claim)
     if entry is None:
         return
-    if entry.version == claim.version:
-        entry.attempts += 1
-        entry.answers = _json(_with_answer(entry.answers, answer, now)[-MAX_ANSWERS:])
+    entry.attempts += 1
+    entry.answers = _json(_with_answer(entry.answers, answer, now)[-MAX_ANSWERS:])
     entry.next_attempt_at = at
-    entry.claimed_until = None
     entry.updated_at = now
     session.flush()
 
@@ -356,16 +374,12 @@ def dead_letter(session: Session, claim: Claim, *, answer: Answer, now: datetime
     """Settle a change PANDA refused for good: move its entry to the dead letters.
 
     The dead letter keeps every answer the entry held plus `answer` (time `now`), and counts
-    this attempt. Returns True if moved. If a newer change replaced the entry meanwhile, that
-    change is kept and its lease released, and nothing is dead-lettered (False). A lost lease:
+    this attempt. Returns True if moved. If a newer change replaced the entry meanwhile,
+    nothing is dead-lettered (False): the newer change goes out as it came. A lost lease:
     no-op (False).
     """
     entry = _held(session, claim)
     if entry is None:
-        return False
-    if entry.version != claim.version:
-        entry.claimed_until = None
-        session.flush()
         return False
     session.add(
         DeadLetter(
@@ -386,18 +400,19 @@ def dead_letter(session: Session, claim: Claim, *, answer: Answer, now: datetime
     return True
 
 
-def release(session: Session, claims: Sequence[Claim]) -> None:
-    """Give the claims' leases back without counting an attempt; their entries are due as before.
+def end_lease(session: Session, source: str, lease: int, *, keep: bool = False) -> None:
+    """End `source`'s lease `lease` so that the next delivery may claim at once.
 
-    For shutdown and a paused PANDA target. Claims whose lease was lost are left alone.
+    With `keep`, the lease runs on until it expires instead: for a request cut off in flight,
+    which PANDA may still apply, so no delivery sends a newer change of its rows before then.
+    A lease another delivery has taken over is left alone.
     """
-    for held in claims:
-        session.exec(
-            update(OutboxEntry)
-            .where(col(OutboxEntry.id) == held.entry_id)
-            .where(col(OutboxEntry.claimed_until) == held.claimed_until)
-            .values(claimed_until=None)
-        )
+    if keep or not _holds(session, source, lease):
+        return
+    leases = _table(DeliveryLease)
+    session.execute(
+        update(leases).where(leases.c.source == source).values(until=None, claimed_to=None)
+    )
 
 
 def pending(session: Session, source: str | None = None) -> int:
@@ -416,8 +431,8 @@ def dead_letters(session: Session, source: str | None = None) -> list[DeadLetter
     return list(session.exec(query).all())
 
 
-def _outbox_table() -> Table:
-    table = inspect(OutboxEntry).local_table
+def _table(model: type[SQLModel]) -> Table:
+    table = inspect(model).local_table
     assert isinstance(table, Table)
     return table
 
@@ -431,19 +446,36 @@ def _row_of(text: str) -> tuple[str, ...]:
 
 
 def claim_many(
-    session: Session, *, source: str, now: datetime, lease_s: float, limit: int
+    session: Session,
+    *,
+    source: str,
+    now: datetime,
+    lease_s: float,
+    limit: int,
+    lease: int | None = None,
 ) -> list[Claim]:
-    """Lease up to `limit` due entries of `source` for `lease_s` seconds, oldest due first;
-    returns their claims in entry order. Delivery's hot path.
+    """Claim up to `limit` due entries of `source` in acceptance (id) order, under the
+    source's lease; delivery's hot path.
 
-    An entry is due when `next_attempt_at <= now` and it has no lease running at `now`. On
-    PostgreSQL, rows another transaction is claiming are skipped (FOR UPDATE SKIP LOCKED), so
-    concurrent replicas never claim the same entry; SQLite serialises writers instead
-    (BEGIN IMMEDIATE). The lease records the version it was taken for (`claimed_version`).
+    Without `lease`, takes the source's lease for `lease_s` seconds, unless another delivery
+    holds it at `now` (then returns []): one delivery at a time sends a source's changes. With
+    the `lease` of earlier claims, claims the next entries after them and renews the lease
+    (unless it has ended or another delivery has taken it over: then nothing).
+    An entry is due when `next_attempt_at <= now`. Returns [] when nothing is due (no lease
+    is taken then) or when `lease` was lost. Concurrent claims on PostgreSQL wait on the
+    lease's row (FOR UPDATE); SQLite serialises writers instead (BEGIN IMMEDIATE).
     """
-    table = _outbox_table()
-    columns = table.c
-    until = now + timedelta(seconds=lease_s)
+    held = _locked_lease(session, source)
+    if lease is None:
+        if held.until is not None and held.until > now:
+            return []  # another delivery holds the source
+        lease, after = held.lease_id + 1, 0
+    elif held.lease_id != lease or held.until is None:
+        log.warning("delivery lease lost or ended, nothing claimed under it: source=%s", source)
+        return []
+    else:
+        after = held.claimed_to or 0
+    columns = _table(OutboxEntry).c
     selected = (
         sqlalchemy.select(
             columns.id,
@@ -455,13 +487,12 @@ def claim_many(
             columns.source_version,
             columns.attempts,
         )
-        # Served in order by ix_outbox_entry_source_due: no sort of the backlog per claim.
+        # Served in order by ix_outbox_entry_source_id: no sort of the backlog per claim.
         .where(columns.source == source)
+        .where(columns.id > after)
         .where(columns.next_attempt_at <= now)
-        .where(or_(columns.claimed_until.is_(None), columns.claimed_until <= now))
-        .order_by(columns.next_attempt_at, columns.id)
+        .order_by(columns.id)
         .limit(limit)
-        .with_for_update(skip_locked=True)
     )
     due: Sequence[Sequence[Any]]
     if session.get_bind().dialect.name == "sqlite":
@@ -476,67 +507,63 @@ def claim_many(
         due = session.execute(selected).all()
     if not due:
         return []
-    # The rows are locked (PostgreSQL) or the store is (SQLite) until the transaction ends.
-    # Cheaper than UPDATE ... RETURNING on SQLite, which buffers every returned row.
+    until = now + timedelta(seconds=lease_s)
+    leases = _table(DeliveryLease)
     session.execute(
-        update(table)
-        .where(in_integers(session, columns.id, "ids"))
-        .values(claimed_until=until, claimed_version=columns.version),
-        {"ids": [entry[0] for entry in due]},
+        update(leases)
+        .where(leases.c.source == source)
+        .values(lease_id=lease, until=until, claimed_to=due[-1][0])
     )
-    claims = [
-        Claim(entry_id, version, source, doc_id, external_id, _OPS[op], row, text, tries, until)
+    return [
+        Claim(
+            entry_id, version, source, doc_id, external_id, _OPS[op], row, text, tries, lease, until
+        )
         for entry_id, version, doc_id, external_id, op, row, text, tries in due
     ]
-    return sorted(claims, key=_ENTRY_ID)
+
+
+@dataclass(frozen=True)
+class _Lease:
+    lease_id: int
+    until: datetime | None
+    claimed_to: int | None
+
+
+def _locked_lease(session: Session, source: str) -> _Lease:
+    """`source`'s lease row, created (lease 0, ended) when missing, locked until the
+    transaction ends."""
+    insert = dialect_insert(session, DeliveryLease)
+    session.execute(
+        insert.values(source=source, lease_id=0).on_conflict_do_nothing(index_elements=["source"])
+    )
+    leases = insert.table.c
+    row = session.execute(
+        sqlalchemy.select(leases.lease_id, leases.until, leases.claimed_to)
+        .where(leases.source == source)
+        .with_for_update()
+    ).one()
+    return _Lease(row.lease_id, row.until, row.claimed_to)
 
 
 def ack_many(session: Session, claims: Sequence[Claim]) -> int:
-    """Settle delivered claims; returns how many entries were removed.
+    """Settle delivered claims: their entries are removed; returns how many were.
 
-    An entry still holding its claimed change is removed. One that a newer change replaced
-    meanwhile keeps that change, and its lease is released so it goes out next. A claim whose
-    lease was lost to another claim changes nothing.
+    An entry a newer change replaced meanwhile is gone already (the newer change goes out
+    next). Claims whose lease was lost change nothing.
     """
-    untils = set(map(_CLAIMED_UNTIL, claims))
-    if len(untils) == 1:  # a batch claimed together (delivery's hot path)
-        return _ack_lease(session, untils.pop(), claims)
-    leases: dict[datetime, list[Claim]] = {}
-    for held in claims:
-        leases.setdefault(held.claimed_until, []).append(held)
-    return sum(_ack_lease(session, until, group) for until, group in leases.items())
-
-
-def _ack_lease(session: Session, until: datetime, claims: Sequence[Claim]) -> int:
-    """`ack_many` for claims of one lease: one DELETE when every entry is as claimed."""
-    table = _outbox_table()
-    columns = table.c
-    ids = in_integers(session, columns.id, "ids")
-    params = {"ids": list(map(_ENTRY_ID, claims))}
-    ours = (columns.claimed_until == until) & ids
+    leases = set(map(_SOURCE_LEASE, claims))
+    if len(leases) > 1:  # claims of several leases: settle each lease's on its own
+        groups: dict[tuple[str, int], list[Claim]] = {lease: [] for lease in leases}
+        for held in claims:
+            groups[held.source, held.lease].append(held)
+        return sum(ack_many(session, group) for group in groups.values())
+    if not leases or not _holds(session, *leases.pop()):
+        return 0
+    table = _table(OutboxEntry)
     deleted = session.execute(
-        delete(table).where(ours).where(columns.version == columns.claimed_version), params
+        delete(table).where(in_integers(session, table.c.id, "ids")),
+        {"ids": list(map(_ENTRY_ID, claims))},
     )
     assert isinstance(deleted, CursorResult)
     removed: int = deleted.rowcount
-    if removed == len(claims):
-        return removed
-    # The rest still under this lease hold a newer change: release them so it goes out next.
-    released = set(
-        session.execute(
-            update(table).where(ours).values(claimed_until=None).returning(columns.id), params
-        )
-        .scalars()
-        .all()
-    )
-    if removed + len(released) < len(claims):
-        # Entries still here but not released were leased again by another delivery.
-        present = set(session.execute(select(columns.id).where(ids), params).scalars().all())
-        taken = [held for held in claims if held.entry_id in present - released]
-        log.warning(
-            "outbox lease lost, another delivery took over: source=%s entries=%d doc_ids=%s",
-            claims[0].source,
-            len(claims) - removed - len(released),
-            [held.doc_id for held in taken[:_NAMED]],
-        )
     return removed

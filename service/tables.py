@@ -1,4 +1,5 @@
-"""The local store's tables: checkpoints, the outbox, dead letters, document states, webhook ids.
+"""The local store's tables: checkpoints, the outbox, delivery leases, dead letters, document
+states, webhook ids.
 
 Only table definitions and column types; reading and writing rows is `checkpoints` and `outbox`.
 """
@@ -15,7 +16,6 @@ from sqlalchemy import (
     MetaData,
     Text,
     TypeDecorator,
-    UniqueConstraint,
 )
 from sqlalchemy.orm import registry
 from sqlmodel import Field, SQLModel
@@ -115,32 +115,46 @@ class _HeldChange(_Table):
 
 
 class OutboxEntry(_HeldChange, table=True):
-    """The latest undelivered change of one source document (one entry per document).
+    """An accepted change waiting for delivery; entries are appended, in acceptance order (`id`).
 
     `row` is a JSON array of strings (NULL for a delete); `answers` a JSON list of the recent
     delivery answers, newest last. `version` is the document's local version (`DocState`) when
-    this change was accepted; it grows each time a newer change replaces the entry.
-    `source_version` is the change's `SourceVersion.text`, if the source sent one.
-    `claimed_until` is the lease of a delivery in flight, taken for the entry's version
-    `claimed_version`: while they differ, a newer change waits behind the one in flight.
+    this change was accepted; `source_version` is the change's `SourceVersion.text`, if the
+    source sent one. A document has at most one entry: its latest change, which
+    `DocState.entry_id` names. A newer change deletes the older entry, even one a delivery
+    holds: only that delivery sends the source's changes, and it sends the newer one after.
     """
 
     __tablename__: ClassVar[str] = "outbox_entry"
     __table_args__ = (
-        UniqueConstraint("source", "doc_id"),
         CheckConstraint("op IN ('upsert', 'delete')", name="op"),
         CheckConstraint("""(op = 'upsert') = ("row" IS NOT NULL)""", name="row_matches_op"),
-        Index("ix_outbox_entry_source_due", "source", "next_attempt_at", "id"),
-        # AUTOINCREMENT: a deleted entry's id is never reused, so a stale claim cannot match
-        # a newer entry by id and version.
+        # Delivery claims a source's entries in id order from here.
+        Index("ix_outbox_entry_source_id", "source", "id"),
+        # AUTOINCREMENT: a deleted entry's id is never reused, so neither a stale claim nor a
+        # stale `DocState.entry_id` can name a newer entry.
         {"sqlite_autoincrement": True},
     )
 
     next_attempt_at: datetime = Field(sa_type=UTCDateTime)
-    claimed_until: datetime | None = Field(default=None, sa_type=UTCDateTime)
-    claimed_version: int | None = Field(default=None)
     created_at: datetime = Field(sa_type=UTCDateTime)
     updated_at: datetime = Field(sa_type=UTCDateTime)
+
+
+class DeliveryLease(_Table, table=True):
+    """Which delivery may send a source's outbox entries: one at a time, until `until`.
+
+    Each lease taken gets the next `lease_id`; `claimed_to` is the highest entry id claimed
+    under it (entries up to it may be in flight). `until` is NULL once the lease has ended;
+    a lease whose `until` has passed may be taken over.
+    """
+
+    __tablename__: ClassVar[str] = "delivery_lease"
+
+    source: str = Field(sa_type=Text, primary_key=True)
+    lease_id: int
+    until: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    claimed_to: int | None = Field(default=None)
 
 
 class DeadLetter(_HeldChange, table=True):
@@ -167,6 +181,8 @@ class DocState(_Table, table=True):
     doc_id: str = Field(sa_type=Text, primary_key=True)
     version: int
     source_version: str | None = Field(default=None, sa_type=Text)
+    # The document's latest entry (`OutboxEntry.id`); it may since have been delivered.
+    entry_id: int | None = Field(default=None)
     updated_at: datetime = Field(sa_type=UTCDateTime)
 
 

@@ -31,14 +31,17 @@ def upsert(doc_id: str, headline: str, source: str = "stories") -> Change:
 
 
 def claim(database: Database, *, now: datetime = NOW, lease_s: float = 60) -> list[outbox.Claim]:
-    """Claim every due entry, source by source."""
-    return [
-        held
-        for source in SOURCES
-        for held in database.run_sync(
+    """Claim every due entry, source by source, each under a lease ended at once (so the next
+    claim may take the source again; the claims can still be settled)."""
+    claims = []
+    for source in SOURCES:
+        taken = database.run_sync(
             outbox.claim_many, source=source, now=now, lease_s=lease_s, limit=100
         )
-    ]
+        if taken:
+            database.run_sync(outbox.end_lease, source, taken[0].lease)
+        claims += taken
+    return claims
 
 
 def refuse(database: Database, *changes: Change) -> list[int]:

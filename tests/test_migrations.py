@@ -15,6 +15,7 @@ TABLES = [
     "alembic_version",
     "checkpoint",
     "dead_letter",
+    "delivery_lease",
     "doc_state",
     "outbox_entry",
     "seen_webhook",
@@ -22,7 +23,7 @@ TABLES = [
 _NEXT_REVISION = '''"""A later schema."""
 
 revision = "0099"
-down_revision = "0004"
+down_revision = "0005"
 branch_labels = None
 depends_on = None
 
@@ -104,7 +105,7 @@ def test_an_older_schema_is_told_to_run_migrate(migrated_database_url: str, tmp_
     message = _schema_error(database)
     database.close()
     assert message == (
-        f"database {database.describe()} is at revision 0004, this pandasync needs 0099: "
+        f"database {database.describe()} is at revision 0005, this pandasync needs 0099: "
         "run `pandasync migrate`"
     )
 

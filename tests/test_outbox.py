@@ -12,6 +12,7 @@ from hypothesis.stateful import (
     consumes,
     invariant,
     multiple,
+    precondition,
     rule,
     run_state_machine_as_test,
 )
@@ -21,7 +22,7 @@ from service import outbox
 from service.changes import Change, Op
 from service.db import Database
 from service.outbox import Answer, Claim
-from service.tables import DeadLetter, OutboxEntry
+from service.tables import DeadLetter, DeliveryLease, DocState, OutboxEntry
 from tests import strategies
 
 NOW = datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)
@@ -44,11 +45,20 @@ def _enqueue(database: Database, *changes: Change, now: datetime = NOW) -> None:
 
 
 def _claim(
-    database: Database, *, source: str = "a", now: datetime = NOW, limit: int = 10
+    database: Database,
+    *,
+    source: str = "a",
+    now: datetime = NOW,
+    limit: int = 10,
+    lease: int | None = None,
 ) -> list[Claim]:
     return database.run_sync(
-        outbox.claim_many, source=source, now=now, lease_s=LEASE_S, limit=limit
+        outbox.claim_many, source=source, now=now, lease_s=LEASE_S, limit=limit, lease=lease
     )
+
+
+def _end(database: Database, held: Claim) -> None:
+    database.run_sync(outbox.end_lease, held.source, held.lease)
 
 
 def _changes(claims: Sequence[Claim]) -> list[Change]:
@@ -60,15 +70,20 @@ def _entries(session: Session) -> list[OutboxEntry]:
 
 
 def _empty(session: Session) -> None:
-    session.exec(delete(OutboxEntry))
-    session.exec(delete(DeadLetter))
+    for table in (OutboxEntry, DeadLetter, DocState, DeliveryLease):
+        session.exec(delete(table))
 
 
 def test_an_enqueued_change_is_claimed_with_a_lease(database: Database) -> None:
     _enqueue(database, _upsert("d", "v"))
     [held] = _claim(database)
     assert held == Claim.holding(
-        _upsert("d", "v"), entry_id=held.entry_id, version=1, attempts=0, claimed_until=LEASED_UNTIL
+        _upsert("d", "v"),
+        entry_id=held.entry_id,
+        version=1,
+        attempts=0,
+        claimed_until=LEASED_UNTIL,
+        lease=1,
     )
 
 
@@ -79,13 +94,15 @@ def test_an_acked_claim_leaves_nothing_pending(database: Database) -> None:
     assert database.run_sync(outbox.pending) == 0
 
 
-def test_the_latest_change_per_document_wins(database: Database) -> None:
+def test_the_latest_change_per_document_wins_in_the_order_changes_were_accepted(
+    database: Database,
+) -> None:
     _enqueue(database, _upsert("d", "1"), _upsert("e", "1"))
     _enqueue(database, _delete("d"), now=LATER)
     claims = _claim(database, now=LATER)
     assert [(held.change, held.version) for held in claims] == [
-        (_delete("d"), 2),
         (_upsert("e", "1"), 1),
+        (_delete("d"), 2),
     ]
 
 
@@ -124,23 +141,58 @@ def test_an_ack_after_a_newer_change_keeps_it_and_it_goes_out_next(database: Dat
     _enqueue(database, _upsert("d", "new"), now=LATER)
     assert _claim(database, now=LATER) == []
     assert database.run_sync(outbox.ack_many, [held]) == 0
-    assert [(c.change, c.version) for c in _claim(database, now=LATER)] == [
+    assert [(c.change, c.version) for c in _claim(database, now=LATER, lease=held.lease)] == [
         (_upsert("d", "new"), 2)
     ]
 
 
-def test_a_claimed_entry_is_not_claimed_again(database: Database) -> None:
+def test_while_a_delivery_holds_the_lease_no_other_claims_the_source(database: Database) -> None:
     _enqueue(database, _upsert("d", "v"))
     assert len(_claim(database)) == 1
+    _enqueue(database, _upsert("e", "v"))
     assert _claim(database, now=LEASED_UNTIL - timedelta(microseconds=1)) == []
 
 
-def test_an_expired_lease_makes_the_entry_claimable_again(database: Database) -> None:
+def test_under_one_lease_an_entry_is_claimed_once(database: Database) -> None:
+    _enqueue(database, _upsert("d", "v"), _upsert("e", "v"))
+    [first] = _claim(database, limit=1)
+    [second] = _claim(database, lease=first.lease)
+    assert (first.change, second.change, second.lease) == (
+        _upsert("d", "v"),
+        _upsert("e", "v"),
+        first.lease,
+    )
+    assert _claim(database, lease=first.lease) == []
+
+
+def test_an_ended_lease_lets_the_next_delivery_claim_at_once_and_claims_nothing_more(
+    database: Database,
+) -> None:
+    _enqueue(database, _upsert("d", "v"))
+    [first] = _claim(database)
+    _end(database, first)
+    assert _claim(database, lease=first.lease) == []
+    [again] = _claim(database)
+    assert (again.entry_id, again.lease) == (first.entry_id, first.lease + 1)
+
+
+def test_an_expired_lease_is_taken_over_and_its_entries_claimed_again(database: Database) -> None:
     _enqueue(database, _upsert("d", "v"))
     [first] = _claim(database)
     [second] = _claim(database, now=LEASED_UNTIL)
     assert (second.entry_id, second.change) == (first.entry_id, first.change)
-    assert second.claimed_until == LEASED_UNTIL + timedelta(seconds=LEASE_S)
+    assert (second.lease, second.claimed_until) == (
+        first.lease + 1,
+        LEASED_UNTIL + timedelta(seconds=LEASE_S),
+    )
+
+
+def test_a_kept_lease_holds_the_source_until_it_expires(database: Database) -> None:
+    _enqueue(database, _upsert("d", "v"))
+    [held] = _claim(database)
+    database.run_sync(outbox.end_lease, held.source, held.lease, keep=True)
+    assert _claim(database, now=LEASED_UNTIL - timedelta(microseconds=1)) == []
+    assert _changes(_claim(database, now=LEASED_UNTIL)) == [_upsert("d", "v")]
 
 
 def test_settling_a_claim_whose_lease_was_taken_over_changes_nothing(database: Database) -> None:
@@ -148,22 +200,26 @@ def test_settling_a_claim_whose_lease_was_taken_over_changes_nothing(database: D
     [stale] = _claim(database)
     [current] = _claim(database, now=LEASED_UNTIL)
     assert database.run_sync(outbox.ack_many, [stale]) == 0
-    database.run_sync(outbox.release, [stale])
     database.run_sync(outbox.retry_later, stale, at=LATER, answer=REFUSED, now=NOW)
     assert database.run_sync(outbox.dead_letter, stale, answer=REFUSED, now=NOW) is False
+    _end(database, stale)
+    assert _claim(database, now=LEASED_UNTIL) == []  # the current lease still holds
     assert database.run_sync(outbox.ack_many, [current]) == 1
 
 
-def test_claims_are_oldest_due_first_and_limited(database: Database) -> None:
+def test_claims_follow_the_order_changes_were_accepted_skip_entries_not_due_and_are_limited(
+    database: Database,
+) -> None:
     _enqueue(database, _upsert("late", "v"), now=LATER)
     _enqueue(database, _upsert("b", "v"))
-    _enqueue(database, _upsert("a", "v"))
     _enqueue(database, _upsert("future", "v"), now=LATER + timedelta(days=1))
-    assert _changes(_claim(database, now=LATER, limit=2)) == [_upsert("b", "v"), _upsert("a", "v")]
-    assert _changes(_claim(database, now=LATER)) == [_upsert("late", "v")]
+    _enqueue(database, _upsert("a", "v"))
+    first = _claim(database, now=LATER, limit=2)
+    assert _changes(first) == [_upsert("late", "v"), _upsert("b", "v")]
+    assert _changes(_claim(database, now=LATER, lease=first[0].lease)) == [_upsert("a", "v")]
 
 
-def test_a_claim_leases_only_the_entries_of_its_source(database: Database) -> None:
+def test_a_claim_takes_only_the_entries_of_its_source(database: Database) -> None:
     _enqueue(database, _upsert("d", source="a"), _upsert("d", source="b"))
     _enqueue(database, _upsert("d", source="c"))
     assert _changes(_claim(database, source="b")) == [_upsert("d", source="b")]
@@ -179,6 +235,7 @@ def test_retry_later_counts_the_attempt_and_delays_the_entry(database: Database)
     [held] = _claim(database)
     timeout = Answer(status=None, detail="timeout")
     database.run_sync(outbox.retry_later, held, at=LATER, answer=timeout, now=NOW)
+    _end(database, held)
     assert _claim(database, now=LATER - timedelta(microseconds=1)) == []
     [again] = _claim(database, now=LATER)
     assert (again.version, again.attempts) == (1, 1)
@@ -192,6 +249,7 @@ def test_retry_later_keeps_the_last_ten_answers(database: Database) -> None:
         [held] = _claim(database)
         answer = Answer(status=500 + attempt, detail=f"attempt {attempt}")
         database.run_sync(outbox.retry_later, held, at=NOW, answer=answer, now=NOW)
+        _end(database, held)
     [entry] = database.run_sync(_entries)
     assert (entry.attempts, outbox.answers_of(entry)) == (
         12,
@@ -199,13 +257,15 @@ def test_retry_later_keeps_the_last_ten_answers(database: Database) -> None:
     )
 
 
-def test_retry_later_after_a_newer_change_delays_it_without_counting(database: Database) -> None:
+def test_retry_later_after_a_newer_change_leaves_the_newer_change_due_as_it_came(
+    database: Database,
+) -> None:
     _enqueue(database, _upsert("d", "old"))
     [held] = _claim(database)
     _enqueue(database, _upsert("d", "new"))
     database.run_sync(outbox.retry_later, held, at=LATER, answer=REFUSED, now=NOW)
-    assert _claim(database) == []
-    [again] = _claim(database, now=LATER)
+    _end(database, held)
+    [again] = _claim(database)
     assert (again.change, again.version, again.attempts) == (_upsert("d", "new"), 2, 0)
     [entry] = database.run_sync(_entries)
     assert outbox.answers_of(entry) == []
@@ -215,6 +275,7 @@ def test_a_newer_change_starts_its_attempts_over(database: Database) -> None:
     _enqueue(database, _upsert("d", "old"))
     [held] = _claim(database)
     database.run_sync(outbox.retry_later, held, at=LATER, answer=REFUSED, now=NOW)
+    _end(database, held)
     _enqueue(database, _upsert("d", "new"))
     [again] = _claim(database)
     assert (again.change, again.attempts) == (_upsert("d", "new"), 0)
@@ -226,6 +287,7 @@ def test_dead_letter_keeps_every_answer_and_removes_the_entry(database: Database
     for answer in answers:
         [held] = _claim(database)
         database.run_sync(outbox.retry_later, held, at=NOW, answer=answer, now=NOW)
+        _end(database, held)
     [held] = _claim(database)
     assert database.run_sync(outbox.dead_letter, held, answer=REFUSED, now=LATER) is True
     [letter] = database.run_sync(outbox.dead_letters)
@@ -251,22 +313,27 @@ def test_dead_letter_after_a_newer_change_keeps_it_instead(database: Database) -
     _enqueue(database, _upsert("d", "new"))
     assert database.run_sync(outbox.dead_letter, held, answer=REFUSED, now=NOW) is False
     assert database.run_sync(outbox.dead_letters) == []
-    assert _changes(_claim(database)) == [_upsert("d", "new")]
+    assert _changes(_claim(database, lease=held.lease)) == [_upsert("d", "new")]
 
 
-def test_release_gives_leases_back_without_counting_an_attempt(database: Database) -> None:
+def test_claims_left_unsettled_go_out_under_the_next_lease_without_an_attempt(
+    database: Database,
+) -> None:
     _enqueue(database, _upsert("a", "v"), _upsert("b", "v"))
     claims = _claim(database)
-    database.run_sync(outbox.release, claims)
+    _end(database, claims[0])
     again = _claim(database)
     assert [(c.change, c.attempts) for c in again] == [(c.change, 0) for c in claims]
 
 
-def test_a_newer_change_does_not_end_a_lease_in_flight(database: Database) -> None:
+def test_a_newer_change_goes_out_after_the_one_in_flight_under_the_same_lease(
+    database: Database,
+) -> None:
     _enqueue(database, _upsert("d", "old"))
-    _claim(database)
+    [held] = _claim(database)
     _enqueue(database, _upsert("d", "new"))
     assert _claim(database) == []
+    assert _changes(_claim(database, lease=held.lease)) == [_upsert("d", "new")]
 
 
 def test_pending_and_dead_letters_count_per_source(database: Database) -> None:
@@ -283,7 +350,9 @@ def test_pending_and_dead_letters_count_per_source(database: Database) -> None:
 
 
 class _Replication(RuleBasedStateMachine):
-    """Enqueues interleaved with claims, acks and retries; then the outbox is drained.
+    """Enqueues interleaved with one delivery's claims, acks, retries, ends of its lease and
+    crashes (another delivery takes over once the lease has expired); then the outbox is
+    drained.
 
     Two documents, so newer changes often arrive while an older one is in flight; every
     change has its own external_id, so any two can be told apart.
@@ -298,6 +367,8 @@ class _Replication(RuleBasedStateMachine):
         self.delivered: dict[str, Change] = {}
         self.unsettled: list[Claim] = []
         self.enqueued = 0
+        self.now = NOW
+        self.lease: int | None = None
         database.run_sync(_empty)
 
     @rule(doc_id=st.sampled_from("xy"), op=st.sampled_from(Op))
@@ -305,17 +376,21 @@ class _Replication(RuleBasedStateMachine):
         self.enqueued += 1
         row = ("v",) if op is Op.UPSERT else None
         change = Change("a", doc_id, f"e{self.enqueued}", op, row)
-        _enqueue(self.database, change)
+        _enqueue(self.database, change, now=self.now)
         self.latest[doc_id] = change
 
     @rule(target=in_flight, limit=st.integers(1, 2))
     def claim(self, limit: int) -> MultipleResults[Claim]:
-        claims = _claim(self.database, limit=limit)
+        claims = _claim(self.database, now=self.now, limit=limit, lease=self.lease)
+        if claims:
+            self.lease = claims[0].lease
         self.unsettled += claims
         return multiple(*claims)
 
     @rule(held=consumes(in_flight))
     def deliver_and_ack(self, held: Claim) -> None:
+        if held not in self.unsettled:
+            return  # claimed before a crash: that delivery is gone
         # Delivered to PANDA, whether or not a newer change superseded it meanwhile.
         self.unsettled.remove(held)
         self.delivered[held.change.doc_id] = held.change
@@ -323,8 +398,25 @@ class _Replication(RuleBasedStateMachine):
 
     @rule(held=consumes(in_flight))
     def fail_and_retry(self, held: Claim) -> None:
+        if held not in self.unsettled:
+            return
         self.unsettled.remove(held)
-        self.database.run_sync(outbox.retry_later, held, at=NOW, answer=REFUSED, now=NOW)
+        self.database.run_sync(outbox.retry_later, held, at=self.now, answer=REFUSED, now=NOW)
+
+    @precondition(lambda self: self.lease is not None and not self.unsettled)
+    @rule()
+    def end_lease(self) -> None:
+        assert self.lease is not None
+        self.database.run_sync(outbox.end_lease, "a", self.lease)
+        self.lease = None
+
+    @rule()
+    def crash(self) -> None:
+        """The delivery dies with its claims unsettled (none was sent); once its lease has
+        expired, the next delivery takes the source over."""
+        self.unsettled.clear()
+        self.lease = None
+        self.now += timedelta(seconds=LEASE_S)
 
     @invariant()
     def the_outbox_holds_every_latest_change_not_yet_delivered(self) -> None:
@@ -335,11 +427,13 @@ class _Replication(RuleBasedStateMachine):
         assert {doc: held.get(doc) for doc in owed} == owed
 
     def teardown(self) -> None:
-        """Release what is still in flight, drain, and compare with the last change per doc."""
-        self.database.run_sync(outbox.release, self.unsettled)
+        """Abandon what is still in flight, drain under a new lease, and compare with the last
+        change per document."""
+        self.crash()
         for _ in range(10):
-            claims = _claim(self.database, limit=100)
+            claims = _claim(self.database, now=self.now, limit=100, lease=self.lease)
             for held in claims:
+                self.lease = held.lease
                 self.delivered[held.change.doc_id] = held.change
             self.database.run_sync(outbox.ack_many, claims)
         assert (self.delivered, self.database.run_sync(outbox.pending)) == (self.latest, 0)

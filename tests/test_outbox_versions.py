@@ -15,7 +15,7 @@ from service import outbox
 from service.changes import Change, Op, SourceVersion
 from service.db import Database, alembic_config, migrate
 from service.outbox import Answer, Claim, Enqueued
-from service.tables import DeadLetter, DocState, OutboxEntry
+from service.tables import DeadLetter, DeliveryLease, DocState, OutboxEntry
 
 NOW = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
 REFUSED = Answer(status=400, detail="Invalid row")
@@ -40,9 +40,12 @@ def claim(database: Database) -> list[Claim]:
 
 
 def deliver(database: Database) -> list[tuple[Change, int]]:
-    """Claim and ack everything due; the changes and versions that went out."""
+    """Claim and ack everything due, then end the lease; the changes and versions that went
+    out."""
     claims = claim(database)
     database.run_sync(outbox.ack_many, claims)
+    if claims:
+        database.run_sync(outbox.end_lease, "a", claims[0].lease)
     return [(held.change, held.version) for held in claims]
 
 
@@ -152,6 +155,7 @@ def _forget_everything(session: Session) -> None:
     session.exec(delete(OutboxEntry))
     session.exec(delete(DeadLetter))
     session.exec(delete(DocState))
+    session.exec(delete(DeliveryLease))
 
 
 @settings(
@@ -222,3 +226,39 @@ def _rows_of_revision_0001(session: Session) -> None:
             f" answers, created_at) VALUES ('a', 'd', 'xd', 'delete', NULL, 7, 1, '[]', '{at}')"
         )
     )
+
+
+def test_an_upgrade_to_one_lease_per_source_keeps_every_queued_change_replaceable(
+    database_url: str,
+) -> None:
+    command.upgrade(alembic_config(database_url), "0004")
+    database = Database.open(database_url)
+    database.run_sync(_rows_of_revision_0004)
+    migrate(database_url)
+    enqueue(database, upsert("d", "after the upgrade"))
+    delivered = deliver(database)
+    database.close()
+    # e's lease from before the upgrade is gone: it goes out again (the same row, harmless).
+    assert delivered == [(remove("e"), 2), (upsert("d", "after the upgrade"), 4)]
+
+
+def _rows_of_revision_0004(session: Session) -> None:
+    """Outbox entries for d (version 3) and e (2, leased), with their document states."""
+    at = "2026-01-02 03:04:05"
+    connection = session.connection()
+    for doc_id, version, until in (("d", 3, "NULL"), ("e", 2, f"'{at}'")):
+        connection.execute(
+            text(
+                "INSERT INTO outbox_entry (source, doc_id, external_id, op, row, version,"
+                " attempts, answers, next_attempt_at, claimed_until, claimed_version,"
+                " created_at, updated_at) VALUES"
+                f" ('a', '{doc_id}', 'x{doc_id}', 'delete', NULL, {version}, 0, '[]', '{at}',"
+                f" {until}, {version}, '{at}', '{at}')"
+            )
+        )
+        connection.execute(
+            text(
+                "INSERT INTO doc_state (source, doc_id, version, updated_at) VALUES"
+                f" ('a', '{doc_id}', {version}, '{at}')"
+            )
+        )

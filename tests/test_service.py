@@ -7,13 +7,13 @@ from pathlib import Path
 
 import httpx
 import pytest
-from sqlmodel import Session, select
+from sqlmodel import Session
 
 from service import outbox
 from service.changes import Change, Op
 from service.db import Database
 from service.delivery import utcnow
-from service.tables import OutboxEntry
+from service.tables import DeliveryLease
 from tests.fixtures.panda import RunningPanda, free_port
 from tests.fixtures.service import serving, wait_until
 
@@ -77,8 +77,8 @@ def enqueue(database: Database, doc_id: str, title: str) -> None:
 
 
 def leased(session: Session) -> bool:
-    entry = session.exec(select(OutboxEntry)).first()
-    return entry is not None and entry.claimed_until is not None
+    lease = session.get(DeliveryLease, "stories")
+    return lease is not None and lease.until is not None
 
 
 def test_a_service_killed_mid_delivery_delivers_the_change_after_a_restart(
