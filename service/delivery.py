@@ -113,6 +113,8 @@ class _Tally:
     retry_as: tuple[outbox.Answer, datetime] | None = None
     in_doubt: Sequence[outbox.Claim] = ()
     went_on: bool = False
+    # Some claims were put off for a later batch (a second change to a row in this one).
+    put_off: bool = False
 
     def retry_failed(self, answer: outbox.Answer, *, at: datetime) -> None:
         """The claims of the request that failed are tried again `at`, with `answer` recorded
@@ -150,6 +152,8 @@ class _Drain:
     exhausted: bool = False
     # Set when delivery stops going on: the store's task (`_claim_ahead`) claims no more.
     halted: bool = False
+    # Set when a batch put claims off: they go out under the next lease.
+    put_off: bool = False
     poked: anyio.Event = field(default_factory=anyio.Event)
 
     def more_coming(self) -> bool:
@@ -351,9 +355,19 @@ class Delivery:
         While batches go to PANDA one after another, the store settles those delivered and
         claims the next ones ahead (`_deliver_claiming_ahead`), so store work overlaps PANDA's.
         A probe (open breaker) goes alone, settled before anything more is claimed. Whatever
-        happens, settled claims are written and unsent ones released before returning.
+        happens, settled claims are written and unsent ones released before returning. Claims
+        put off for a later batch (a second change to one row) go out in another drain under
+        a new lease, unless `batches` limits this one.
         """
-        drain = _Drain(claims_left=batches)
+        handled = 0
+        while True:
+            drain = _Drain(claims_left=batches)
+            handled += await self._drain_once(lane, drain)
+            if not (drain.put_off and batches is None and self._ready(lane)):
+                return handled
+
+    async def _drain_once(self, lane: _Lane, drain: _Drain) -> int:
+        """`_drain` under one lease."""
         async with lane.lock:
             try:
                 await self._exchange(lane, drain, [], claim=True)
@@ -413,6 +427,7 @@ class Delivery:
         await self._deliver(lane, batch, tally)
         drain.current = None
         drain.finished.append(tally)
+        drain.put_off = drain.put_off or tally.put_off
         return tally
 
     async def _exchange(
@@ -461,6 +476,7 @@ class Delivery:
         """Send one batch to PANDA and record in `tally` what became of each claim; sets
         `tally.went_on` when the whole batch was handled and the lane may go on."""
         requests = plan(batch.claims, row_by_row=self._settings.row_by_row)
+        tally.put_off = bool(requests.later)
         async with self._limiter:
             try:
                 await self._ensure(lane, batch, tally)

@@ -613,6 +613,19 @@ async def test_two_changes_to_one_row_never_share_a_batch(
     assert panda.rows("stories") == {"same": ["second", "2"]}
 
 
+async def test_a_change_put_off_behind_another_to_its_row_goes_out_in_the_same_run(
+    panda: RunningPanda, database: Database, clock: FakeClock, delivery: Delivery
+) -> None:
+    await enqueue(
+        database,
+        clock,
+        Change("stories", "first", "same", Op.UPSERT, ("first", "1")),
+        Change("stories", "second", "same", Op.UPSERT, ("second", "2")),
+    )
+    await delivery.run_once()
+    assert (panda.rows("stories"), await pending(database)) == ({"same": ["second", "2"]}, 0)
+
+
 async def test_no_request_starts_that_could_outlive_its_lease(
     panda: RunningPanda, database: Database, clock: FakeClock
 ) -> None:
