@@ -89,50 +89,64 @@ class _Lane:
 
 @dataclass(frozen=True)
 class _Batch:
-    """Claims leased together at `claimed_at`, when at most `limit` were asked for."""
+    """Entries claimed together at `claimed_at`, when at most `limit` were asked for: as
+    claims, or packed by the store (`outbox.Packed`, upserts only)."""
 
     claims: list[outbox.Claim]
+    packed: outbox.Packed | None
     claimed_at: datetime
     limit: int
+
+    @property
+    def count(self) -> int:
+        """How many entries the batch holds."""
+        return len(self.claims) + (0 if self.packed is None else self.packed.count)
 
 
 @dataclass(eq=False)
 class _Tally:
-    """What became of one batch's claims, settled in one transaction.
+    """What became of one batch's claims (or packed entries), settled in one transaction.
 
-    Claims end `delivered`, `dead` or `retry`; `in_doubt` holds those of the request that is
-    out. At settling, a claim still in doubt (its request was cut off) keeps its lease, since
-    PANDA may yet apply it; every other claim not accounted for is released.
+    Claims end `delivered`, `dead` or `retry` (packed parts `delivered_packed` or
+    `retry_packed`, or are taken apart into claims); `in_doubt` holds those of the request
+    that is out. At
+    settling, a request still in doubt (cut off) keeps the source's lease, since PANDA may
+    yet apply it; every claim not accounted for stays due.
     """
 
     claims: Sequence[outbox.Claim]
+    packed: outbox.Packed | None = None
     delivered: list[outbox.Claim] = field(default_factory=list)
+    delivered_packed: list[outbox.Packed] = field(default_factory=list)
     dead: list[tuple[outbox.Claim, outbox.Answer]] = field(default_factory=list)
     retry: list[outbox.Claim] = field(default_factory=list)
+    retry_packed: list[outbox.Packed] = field(default_factory=list)
     # PANDA's answer to the retried claims, and when to try them again.
     retry_as: tuple[outbox.Answer, datetime] | None = None
-    in_doubt: Sequence[outbox.Claim] = ()
+    in_doubt: Sequence[outbox.Claim] | outbox.Packed = ()
     went_on: bool = False
     # Some claims were put off for a later batch (a second change to a row in this one).
     put_off: bool = False
 
     def retry_failed(self, answer: outbox.Answer, *, at: datetime) -> None:
         """The claims of the request that failed are tried again `at`, with `answer` recorded
-        as their attempt; the batch's claims not sent yet stay unsettled (released without an
-        attempt). A request for no claims (creating the dataset) fails them all."""
-        self.retry = list(self.in_doubt) or self.unsettled()
+        as their attempt; the batch's claims not sent yet stay due without an attempt. A
+        request for no claims (creating the dataset) fails them all."""
+        if isinstance(self.in_doubt, outbox.Packed):
+            self.retry_packed = [self.in_doubt]
+        elif self.in_doubt:
+            self.retry = list(self.in_doubt)
+        else:  # creating the dataset failed: nothing of the batch was sent
+            self.retry = list(self.claims)
+            self.retry_packed = [] if self.packed is None else [self.packed]
         self.in_doubt = ()
         self.retry_as = (answer, at)
 
-    def unsettled(self) -> list[outbox.Claim]:
-        """The claims neither delivered, dead, retried nor in doubt."""
-        if len(self.delivered) == len(self.claims):  # every claim of the batch went through
-            return []
-        settled = {held.entry_id for held in self.delivered}
-        settled.update(held.entry_id for held, _ in self.dead)
-        settled.update(held.entry_id for held in self.retry)
-        settled.update(held.entry_id for held in self.in_doubt)
-        return [held for held in self.claims if held.entry_id not in settled]
+    def doubted(self) -> int:
+        """How many rows the request in doubt holds."""
+        if isinstance(self.in_doubt, outbox.Packed):
+            return self.in_doubt.count
+        return len(self.in_doubt)
 
 
 @dataclass(eq=False)
@@ -175,7 +189,7 @@ class _Drain:
         tallies = self.finished
         if self.current is not None:
             tallies.append(self.current)
-        tallies.extend(_Tally(batch.claims) for batch in self.ready)
+        tallies.extend(_Tally(batch.claims, batch.packed) for batch in self.ready)
         self.finished, self.current = [], None
         self.ready.clear()
         return tallies
@@ -422,8 +436,8 @@ class Delivery:
         """Deliver the drain's next claimed batch; its tally joins `drain.finished` after."""
         batch = drain.ready.popleft()
         drain.poke()  # room for the store to claim another
-        drain.handled += len(batch.claims)
-        tally = drain.current = _Tally(batch.claims)
+        drain.handled += batch.count
+        tally = drain.current = _Tally(batch.claims, batch.packed)
         await self._deliver(lane, batch, tally)
         drain.current = None
         drain.finished.append(tally)
@@ -448,13 +462,14 @@ class Delivery:
             ending = None if claim or drain.lease is None else drain.lease
             if not (settling or limit or ending is not None):
                 return
-            delivered, dead, claims = await self._db.run(
+            delivered, dead, claims, packed = await self._db.run(
                 _settle_and_claim,
                 settling,
                 source=lane.source,
                 now=now,
                 lease_s=self._settings.lease_s,
                 limit=limit,
+                pack=not self._settings.row_by_row,
                 lease=drain.lease,
                 ending=ending,
             )
@@ -464,11 +479,14 @@ class Delivery:
             self._dead_lettered += dead
             if not limit:
                 return
-            if not claims:
+            if packed is not None and packed.count:
+                drain.lease = packed.lease
+            elif claims:
+                drain.lease, packed = claims[0].lease, None
+            else:
                 drain.exhausted = True
                 return
-            drain.lease = claims[0].lease
-            drain.ready.append(_Batch(claims, now, limit))
+            drain.ready.append(_Batch(claims, packed, now, limit))
             if drain.claims_left is not None:
                 drain.claims_left -= 1
 
@@ -480,6 +498,7 @@ class Delivery:
         async with self._limiter:
             try:
                 await self._ensure(lane, batch, tally)
+                await self._put_packed_batch(lane, batch, tally)
                 await self._put_in_batches(lane, batch, tally, requests.bulk)
                 for held in requests.single:
                     await self._send_one(lane, batch, tally, held)
@@ -520,8 +539,54 @@ class Delivery:
     ) -> None:
         """Upsert `claims` in one bulk PUT; if PANDA refuses it, find the bad rows."""
         refusal = await self._put_rows(lane, batch, tally, claims)
-        if refusal is None:
+        if refusal is not None:
+            await self._refused(lane, batch, tally, claims, refusal)
+
+    async def _put_packed_batch(self, lane: _Lane, batch: _Batch, tally: _Tally) -> None:
+        """Upsert the batch's packed entries in bulk PUTs of the lane's batch size (as it
+        adapts), one after another; stops before the next PUT once the lane must not go on."""
+        if batch.packed is None:
             return
+        start = 0
+        while start < batch.packed.count:
+            if start and not self._ready(lane):
+                raise _StopBatchError
+            size = lane.sizer.size
+            await self._put_packed(lane, batch, tally, batch.packed.part(start, start + size))
+            start += size
+
+    async def _put_packed(
+        self, lane: _Lane, batch: _Batch, tally: _Tally, part: outbox.Packed
+    ) -> None:
+        """Upsert packed entries in one bulk PUT; if it is refused, take them apart into
+        claims and find the bad rows."""
+        full = part.count >= min(lane.sizer.size, batch.limit)
+        started = self._timer()
+        refusal = await self._request(
+            lane,
+            batch,
+            tally,
+            part,
+            lambda: self._panda.put_rows_json(lane.dataset.slug, part.external_ids, part.rows),
+        )
+        if refusal is None or refusal.status is not None:  # PANDA answered
+            lane.sizer.took(self._timer() - started, full=full)
+        if refusal is None:
+            tally.delivered_packed.append(part)
+            return
+        claims = await self._db.run(outbox.claims_of, part)
+        await self._refused(lane, batch, tally, claims, refusal)
+
+    async def _refused(
+        self,
+        lane: _Lane,
+        batch: _Batch,
+        tally: _Tally,
+        claims: list[outbox.Claim],
+        refusal: PermanentError,
+    ) -> None:
+        """PANDA (or the client) refused the bulk PUT of `claims`: dead-letter the rows at
+        fault and deliver the rest."""
         named = set(refusal.external_ids)
         unfit = [held for held in claims if held.external_id in named]
         if unfit and len(unfit) < len(claims):
@@ -592,7 +657,7 @@ class Delivery:
         lane: _Lane,
         batch: _Batch,
         tally: _Tally,
-        claims: Sequence[outbox.Claim],
+        claims: Sequence[outbox.Claim] | outbox.Packed,
         call: Callable[[], Awaitable[None]],
     ) -> PermanentError | None:
         """Make one PANDA request for `claims`: None when PANDA took it, its refusal when it
@@ -654,7 +719,7 @@ class Delivery:
             "PANDA asked to retry later: source=%s status=%s rows=%d retry_in_s=%.1f",
             lane.source,
             error.status,
-            len(tally.retry),
+            len(tally.retry) + sum(part.count for part in tally.retry_packed),
             wait_s,
         )
         if lane.breaker.open and not was_open:
@@ -693,21 +758,24 @@ def _answer(refusal: PermanentError) -> outbox.Answer:
 def _settle(session: Session, tally: _Tally, now: datetime) -> tuple[int, int]:
     """Write one tally's outcome; returns (entries removed as delivered, dead letters made)."""
     delivered = outbox.ack_many(session, tally.delivered)
+    delivered += outbox.ack_packed(session, tally.delivered_packed)
     dead = sum(
         outbox.dead_letter(session, held, answer=answer, now=now) for held, answer in tally.dead
     )
     if tally.retry_as is not None:
         answer, at = tally.retry_as
-        for held in tally.retry:
+        retried = [*tally.retry]
+        for part in tally.retry_packed:
+            retried += outbox.claims_of(session, part)
+        for held in retried:
             outbox.retry_later(session, held, at=at, answer=answer, now=now)
     # Claims neither delivered, dead nor retried stay due as they were: the drain's lease
     # ends with it, and they go out under the next one.
     if tally.in_doubt:
         log.warning(
-            "request cut off, its changes keep their lease and go out again after it:"
-            " source=%s rows=%d",
-            tally.in_doubt[0].source,
-            len(tally.in_doubt),
+            "request cut off, the source keeps its lease and its changes go out again after"
+            " it: rows=%d",
+            tally.doubted(),
         )
     return delivered, dead
 
@@ -720,11 +788,13 @@ def _settle_and_claim(
     now: datetime,
     lease_s: float,
     limit: int,
+    pack: bool,
     lease: int | None,
     ending: int | None,
-) -> tuple[int, int, list[outbox.Claim]]:
+) -> tuple[int, int, list[outbox.Claim], outbox.Packed | None]:
     """Settle `tallies`, then claim up to `limit` due entries of `source` (none for 0) under
-    `lease` (taking the source's lease if None), or end the lease `ending`."""
+    `lease` (taking the source's lease if None), packed if `pack` and the store can, or end
+    the lease `ending`."""
     delivered = dead = 0
     for tally in tallies:
         removed, refused = _settle(session, tally, now)
@@ -734,8 +804,14 @@ def _settle_and_claim(
         in_doubt = any(tally.in_doubt for tally in tallies)
         outbox.end_lease(session, source, ending, keep=in_doubt)
     if limit == 0:
-        return delivered, dead, []
+        return delivered, dead, [], None
+    if pack:
+        packed = outbox.claim_packed(
+            session, source=source, now=now, lease_s=lease_s, limit=limit, lease=lease
+        )
+        if packed is not None:
+            return delivered, dead, [], packed
     claims = outbox.claim_many(
         session, source=source, now=now, lease_s=lease_s, limit=limit, lease=lease
     )
-    return delivered, dead, claims
+    return delivered, dead, claims, None

@@ -160,3 +160,101 @@ def test_an_ack_of_a_lost_lease_changes_nothing(
 
 def test_an_ack_of_nothing_removes_nothing(database: Database) -> None:
     assert database.run_sync(outbox.ack_many, []) == 0
+
+
+def claim_packed(
+    database: Database, *, at: datetime = NOW, lease: int | None = None, limit: int = 10
+) -> outbox.Packed | None:
+    return database.run_sync(
+        outbox.claim_packed, source="stories", now=at, lease_s=60, limit=limit, lease=lease
+    )
+
+
+def packs(database: Database) -> bool:
+    """Whether the store packs claims (SQLite); PostgreSQL never does."""
+    return database.engine.dialect.name == "sqlite"
+
+
+def test_a_packed_claim_holds_ids_and_row_texts_in_acceptance_order_under_the_lease(
+    database: Database,
+) -> None:
+    enqueue(database, upsert("b", "2"), upsert("a", "1"))
+    enqueue(database, upsert("c", "3"))
+    first = claim_packed(database, limit=2)
+    if not packs(database):
+        assert first is None
+        return
+    assert first is not None
+    assert (first.external_ids, first.rows, first.claimed_until) == (
+        ["a", "b"],
+        ['["1"]', '["2"]'],
+        NOW + timedelta(seconds=60),
+    )
+    assert claim_many(database) == [], "the packed claim holds the source's lease"
+    rest = claim_packed(database, lease=first.lease)
+    assert rest is not None
+    assert (rest.external_ids, rest.count) == (["c"], 1)
+    assert claim_packed(database, lease=first.lease) == outbox.Packed(
+        "stories", 0, NOW, NOW, [], [], []
+    )
+
+
+@pytest.mark.parametrize(
+    "batch",
+    [
+        [upsert("a"), Change("stories", "b", "b", Op.DELETE)],
+        [upsert("a"), Change("stories", "b", "a", Op.UPSERT, ("x",))],
+    ],
+    ids=["with a delete", "two changes to one row"],
+)
+def test_a_batch_with_a_delete_or_two_changes_to_one_row_is_not_packed_but_claimed(
+    database: Database, batch: list[Change]
+) -> None:
+    enqueue(database, *batch)
+    assert claim_packed(database) is None
+    assert [held.change for held in claim_many(database)] == batch
+
+
+def test_acking_a_packed_part_removes_its_entries_and_none_it_did_not_claim(
+    database: Database,
+) -> None:
+    enqueue(database, upsert("a"))
+    enqueue(database, upsert("not-due"), at=NOW + timedelta(1))
+    enqueue(database, upsert("c"), upsert("d"))
+    packed = claim_packed(database)
+    if not packs(database):
+        return
+    assert packed is not None
+    assert packed.external_ids == ["a", "c", "d"]
+    assert database.run_sync(outbox.ack_packed, [packed.part(0, 2)]) == 2
+    remaining = claim_many(database, at=NOW + timedelta(1), lease=packed.lease)
+    assert [held.change.doc_id for held in remaining] == []  # claimed already, under the lease
+    database.run_sync(outbox.end_lease, "stories", packed.lease)
+    later = claim_many(database, at=NOW + timedelta(1))
+    assert sorted(held.change.doc_id for held in later) == ["d", "not-due"]
+
+
+def test_a_packed_part_taken_apart_gives_the_claims_claim_many_gives(database: Database) -> None:
+    enqueue(database, upsert("a", "1"), upsert("b", "2"))
+    packed = claim_packed(database)
+    if not packs(database):
+        return
+    assert packed is not None
+    claims = database.run_sync(outbox.claims_of, packed)
+    database.run_sync(outbox.end_lease, "stories", packed.lease)
+    again = claim_many(database)
+    assert [(held.entry_id, held.change, held.version) for held in claims] == [
+        (held.entry_id, held.change, held.version) for held in again
+    ]
+    assert {held.lease for held in claims} == {packed.lease}
+
+
+def test_an_ack_of_a_packed_part_under_a_lost_lease_changes_nothing(database: Database) -> None:
+    enqueue(database, upsert("a"))
+    packed = claim_packed(database)
+    if not packs(database):
+        return
+    assert packed is not None
+    taken_over = claim_many(database, at=NOW + timedelta(seconds=61))
+    assert database.run_sync(outbox.ack_packed, [packed]) == 0
+    assert database.run_sync(outbox.ack_many, taken_over) == 1
