@@ -191,6 +191,9 @@ def test_a_packed_claim_holds_ids_and_row_texts_in_acceptance_order_under_the_le
         NOW + timedelta(seconds=60),
     )
     assert claim_many(database) == [], "the packed claim holds the source's lease"
+    held = claim_packed(database)
+    assert held is not None
+    assert held.count == 0, "so does a packed claim beside it"
     rest = claim_packed(database, lease=first.lease)
     assert rest is not None
     assert (rest.external_ids, rest.count) == (["c"], 1)
@@ -258,3 +261,10 @@ def test_an_ack_of_a_packed_part_under_a_lost_lease_changes_nothing(database: Da
     taken_over = claim_many(database, at=NOW + timedelta(seconds=61))
     assert database.run_sync(outbox.ack_packed, [packed]) == 0
     assert database.run_sync(outbox.ack_many, taken_over) == 1
+
+
+def test_an_ack_of_claims_of_two_sources_removes_the_entries_of_both(database: Database) -> None:
+    enqueue(database, upsert("a"), upsert("b", source="other"))
+    claims = claim_many(database) + claim_many(database, source="other")
+    assert database.run_sync(outbox.ack_many, claims) == 2
+    assert database.run_sync(outbox.pending, None) == 0
