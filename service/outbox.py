@@ -595,7 +595,7 @@ def claim_packed(
     lease, after = started
     columns = _table(OutboxEntry).c
     picked = (
-        sqlalchemy.select(columns.id, columns.external_id, columns.op, columns.row)
+        sqlalchemy.select(columns.id, columns.external_id, columns.row)
         .where(columns.source == source)
         .where(columns.id > after)
         .where(columns.next_attempt_at <= now)
@@ -603,12 +603,12 @@ def claim_packed(
         .limit(limit)
         .subquery()
     )
-    # One row of text for them all (see `claim_many`); JSON text holds no raw newline.
-    count, last_id, deletes, entry_ids, rows, external_ids = session.execute(
+    # One row of text for them all (see `claim_many`); JSON text holds no raw newline, and
+    # a delete has no row (group_concat leaves it out: fewer rows than entries).
+    count, last_id, entry_ids, rows, external_ids = session.execute(
         sqlalchemy.select(
             func.count(),
             func.max(picked.c.id),
-            func.sum(picked.c.op == Op.DELETE.value),
             func.group_concat(picked.c.id, ","),
             func.group_concat(picked.c.row, "\n"),
             func.group_concat(picked.c.external_id, "\n"),
@@ -616,7 +616,7 @@ def claim_packed(
     ).one()
     if not count:
         return Packed(source, 0, now, now, [], [], [])
-    if deletes:
+    if rows is None:  # deletes only
         return None
     packed = Packed(
         source,
@@ -628,7 +628,7 @@ def claim_packed(
         rows.split("\n"),
     )
     if not count == len(packed.rows) == len(packed.external_ids) == len(set(packed.external_ids)):
-        return None  # two changes to one row (`plan` puts the second off), or an odd id
+        return None  # a delete, two changes to one row (`plan` puts the second off), or an odd id
     _renew(session, source, lease, packed.claimed_until, last_id)
     return packed
 

@@ -207,8 +207,9 @@ def test_a_packed_claim_holds_ids_and_row_texts_in_acceptance_order_under_the_le
     [
         [upsert("a"), Change("stories", "b", "b", Op.DELETE)],
         [upsert("a"), Change("stories", "b", "a", Op.UPSERT, ("x",))],
+        [Change("stories", "b", "b", Op.DELETE)],
     ],
-    ids=["with a delete", "two changes to one row"],
+    ids=["with a delete", "two changes to one row", "only a delete"],
 )
 def test_a_batch_with_a_delete_or_two_changes_to_one_row_is_not_packed_but_claimed(
     database: Database, batch: list[Change]
