@@ -262,3 +262,29 @@ def _rows_of_revision_0004(session: Session) -> None:
                 f" ('a', '{doc_id}', {version}, '{at}')"
             )
         )
+
+
+def test_after_an_upgrade_to_one_lease_per_source_no_entry_id_is_issued_twice(
+    database_url: str,
+) -> None:
+    command.upgrade(alembic_config(database_url), "0004")
+    database = Database.open(database_url)
+    database.run_sync(_rows_of_revision_0004)
+    database.run_sync(_forget_the_newest_entry)
+    issued = database.run_sync(_highest_entry_id_issued)
+    migrate(database_url)
+    enqueue(database, upsert("new", "after the upgrade"))
+    [new] = [held for held in claim(database) if held.doc_id == "new"]
+    database.close()
+    assert new.entry_id > issued
+
+
+def _forget_the_newest_entry(session: Session) -> None:
+    session.connection().execute(text("DELETE FROM outbox_entry WHERE doc_id = 'e'"))
+
+
+def _highest_entry_id_issued(session: Session) -> int:
+    # e was the last entry inserted, and is gone.
+    return (
+        int(session.connection().execute(text("SELECT max(id) FROM outbox_entry")).scalar_one()) + 1
+    )

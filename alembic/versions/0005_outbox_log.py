@@ -10,10 +10,12 @@ Revises: 0004
 Create Date: 2026-11-27
 """
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import sqlalchemy as sa
 from alembic import op
+from alembic.operations import BatchOperations
 
 revision: str = "0005"
 down_revision: str | Sequence[str] | None = "0004"
@@ -28,9 +30,31 @@ UPDATE doc_state SET entry_id = (
 """
 
 
+_ISSUED = "SELECT seq FROM sqlite_sequence WHERE name = 'outbox_entry'"
+_FORGET_COUNT = "DELETE FROM sqlite_sequence WHERE name = 'outbox_entry'"
+_GO_ON_FROM = """
+INSERT INTO sqlite_sequence (name, seq)
+SELECT 'outbox_entry', MAX(:issued, COALESCE(MAX(id), 0)) FROM outbox_entry
+"""
+
+
 def _utc() -> sa.DateTime:
     # service.tables.UTCDateTime stores through this type; migrations do not import the models.
     return sa.DateTime(timezone=True)
+
+
+@contextmanager
+def _outbox_copied() -> Iterator[BatchOperations]:
+    """`op.batch_alter_table` for outbox_entry, which copies the table on SQLite: keeping
+    AUTOINCREMENT, and going on counting ids from the highest ever issued (the copy would
+    count from the highest one it holds), so no entry id is ever issued twice."""
+    sqlite = op.get_bind().dialect.name == "sqlite"
+    issued = op.get_bind().execute(sa.text(_ISSUED)).scalar() if sqlite else None
+    with op.batch_alter_table("outbox_entry", table_kwargs={"sqlite_autoincrement": True}) as batch:
+        yield batch
+    if issued is not None:
+        op.execute(_FORGET_COUNT)
+        op.execute(sa.text(_GO_ON_FROM).bindparams(issued=issued))
 
 
 def upgrade() -> None:
@@ -51,8 +75,7 @@ def upgrade() -> None:
     op.add_column("doc_state", sa.Column("entry_id", sa.Integer(), nullable=True))
     op.execute(_LATEST_ENTRIES)
     op.drop_index("ix_outbox_entry_source_due", table_name="outbox_entry")
-    # Batch mode copies the table on SQLite, keeping AUTOINCREMENT so ids are never reused.
-    with op.batch_alter_table("outbox_entry", table_kwargs={"sqlite_autoincrement": True}) as batch:
+    with _outbox_copied() as batch:
         batch.drop_constraint("uq_outbox_entry_source_doc_id", type_="unique")
         batch.drop_column("claimed_until")
         batch.drop_column("claimed_version")
@@ -62,7 +85,7 @@ def upgrade() -> None:
 def downgrade() -> None:
     """Back to one entry per document with a lease of its own."""
     op.drop_index("ix_outbox_entry_source_id", table_name="outbox_entry")
-    with op.batch_alter_table("outbox_entry", table_kwargs={"sqlite_autoincrement": True}) as batch:
+    with _outbox_copied() as batch:
         batch.add_column(sa.Column("claimed_until", _utc(), nullable=True))
         batch.add_column(sa.Column("claimed_version", sa.Integer(), nullable=True))
         batch.create_unique_constraint("uq_outbox_entry_source_doc_id", ["source", "doc_id"])
