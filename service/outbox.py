@@ -35,6 +35,8 @@ _ENTRY_ID = attrgetter("entry_id")
 _SOURCE_LEASE = attrgetter("source", "lease")
 # One encoder for every value stored (json.dumps builds one per call when given options).
 _ENCODER = json.JSONEncoder(ensure_ascii=True, separators=(",", ":"))
+# The highest outbox entry id ever issued (SQLite's AUTOINCREMENT counter).
+_LAST_ENTRY_ID = "SELECT seq FROM sqlite_sequence WHERE name = 'outbox_entry'"
 # How many documents a log line names at most.
 _NAMED = 10
 
@@ -238,11 +240,9 @@ def _write(
     ordered = sorted(latest.items())
     versions = {key: states[key].version + 1 for key, _ in ordered}
     entries = _table(OutboxEntry)
-    appended = session.connection().execute(
-        sqlalchemy.insert(entries).returning(entries.c.id, sort_by_parameter_order=True),
-        [_entry_values(change, versions[key], now) for key, change in ordered],
+    entry_ids = _append(
+        session, entries, [_entry_values(change, versions[key], now) for key, change in ordered]
     )
-    entry_ids = appended.scalars().all()
     older = [states[key].entry_id for key, _ in ordered if states[key].entry_id is not None]
     if older:
         session.execute(
@@ -271,6 +271,23 @@ def _write(
             for ((source, doc_id), change), entry_id in zip(ordered, entry_ids, strict=True)
         ],
     )
+
+
+def _append(session: Session, entries: Table, rows: list[dict[str, Any]]) -> Sequence[int]:
+    """Insert `rows` as outbox entries; their ids, in order."""
+    connection = session.connection()
+    if connection.dialect.name != "sqlite":
+        appended = connection.execute(
+            sqlalchemy.insert(entries).returning(entries.c.id, sort_by_parameter_order=True), rows
+        )
+        return appended.scalars().all()
+    # SQLAlchemy inserts one row at a time to return ids in order on SQLite. Without RETURNING
+    # it inserts them together; the ids are then the last ones issued, one after another: the
+    # transaction holds the only writer's lock, and AUTOINCREMENT issues each id one above
+    # the highest before.
+    connection.execute(sqlalchemy.insert(entries), rows)
+    last: int = connection.execute(sqlalchemy.text(_LAST_ENTRY_ID)).scalar_one()
+    return range(last - len(rows) + 1, last + 1)
 
 
 def _text(version: SourceVersion | None) -> str | None:
