@@ -37,8 +37,6 @@ _SOURCE_LEASE = attrgetter("source", "lease")
 _ENCODER = json.JSONEncoder(ensure_ascii=True, separators=(",", ":"))
 # The highest outbox entry id ever issued (SQLite's AUTOINCREMENT counter).
 _LAST_ENTRY_ID = "SELECT seq FROM sqlite_sequence WHERE name = 'outbox_entry'"
-# How many documents a log line names at most.
-_NAMED = 10
 
 
 @dataclass(slots=True)
