@@ -1,8 +1,8 @@
 """Delivery: claim due outbox entries per dataset, write them to PANDA in batches, settle them.
 
-Acknowledges only what PANDA confirmed (by version, so a change that arrived meanwhile goes out
-next); "retry later" goes back into the outbox and backs the dataset off, "permanent" becomes a
-dead letter, a 401 pauses delivery loudly. Knows nothing of FastAPI.
+Acknowledges only what PANDA confirmed (a change that arrived meanwhile is an entry of its own
+and goes out next); "retry later" goes back into the outbox and backs the dataset off,
+"permanent" becomes a dead letter, a 401 pauses delivery loudly. Knows nothing of FastAPI.
 """
 
 import logging
@@ -42,6 +42,10 @@ _EXTERNAL_ID = attrgetter("external_id")
 _ROW_JSON = attrgetter("row_json")
 # How many claimed batches may wait behind the one at PANDA.
 _CLAIMED_AHEAD = 2
+# How long a drain claims under one lease. Then it ends, and a new drain takes a new lease:
+# on PostgreSQL an entry whose transaction committed after entries with higher ids were
+# claimed lies behind the lease's claims, and only a new lease claims it.
+_DRAIN_S = 30.0
 
 
 def utcnow() -> datetime:
@@ -168,6 +172,9 @@ class _Drain:
     halted: bool = False
     # Set when a batch put claims off: they go out under the next lease.
     put_off: bool = False
+    # Set when the drain stopped claiming after `_DRAIN_S`; when its first claim was made.
+    aged: bool = False
+    started: datetime | None = None
     poked: anyio.Event = field(default_factory=anyio.Event)
 
     def more_coming(self) -> bool:
@@ -207,8 +214,9 @@ class Delivery:
     become dead letters. Failures back the dataset off behind its circuit breaker.
 
     `step()` sends one batch per dataset; `run()` follows the outbox until `stop()`;
-    `run_once()` drains everything due and returns. Safe beside other replicas: claims are
-    leased, and no request starts that could outlive its lease.
+    `run_once()` drains everything due and returns. Safe beside other replicas: a source's
+    entries go out under its lease, one delivery at a time, and no request starts that could
+    outlive the lease.
     """
 
     def __init__(
@@ -297,8 +305,8 @@ class Delivery:
         """Deliver until `stop()`, each dataset as its entries come due (or `notify()`).
 
         After `stop()`, batches in flight get `shutdown_grace_s`; requests still out then are
-        cut off: their entries keep their lease (PANDA may yet apply them) and go out again
-        after it, the rest of the batch is released. The store stays consistent either way.
+        cut off: their source keeps its lease (PANDA may yet apply them), and its entries go
+        out again after it. The store stays consistent either way.
         """
         async with anyio.create_task_group() as outer:
             outer.start_soon(self._cut_off_after_grace, outer.cancel_scope)
@@ -371,13 +379,13 @@ class Delivery:
         A probe (open breaker) goes alone, settled before anything more is claimed. Whatever
         happens, settled claims are written and unsent ones released before returning. Claims
         put off for a later batch (a second change to one row) go out in another drain under
-        a new lease, unless `batches` limits this one.
+        a new lease, unless `batches` limits this one; so do entries left after `_DRAIN_S`.
         """
         handled = 0
         while True:
             drain = _Drain(claims_left=batches)
             handled += await self._drain_once(lane, drain)
-            if not (drain.put_off and batches is None and self._ready(lane)):
+            if not ((drain.put_off or drain.aged) and batches is None and self._ready(lane)):
                 return handled
 
     async def _drain_once(self, lane: _Lane, drain: _Drain) -> int:
@@ -455,7 +463,13 @@ class Delivery:
         with anyio.CancelScope(shield=True):
             now = self._clock()
             wanted = lane.sizer.size * self._settings.batches_per_claim
-            may_claim = claim and drain.more_coming() and self._ready(lane)
+            if (
+                claim
+                and drain.started is not None
+                and now - drain.started >= timedelta(seconds=_DRAIN_S)
+            ):
+                drain.aged = True
+            may_claim = claim and not drain.aged and drain.more_coming() and self._ready(lane)
             limit = lane.breaker.limit(wanted) if may_claim else 0
             if claim and not limit:
                 drain.exhausted = True
@@ -487,6 +501,8 @@ class Delivery:
                 drain.exhausted = True
                 return
             drain.ready.append(_Batch(claims, packed, now, limit))
+            if drain.started is None:
+                drain.started = now
             if drain.claims_left is not None:
                 drain.claims_left -= 1
 
@@ -586,7 +602,9 @@ class Delivery:
         refusal: PermanentError,
     ) -> None:
         """PANDA (or the client) refused the bulk PUT of `claims`: dead-letter the rows at
-        fault and deliver the rest."""
+        fault and deliver the rest (none left: newer changes replaced them all meanwhile)."""
+        if not claims:
+            return
         named = set(refusal.external_ids)
         unfit = [held for held in claims if held.external_id in named]
         if unfit and len(unfit) < len(claims):

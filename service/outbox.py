@@ -41,12 +41,13 @@ _LAST_ENTRY_ID = "SELECT seq FROM sqlite_sequence WHERE name = 'outbox_entry'"
 
 @dataclass(slots=True)
 class Claim:
-    """A leased outbox entry: deliver its change, then settle the claim exactly once.
+    """A claimed outbox entry: deliver its change, then settle the claim at most once.
 
-    Settle with `ack_many`, `retry_later`, `dead_letter` or `release`. `lease` is the source's
-    lease it was claimed under (`DeliveryLease.lease_id`), due to end at `claimed_until` unless
-    renewed: once another delivery has taken the source's lease over, settling this claim
-    changes nothing. Deliver well within the lease, or two deliveries of one document may race.
+    Settle with `ack_many`, `retry_later` or `dead_letter`, or leave it due. `lease` is the
+    source's lease it was claimed under (`DeliveryLease.lease_id`), due to end at
+    `claimed_until` unless renewed: once another delivery has taken the source's lease over,
+    settling this claim changes nothing. Deliver well within the lease, or two deliveries of
+    one document may race.
 
     Holds the change as stored, for delivery's hot path: `row_json` is the row's JSON array
     text (None for a delete), ready for a bulk PUT; `change` decodes the whole change. Read-only
@@ -359,41 +360,53 @@ def _holds(session: Session, source: str, lease: int) -> bool:
     return False
 
 
-def _held(session: Session, claim: Claim) -> OutboxEntry | None:
-    """The claim's entry, if its lease still holds and no newer change replaced it."""
-    if not _holds(session, claim.source, claim.lease):
-        return None
-    return session.get(OutboxEntry, claim.entry_id, populate_existing=True)
-
-
 def retry_later(
     session: Session, claim: Claim, *, at: datetime, answer: Answer, now: datetime
 ) -> None:
     """Settle a failed attempt: the entry is due again `at`.
 
     Counts the attempt and records `answer` (time `now`; the newest `MAX_ANSWERS` are kept).
-    If a newer change replaced the entry meanwhile, there is nothing to retry: the newer
-    change goes out as it came. A lost lease: no-op.
+    If a newer change replaced the entry meanwhile (even one committed while this runs), there
+    is nothing to retry: the newer change goes out as it came. A lost lease: no-op.
     """
-    entry = _held(session, claim)
-    if entry is None:
+    if not _holds(session, claim.source, claim.lease):
         return
-    entry.attempts += 1
-    entry.answers = _json(_with_answer(entry.answers, answer, now)[-MAX_ANSWERS:])
-    entry.next_attempt_at = at
-    entry.updated_at = now
-    session.flush()
+    table = _table(OutboxEntry)
+    answers = session.execute(
+        sqlalchemy.select(table.c.answers).where(table.c.id == claim.entry_id)
+    ).scalar_one_or_none()
+    if answers is None:
+        return
+    # Only the lease's holder writes an entry; an enqueue may delete it, and then this
+    # updates nothing.
+    session.execute(
+        update(table)
+        .where(table.c.id == claim.entry_id)
+        .values(
+            attempts=table.c.attempts + 1,
+            answers=_json(_with_answer(answers, answer, now)[-MAX_ANSWERS:]),
+            next_attempt_at=at,
+            updated_at=now,
+        )
+    )
 
 
 def dead_letter(session: Session, claim: Claim, *, answer: Answer, now: datetime) -> bool:
     """Settle a change PANDA refused for good: move its entry to the dead letters.
 
     The dead letter keeps every answer the entry held plus `answer` (time `now`), and counts
-    this attempt. Returns True if moved. If a newer change replaced the entry meanwhile,
-    nothing is dead-lettered (False): the newer change goes out as it came. A lost lease:
-    no-op (False).
+    this attempt. Returns True if moved. If a newer change replaced the entry meanwhile (even
+    one committed while this runs), nothing is dead-lettered (False): the newer change goes
+    out as it came. A lost lease: no-op (False).
     """
-    entry = _held(session, claim)
+    if not _holds(session, claim.source, claim.lease):
+        return False
+    table = _table(OutboxEntry)
+    # Taken out in one statement, so an enqueue deleting it at the same time cannot leave
+    # a dead letter of a change it replaced.
+    entry = session.execute(
+        delete(table).where(table.c.id == claim.entry_id).returning(*table.c)
+    ).one_or_none()
     if entry is None:
         return False
     session.add(
@@ -410,7 +423,6 @@ def dead_letter(session: Session, claim: Claim, *, answer: Answer, now: datetime
             created_at=now,
         )
     )
-    session.delete(entry)
     session.flush()
     return True
 
@@ -558,7 +570,7 @@ class Packed:
     fast path, with no Python object per row.
 
     `rows[i]` is the JSON array text of the row `external_ids[i]`, held by entry
-    `entry_ids[i]` (its id as text). Settle a part delivered whole with `ack_packed`, or take
+    `entry_ids[i]`. Settle a part delivered whole with `ack_packed`, or take
     it apart into claims (`claims_of`) to settle them one by one.
     """
 
@@ -566,7 +578,7 @@ class Packed:
     lease: int
     claimed_at: datetime
     claimed_until: datetime
-    entry_ids: list[str]
+    entry_ids: list[int]
     external_ids: list[str]
     rows: list[str]
 
@@ -638,12 +650,14 @@ def claim_packed(
         lease,
         now,
         now + timedelta(seconds=lease_s),
-        entry_ids.split(","),
+        list(map(int, entry_ids.split(","))),
         external_ids.split("\n"),
         rows.split("\n"),
     )
     if not count == len(packed.rows) == len(packed.external_ids) == len(set(packed.external_ids)):
         return None  # a delete, two changes to one row (`plan` puts the second off), or an odd id
+    if packed.entry_ids != sorted(packed.entry_ids):
+        return None  # SQLite does not promise group_concat's order; ranges need entry order
     _renew(session, source, lease, packed.claimed_until, last_id)
     return packed
 
@@ -652,7 +666,7 @@ def claims_of(session: Session, packed: Packed) -> list[Claim]:
     """The claims packed in `packed`, in entry order, for settling them one by one (entries
     a newer change has replaced since are left out)."""
     columns = _table(OutboxEntry).c
-    values = func.json_each(f"[{','.join(packed.entry_ids)}]").table_valued("value")
+    values = func.json_each(orjson.dumps(packed.entry_ids).decode()).table_valued("value")
     rows = session.execute(
         sqlalchemy.select(
             columns.id,
@@ -701,7 +715,7 @@ def ack_packed(session: Session, parts: Sequence[Packed]) -> int:
         deleted = session.execute(
             delete(table)
             .where(table.c.source == part.source)
-            .where(table.c.id.between(int(part.entry_ids[0]), int(part.entry_ids[-1])))
+            .where(table.c.id.between(part.entry_ids[0], part.entry_ids[-1]))
             .where(table.c.next_attempt_at <= part.claimed_at)
         )
         assert isinstance(deleted, CursorResult)

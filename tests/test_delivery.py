@@ -626,6 +626,19 @@ async def test_a_change_put_off_behind_another_to_its_row_goes_out_in_the_same_r
     assert (panda.rows("stories"), await pending(database)) == ({"same": ["second", "2"]}, 0)
 
 
+async def test_a_drain_ends_its_lease_after_a_while_and_the_run_goes_on_under_a_new_one(
+    panda: RunningPanda, database: Database, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("service.delivery._DRAIN_S", 0.0)  # one claim per drain
+    settings = SETTINGS.model_copy(update={"batch_size": 10, "max_batch_size": 10})
+    await enqueue(database, clock, *[upsert(f"r{index:02}", "x", "1") for index in range(25)])
+    async with delivery_with(panda, database, clock, settings) as delivery:
+        assert await delivery.run_once() == 25
+    lease = await database.run(lambda session: session.get(DeliveryLease, "stories"))
+    assert lease is not None
+    assert (len(panda.rows("stories")), lease.lease_id, lease.until) == (25, 3, None)
+
+
 async def test_no_request_starts_that_could_outlive_its_lease(
     panda: RunningPanda, database: Database, clock: FakeClock
 ) -> None:
