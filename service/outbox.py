@@ -482,7 +482,7 @@ def claim_many(
     lease: int | None = None,
 ) -> list[Claim]:
     """Claim up to `limit` due entries of `source` in acceptance (id) order, under the
-    source's lease; delivery's hot path.
+    source's lease (delivery's hot path on SQLite is `claim_packed`).
 
     Without `lease`, takes the source's lease for `lease_s` seconds, unless another delivery
     holds it at `now` (then returns []): one delivery at a time sends a source's changes. With
@@ -498,16 +498,7 @@ def claim_many(
     lease, after = started
     columns = _table(OutboxEntry).c
     selected = (
-        sqlalchemy.select(
-            columns.id,
-            columns.version,
-            columns.doc_id,
-            columns.external_id,
-            columns.op,
-            columns.row,
-            columns.source_version,
-            columns.attempts,
-        )
+        _claim_select(columns)
         # Served in order by ix_outbox_entry_source_id: no sort of the backlog per claim.
         .where(columns.source == source)
         .where(columns.id > after)
@@ -529,6 +520,25 @@ def claim_many(
     if not due:
         return []
     until = _renew(session, source, lease, now + timedelta(seconds=lease_s), due[-1][0])
+    return _claims(due, source, lease, until)
+
+
+def _claim_select(columns: Any) -> sqlalchemy.Select[Any]:
+    """What a claim reads of each entry, in the order `_claims` takes it."""
+    return sqlalchemy.select(
+        columns.id,
+        columns.version,
+        columns.doc_id,
+        columns.external_id,
+        columns.op,
+        columns.row,
+        columns.source_version,
+        columns.attempts,
+    )
+
+
+def _claims(due: Sequence[Sequence[Any]], source: str, lease: int, until: datetime) -> list[Claim]:
+    """Claims of the entries `due` read as `_claim_select` reads them."""
     return [
         Claim(
             entry_id, version, source, doc_id, external_id, _OPS[op], row, text, tries, lease, until
@@ -668,35 +678,11 @@ def claims_of(session: Session, packed: Packed) -> list[Claim]:
     columns = _table(OutboxEntry).c
     values = func.json_each(orjson.dumps(packed.entry_ids).decode()).table_valued("value")
     rows = session.execute(
-        sqlalchemy.select(
-            columns.id,
-            columns.version,
-            columns.doc_id,
-            columns.external_id,
-            columns.op,
-            columns.row,
-            columns.source_version,
-            columns.attempts,
-        )
+        _claim_select(columns)
         .where(columns.id.in_(sqlalchemy.select(values.c.value)))
         .order_by(columns.id)
     ).all()
-    return [
-        Claim(
-            entry_id,
-            version,
-            packed.source,
-            doc_id,
-            external_id,
-            _OPS[op],
-            row,
-            text,
-            tries,
-            packed.lease,
-            packed.claimed_until,
-        )
-        for entry_id, version, doc_id, external_id, op, row, text, tries in rows
-    ]
+    return _claims(rows, packed.source, packed.lease, packed.claimed_until)
 
 
 def ack_packed(session: Session, parts: Sequence[Packed]) -> int:

@@ -596,17 +596,18 @@ async def test_a_refused_dataset_creation_stops_the_source(
     assert await pending(database) == 1
 
 
+# Two documents that map to one external_id (a source misconfiguration).
+TWO_CHANGES_TO_ONE_ROW = (
+    Change("stories", "first", "same", Op.UPSERT, ("first", "1")),
+    Change("stories", "second", "same", Op.UPSERT, ("second", "2")),
+)
+
+
 async def test_two_changes_to_one_row_never_share_a_batch(
     panda: RunningPanda, database: Database, clock: FakeClock, delivery: Delivery
 ) -> None:
-    # Two documents that map to one external_id (a source misconfiguration): the second
-    # waits for the next batch, so the two writes to the row never race.
-    await enqueue(
-        database,
-        clock,
-        Change("stories", "first", "same", Op.UPSERT, ("first", "1")),
-        Change("stories", "second", "same", Op.UPSERT, ("second", "2")),
-    )
+    # The second waits for the next batch, so the two writes to the row never race.
+    await enqueue(database, clock, *TWO_CHANGES_TO_ONE_ROW)
     assert await delivery.step() == 2
     assert (panda.rows("stories"), await pending(database)) == ({"same": ["first", "1"]}, 1)
     await delivery.run_once()
@@ -616,12 +617,7 @@ async def test_two_changes_to_one_row_never_share_a_batch(
 async def test_a_change_put_off_behind_another_to_its_row_goes_out_in_the_same_run(
     panda: RunningPanda, database: Database, clock: FakeClock, delivery: Delivery
 ) -> None:
-    await enqueue(
-        database,
-        clock,
-        Change("stories", "first", "same", Op.UPSERT, ("first", "1")),
-        Change("stories", "second", "same", Op.UPSERT, ("second", "2")),
-    )
+    await enqueue(database, clock, *TWO_CHANGES_TO_ONE_ROW)
     await delivery.run_once()
     assert (panda.rows("stories"), await pending(database)) == ({"same": ["second", "2"]}, 0)
 

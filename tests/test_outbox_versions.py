@@ -231,15 +231,20 @@ def _rows_of_revision_0001(session: Session) -> None:
 def test_an_upgrade_to_one_lease_per_source_keeps_every_queued_change_replaceable(
     database_url: str,
 ) -> None:
-    command.upgrade(alembic_config(database_url), "0004")
-    database = Database.open(database_url)
-    database.run_sync(_rows_of_revision_0004)
+    database = _store_at_revision_0004(database_url)
     migrate(database_url)
     enqueue(database, upsert("d", "after the upgrade"))
     delivered = deliver(database)
     database.close()
     # e's lease from before the upgrade is gone: it goes out again (the same row, harmless).
     assert delivered == [(remove("e"), 2), (upsert("d", "after the upgrade"), 4)]
+
+
+def _store_at_revision_0004(database_url: str) -> Database:
+    command.upgrade(alembic_config(database_url), "0004")
+    database = Database.open(database_url)
+    database.run_sync(_rows_of_revision_0004)
+    return database
 
 
 def _rows_of_revision_0004(session: Session) -> None:
@@ -267,9 +272,7 @@ def _rows_of_revision_0004(session: Session) -> None:
 def test_after_an_upgrade_to_one_lease_per_source_no_entry_id_is_issued_twice(
     database_url: str,
 ) -> None:
-    command.upgrade(alembic_config(database_url), "0004")
-    database = Database.open(database_url)
-    database.run_sync(_rows_of_revision_0004)
+    database = _store_at_revision_0004(database_url)
     database.run_sync(_forget_the_newest_entry)
     issued = database.run_sync(_highest_entry_id_issued)
     migrate(database_url)
