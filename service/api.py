@@ -7,7 +7,7 @@ the shared `Service` and the store; they never call PANDA.
 import logging
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request, Response
@@ -89,10 +89,12 @@ def _source_status(session: Session, names: list[str]) -> dict[str, dict[str, An
     report: dict[str, dict[str, Any]] = {}
     for name in names:
         seq = checkpoints.load(session, name)
+        until = outbox.lease_until(session, name, datetime.now(UTC))
         report[name] = {
             "checkpoint": None if seq is None else seq.value(),
             "pending": outbox.pending(session, name),
             "dead_letters": len(outbox.dead_letters(session, name)),
+            "lease_until": None if until is None else until.isoformat(),
         }
     return report
 

@@ -7,6 +7,7 @@ as one clear message with a non-zero exit code. No logic lives here.
 import json
 import logging
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Concatenate, NoReturn, ParamSpec, TypeVar
 
@@ -209,19 +210,21 @@ def reset_checkpoint(
 
 @cli.command()
 def status(config: ConfigOption = None) -> None:
-    """Show each source's checkpoint, pending outbox entries and dead letters."""
+    """Show each source's checkpoint, pending outbox entries, dead letters and delivery lease."""
     settings = _settings(config)
     database = _open(settings)
-    table = Table("source", "dataset", "checkpoint", "pending", "dead letters")
+    table = Table("source", "dataset", "checkpoint", "pending", "dead letters", "delivery lease")
     try:
         for source in settings.sources:
             seq = database.run_sync(checkpoints.load, source.name)
+            until = database.run_sync(outbox.lease_until, source.name, datetime.now(UTC))
             table.add_row(
                 source.name,
                 source.dataset.slug,
                 "-" if seq is None else seq.json_text,
                 str(database.run_sync(outbox.pending, source.name)),
                 str(len(database.run_sync(outbox.dead_letters, source.name))),
+                "free" if until is None else f"held until {until:%Y-%m-%d %H:%M:%S} UTC",
             )
     finally:
         database.close()

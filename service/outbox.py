@@ -442,6 +442,18 @@ def end_lease(session: Session, source: str, lease: int, *, keep: bool = False) 
     )
 
 
+def lease_until(session: Session, source: str, now: datetime) -> datetime | None:
+    """When `source`'s lease runs out, if a delivery holds it at `now`; None when it is free.
+
+    After a crash, or a request cut off at shutdown, the lease stays until then and the
+    source's entries wait for it."""
+    leases = _table(DeliveryLease).c
+    until: datetime | None = session.execute(
+        sqlalchemy.select(leases.until).where(leases.source == source)
+    ).scalar_one_or_none()
+    return until if until is not None and until > now else None
+
+
 def pending(session: Session, source: str | None = None) -> int:
     """How many entries wait for delivery (due, delayed or in flight), for one source or all."""
     query = select(func.count()).select_from(OutboxEntry)

@@ -1,5 +1,6 @@
 """The `pandasync` command as a user runs it: config problems, migrations, pushing changes."""
 
+from datetime import UTC, datetime
 from pathlib import Path
 
 from typer.testing import CliRunner
@@ -79,3 +80,23 @@ def test_no_command_prints_the_api_key(tmp_path: Path) -> None:
     for args in (["check-config"], ["status"], ["push", "stories", "--delete", "x"]):
         result = runner.invoke(cli, [*args, "--config", config])
         assert "s3cret-api-key" not in result.stdout + result.stderr
+
+
+def test_status_shows_a_delivery_lease_a_stopped_delivery_left(tmp_path: Path) -> None:
+    config = str(write_config(tmp_path))
+    runner.invoke(cli, ["migrate", "--config", config])
+    runner.invoke(cli, ["push", "stories", '{"_id": "a", "title": "Flood"}', "--config", config])
+    wide = {"COLUMNS": "200"}  # one line per source
+    before = runner.invoke(cli, ["status", "--config", config], env=wide)
+    database = Database.open(f"sqlite:///{tmp_path}/store.db")
+    try:
+        # A delivery that claimed and then died without ending its lease.
+        taken = database.run_sync(
+            outbox.claim_many, source="stories", now=datetime.now(UTC), lease_s=3600, limit=10
+        )
+    finally:
+        database.close()
+    after = runner.invoke(cli, ["status", "--config", config], env=wide)
+    assert len(taken) == 1
+    assert "free" in before.stdout
+    assert "held until" in after.stdout
