@@ -9,7 +9,8 @@ all measured in this run on this machine:
   checkpoint, as PANDA's own CouchDB example does (the price of safety is the gap to it);
 - pandasync: the changes enqueued into a fresh store (timed apart), then drained by the
   delivery engine; and its ratio to the sink ceiling;
-- pandasync row by row, on a smaller sample.
+- pandasync row by row, on a smaller sample;
+- on a VM, the CPU time it lost to other guests meanwhile (steal time), which skews the rates.
 """
 
 import argparse
@@ -204,6 +205,16 @@ class Meter:
         )
 
 
+def stolen_s() -> float | None:
+    """CPU seconds the hypervisor has given other guests instead of this machine (the `steal`
+    column of /proc/stat, all cores), or None where it cannot be read."""
+    try:
+        fields = Path("/proc/stat").read_text().splitlines()[0].split()
+        return int(fields[8]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def _process_cpu_s() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
@@ -360,6 +371,8 @@ def line(label: str, rate: float, note: str = "") -> None:
 async def main(count: int, sample: int) -> None:
     say(f"catch-up of {count:,} changes into the PANDA-compatible server")
     say(f"machine: {machine()}")
+    stolen_before = stolen_s()
+    started = time.perf_counter()
     feed = changes(count)
     with start_fake_panda() as server, tempfile.TemporaryDirectory() as folder:
         store = Path(folder)
@@ -411,6 +424,13 @@ async def main(count: int, sample: int) -> None:
     )
     say(f"  PANDA's median answer to a bulk PUT: {engine.answer_ms:.2f} / {sink.answer_ms:.2f} ms")
     say(f"ratio pandasync / sink ceiling: {engine_rate / sink_rate:.2f} (target 0.8 or more)")
+    stolen_after = stolen_s()
+    if stolen_before is not None and stolen_after is not None:
+        lost = stolen_after - stolen_before
+        say(
+            f"CPU time the VM lost to other guests during the run: {lost:.1f} s of"
+            f" {time.perf_counter() - started:.0f} s (more than a few seconds: run it again)"
+        )
     say(f"price of safety: pandasync runs at {engine_rate / plain_rate:.2f} of the plain script")
     say(
         f"row by row: {row_rate / engine_rate:.3f} of bulk; the {count:,}-change catch-up row by"
