@@ -113,9 +113,8 @@ class _Tally:
 
     Claims end `delivered`, `dead` or `retry` (packed parts `delivered_packed` or
     `retry_packed`, or are taken apart into claims); `in_doubt` holds those of the request
-    that is out. At
-    settling, a request still in doubt (cut off) keeps the source's lease, since PANDA may
-    yet apply it; every claim not accounted for stays due.
+    that is out. At settling, a request still in doubt (cut off) keeps the source's lease,
+    since PANDA may yet apply it; every claim not accounted for stays due.
     """
 
     claims: Sequence[outbox.Claim]
@@ -576,17 +575,7 @@ class Delivery:
     ) -> None:
         """Upsert packed entries in one bulk PUT; if it is refused, take them apart into
         claims and find the bad rows."""
-        full = part.count >= min(lane.sizer.size, batch.limit)
-        started = self._timer()
-        refusal = await self._request(
-            lane,
-            batch,
-            tally,
-            part,
-            lambda: self._panda.put_rows_json(lane.dataset.slug, part.external_ids, part.rows),
-        )
-        if refusal is None or refusal.status is not None:  # PANDA answered
-            lane.sizer.took(self._timer() - started, full=full)
+        refusal = await self._bulk_put(lane, batch, tally, part, part.external_ids, part.rows)
         if refusal is None:
             tally.delivered_packed.append(part)
             return
@@ -637,25 +626,39 @@ class Delivery:
         self, lane: _Lane, batch: _Batch, tally: _Tally, claims: list[outbox.Claim]
     ) -> PermanentError | None:
         """One bulk PUT of `claims`; None when PANDA took it (they are delivered), else the
-        refusal. Its time adapts the batch size."""
-        external_ids = list(map(_EXTERNAL_ID, claims))
+        refusal."""
         rows = list(map(_ROW_JSON, claims))
         assert None not in rows, "only upserts go into a bulk PUT"
+        external_ids = list(map(_EXTERNAL_ID, claims))
+        refusal = await self._bulk_put(lane, batch, tally, claims, external_ids, rows)
+        if refusal is None:
+            tally.delivered.extend(claims)
+        return refusal
+
+    async def _bulk_put(
+        self,
+        lane: _Lane,
+        batch: _Batch,
+        tally: _Tally,
+        held: Sequence[outbox.Claim] | outbox.Packed,
+        external_ids: list[str],
+        rows: list[str],
+    ) -> PermanentError | None:
+        """One bulk PUT of `held`'s rows (`rows[i]` the JSON text of row `external_ids[i]`);
+        None when PANDA took it, else the refusal. Its time adapts the batch size."""
         # Full: as many rows as this PUT was allowed (by the batch size, or by the claim's
         # limit when the batch was claimed before the size grew).
-        full = len(claims) >= min(lane.sizer.size, batch.limit)
+        full = len(rows) >= min(lane.sizer.size, batch.limit)
         started = self._timer()
         refusal = await self._request(
             lane,
             batch,
             tally,
-            claims,
+            held,
             lambda: self._panda.put_rows_json(lane.dataset.slug, external_ids, rows),
         )
         if refusal is None or refusal.status is not None:  # PANDA answered
             lane.sizer.took(self._timer() - started, full=full)
-        if refusal is None:
-            tally.delivered.extend(claims)
         return refusal
 
     async def _send_one(
@@ -773,7 +776,7 @@ def _answer(refusal: PermanentError) -> outbox.Answer:
     return outbox.Answer(status=refusal.status, detail=refusal.detail)
 
 
-def _settle(session: Session, tally: _Tally, now: datetime) -> tuple[int, int]:
+def _settle(session: Session, tally: _Tally, source: str, now: datetime) -> tuple[int, int]:
     """Write one tally's outcome; returns (entries removed as delivered, dead letters made)."""
     delivered = outbox.ack_many(session, tally.delivered)
     delivered += outbox.ack_packed(session, tally.delivered_packed)
@@ -792,7 +795,8 @@ def _settle(session: Session, tally: _Tally, now: datetime) -> tuple[int, int]:
     if tally.in_doubt:
         log.warning(
             "request cut off, the source keeps its lease and its changes go out again after"
-            " it: rows=%d",
+            " it: source=%s rows=%d",
+            source,
             tally.doubted(),
         )
     return delivered, dead
@@ -815,7 +819,7 @@ def _settle_and_claim(
     the lease `ending`."""
     delivered = dead = 0
     for tally in tallies:
-        removed, refused = _settle(session, tally, now)
+        removed, refused = _settle(session, tally, source, now)
         delivered += removed
         dead += refused
     if ending is not None:
