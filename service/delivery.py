@@ -788,8 +788,7 @@ def _settle(session: Session, tally: _Tally, source: str, now: datetime) -> tupl
         retried = [*tally.retry]
         for part in tally.retry_packed:
             retried += outbox.claims_of(session, part)
-        for held in retried:
-            outbox.retry_later(session, held, at=at, answer=answer, now=now)
+        outbox.retry_many(session, retried, at=at, answer=answer, now=now)
     # Claims neither delivered, dead nor retried stay due as they were: the drain's lease
     # ends with it, and they go out under the next one.
     if tally.in_doubt:

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from operator import attrgetter
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 import sqlalchemy
@@ -369,26 +369,44 @@ def retry_later(
     If a newer change replaced the entry meanwhile (even one committed while this runs), there
     is nothing to retry: the newer change goes out as it came. A lost lease: no-op.
     """
-    if not _holds(session, claim.source, claim.lease):
-        return
+    retry_many(session, [claim], at=at, answer=answer, now=now)
+
+
+def retry_many(
+    session: Session, claims: Sequence[Claim], *, at: datetime, answer: Answer, now: datetime
+) -> None:
+    """`retry_later` for claims that failed together (one request's), in a few statements."""
     table = _table(OutboxEntry)
-    answers = session.execute(
-        sqlalchemy.select(table.c.answers).where(table.c.id == claim.entry_id)
-    ).scalar_one_or_none()
-    if answers is None:
-        return
-    # Only the lease's holder writes an entry; an enqueue may delete it, and then this
-    # updates nothing.
-    session.execute(
-        update(table)
-        .where(table.c.id == claim.entry_id)
-        .values(
-            attempts=table.c.attempts + 1,
-            answers=_json(_with_answer(answers, answer, now)[-MAX_ANSWERS:]),
-            next_attempt_at=at,
-            updated_at=now,
+    for group in _held_leases(session, claims):
+        answers = session.execute(
+            sqlalchemy.select(table.c.id, table.c.answers).where(
+                in_integers(session, table.c.id, "ids")
+            ),
+            {"ids": list(map(_ENTRY_ID, group))},
+        ).all()
+        if not answers:
+            continue
+        # Only the lease's holder writes an entry; an enqueue may delete it, and then this
+        # updates nothing.
+        session.connection().execute(
+            update(table)
+            .where(table.c.id == bindparam("entry_id"))
+            .values(
+                attempts=table.c.attempts + 1,
+                answers=bindparam("new_answers"),
+                next_attempt_at=bindparam("new_next_attempt_at", type_=UTCDateTime),
+                updated_at=bindparam("new_updated_at", type_=UTCDateTime),
+            ),
+            [
+                {
+                    "entry_id": entry_id,
+                    "new_answers": _json(_with_answer(text, answer, now)[-MAX_ANSWERS:]),
+                    "new_next_attempt_at": at,
+                    "new_updated_at": now,
+                }
+                for entry_id, text in answers
+            ],
         )
-    )
 
 
 def dead_letter(session: Session, claim: Claim, *, answer: Answer, now: datetime) -> bool:
@@ -707,17 +725,16 @@ def ack_packed(session: Session, parts: Sequence[Packed]) -> int:
     """
     removed = 0
     table = _table(OutboxEntry)
-    for part in parts:
-        if not part.count or not _holds(session, part.source, part.lease):
-            continue
-        deleted = session.execute(
-            delete(table)
-            .where(table.c.source == part.source)
-            .where(table.c.id.between(part.entry_ids[0], part.entry_ids[-1]))
-            .where(table.c.next_attempt_at <= part.claimed_at)
-        )
-        assert isinstance(deleted, CursorResult)
-        removed += deleted.rowcount
+    for group in _held_leases(session, [part for part in parts if part.count]):
+        for part in group:
+            deleted = session.execute(
+                delete(table)
+                .where(table.c.source == part.source)
+                .where(table.c.id.between(part.entry_ids[0], part.entry_ids[-1]))
+                .where(table.c.next_attempt_at <= part.claimed_at)
+            )
+            assert isinstance(deleted, CursorResult)
+            removed += deleted.rowcount
     return removed
 
 
@@ -750,19 +767,29 @@ def ack_many(session: Session, claims: Sequence[Claim]) -> int:
     An entry a newer change replaced meanwhile is gone already (the newer change goes out
     next). Claims whose lease was lost change nothing.
     """
-    leases = set(map(_SOURCE_LEASE, claims))
-    if len(leases) > 1:  # claims of several leases: settle each lease's on its own
-        groups: dict[tuple[str, int], list[Claim]] = {lease: [] for lease in leases}
-        for held in claims:
-            groups[held.source, held.lease].append(held)
-        return sum(ack_many(session, group) for group in groups.values())
-    if not leases or not _holds(session, *leases.pop()):
-        return 0
+    removed = 0
     table = _table(OutboxEntry)
-    deleted = session.execute(
-        delete(table).where(in_integers(session, table.c.id, "ids")),
-        {"ids": list(map(_ENTRY_ID, claims))},
-    )
-    assert isinstance(deleted, CursorResult)
-    removed: int = deleted.rowcount
+    for group in _held_leases(session, claims):
+        deleted = session.execute(
+            delete(table).where(in_integers(session, table.c.id, "ids")),
+            {"ids": list(map(_ENTRY_ID, group))},
+        )
+        assert isinstance(deleted, CursorResult)
+        removed += deleted.rowcount
     return removed
+
+
+_Held = TypeVar("_Held", Claim, Packed)
+
+
+def _held_leases(session: Session, held: Sequence[_Held]) -> list[list[_Held]]:
+    """`held` in groups of one lease each, less the groups whose lease is lost (`_holds`
+    checked once a group)."""
+    leases = set(map(_SOURCE_LEASE, held))
+    if len(leases) == 1:  # claimed together (delivery's hot path)
+        groups = {leases.pop(): list(held)}
+    else:
+        groups = {lease: [] for lease in leases}
+        for one in held:
+            groups[one.source, one.lease].append(one)
+    return [group for (source, lease), group in groups.items() if _holds(session, source, lease)]
