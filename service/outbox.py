@@ -527,15 +527,7 @@ def claim_many(
         return []
     lease, after = started
     columns = _table(OutboxEntry).c
-    selected = (
-        _claim_select(columns)
-        # Served in order by ix_outbox_entry_source_id: no sort of the backlog per claim.
-        .where(columns.source == source)
-        .where(columns.id > after)
-        .where(columns.next_attempt_at <= now)
-        .order_by(columns.id)
-        .limit(limit)
-    )
+    selected = _due(_claim_select(columns), columns, source, after, now, limit)
     due: Sequence[Sequence[Any]]
     if session.get_bind().dialect.name == "sqlite":
         # One row holding them all as JSON: Python's sqlite3 hands the GIL over at every row
@@ -551,6 +543,25 @@ def claim_many(
         return []
     until = _renew(session, source, lease, now + timedelta(seconds=lease_s), due[-1][0])
     return _claims(due, source, lease, until)
+
+
+def _due(
+    selected: sqlalchemy.Select[Any],
+    columns: Any,
+    source: str,
+    after: int,
+    now: datetime,
+    limit: int,
+) -> sqlalchemy.Select[Any]:
+    """`selected` of the first `limit` entries of `source` after id `after` due at `now`, in
+    id order (served in that order by ix_outbox_entry_source_id: no sort of the backlog)."""
+    return (
+        selected.where(columns.source == source)
+        .where(columns.id > after)
+        .where(columns.next_attempt_at <= now)
+        .order_by(columns.id)
+        .limit(limit)
+    )
 
 
 def _claim_select(columns: Any) -> sqlalchemy.Select[Any]:
@@ -661,15 +672,14 @@ def claim_packed(
         return Packed(source, 0, now, now, [], [], [])
     lease, after = started
     columns = _table(OutboxEntry).c
-    picked = (
-        sqlalchemy.select(columns.id, columns.external_id, columns.row)
-        .where(columns.source == source)
-        .where(columns.id > after)
-        .where(columns.next_attempt_at <= now)
-        .order_by(columns.id)
-        .limit(limit)
-        .subquery()
-    )
+    picked = _due(
+        sqlalchemy.select(columns.id, columns.external_id, columns.row),
+        columns,
+        source,
+        after,
+        now,
+        limit,
+    ).subquery()
     # One row of text for them all (see `claim_many`); JSON text holds no raw newline, and
     # a delete has no row (group_concat leaves it out: fewer rows than entries).
     count, last_id, entry_ids, rows, external_ids = session.execute(
