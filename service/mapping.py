@@ -74,7 +74,7 @@ def doc_id(source: SourceSettings, record: Mapping[str, object]) -> str:
             f" or integer id, got {type(value).__name__}"
         )
     identifier = str(value)
-    if "\x00" in identifier or not _is_unicode(identifier):
+    if "\x00" in identifier or not is_unicode(identifier):
         raise MappingError(
             f"source {source.name}: field `{source.id_field}` holds a NUL or a lone surrogate;"
             " ids must be valid Unicode text"
@@ -82,7 +82,8 @@ def doc_id(source: SourceSettings, record: Mapping[str, object]) -> str:
     return identifier
 
 
-def _is_unicode(value: str) -> bool:
+def is_unicode(value: str) -> bool:
+    """Whether `value` encodes as UTF-8 (holds no lone surrogate)."""
     try:
         value.encode()
     except UnicodeEncodeError:
@@ -93,8 +94,18 @@ def _is_unicode(value: str) -> bool:
 def upsert(source: SourceSettings, record: Mapping[str, object]) -> Change:
     """The change that makes the record's row current in PANDA."""
     identifier = doc_id(source, record)
-    row = tuple(text(field(record, column.field)) for column in source.columns)
+    row = tuple(_column_text(source, record, column.field) for column in source.columns)
     return Change(source.name, identifier, external_ids.encode(identifier), Op.UPSERT, row)
+
+
+def _column_text(source: SourceSettings, record: Mapping[str, object], path: str) -> str:
+    try:
+        return text(field(record, path))
+    except RecursionError:
+        raise MappingError(
+            f"source {source.name}: field `{path}` holds a value nested too deeply to write as"
+            " column text: map a field inside it, or leave it out of the columns"
+        ) from None
 
 
 def delete(source: SourceSettings, identifier: str) -> Change:

@@ -10,6 +10,7 @@ import json
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -27,6 +28,7 @@ from service.sources.couchdb import (
     FeedBrokenError,
     Row,
     SourceStoppedError,
+    Unmapped,
     change_of,
     follow,
     page_of,
@@ -149,14 +151,43 @@ def test_a_filter_value_matches_only_its_own_json_type(
     assert (change.op is Op.UPSERT) == kept
 
 
-def test_a_document_without_a_usable_id_is_skipped_and_logged_with_its_source_and_id(
+def test_a_document_without_a_usable_id_is_kept_with_its_seq_and_reason_and_logged(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     by_slug = SOURCE.model_copy(update={"id_field": "slug"})
     with caplog.at_level(logging.WARNING):
         row = read_row(by_slug, {"seq": 7, "id": "x1", "doc": {"_id": "x1", "v": 1}})
-    assert row == Row(None, Seq.of(7), skipped=True)
-    assert "source=stories doc_id=x1" in caplog.text
+    reason = "source stories: field `slug` must hold a non-empty string or integer id, got NoneType"
+    assert row == Row(None, Seq.of(7), problem=Unmapped("x1", Seq.of(7), reason))
+    assert 'source=stories doc_id="x1" seq=7' in caplog.text
+
+
+def test_a_mapped_field_nested_too_deep_to_write_is_a_problem_naming_the_field() -> None:
+    deep: object = "bottom"
+    for _ in range(5000):
+        deep = [deep]
+    row = read_row(SOURCE, {"seq": 3, "id": "d", "doc": {"_id": "d", "v": deep}})
+    assert row.change is None
+    assert row.problem is not None
+    assert "field `v` holds a value nested too deeply" in row.problem.reason
+
+
+def test_whatever_a_documents_mapping_raises_is_the_documents_problem() -> None:
+    class Hostile(dict[str, object]):
+        def get(self, key: str, default: object = None) -> object:
+            raise MemoryError("no room")
+
+    row = read_row(SOURCE, {"seq": 4, "id": "h", "doc": Hostile(_id="h")})
+    assert row == Row(None, Seq.of(4), problem=Unmapped("h", Seq.of(4), "MemoryError: no room"))
+
+
+def test_a_document_nested_deeper_than_pythons_recursion_limit_is_read() -> None:
+    deep = "[" * 3000 + "]" * 3000
+    line = (
+        '{"seq":"9-g1A","id":"n\u2028x","doc":{"_id":"n\u2028x","v":1.5,'
+        '"big":123456789012345678901234567890,"skip":' + deep + "}}"
+    )
+    assert parse_line(SOURCE, line.encode()) == Row(upsert("n\u2028x", "1.5", ""), Seq.of("9-g1A"))
 
 
 def test_a_deleted_document_is_a_delete_by_its_id_field_when_the_stub_keeps_it() -> None:
@@ -207,7 +238,9 @@ def test_every_row_becomes_a_change_of_its_own_id_or_is_skipped(
     )
     row = read_row(SOURCE, {"seq": 1, "id": doc_id, "deleted": deleted, "doc": doc})
     if not storable(doc_id):
-        assert row == Row(None, Seq.of(1), skipped=True)
+        assert row.change is None
+        assert row.problem is not None
+        assert storable(row.problem.doc_id)
         return
     assert row.change is not None
     assert (row.change.doc_id, row.change.external_id) == (doc_id, external_ids.encode(doc_id))
@@ -532,3 +565,53 @@ def test_large_integers_in_a_document_keep_every_digit() -> None:
     row = parse_line(SOURCE, line)
     assert isinstance(row, Row)
     assert row.change == upsert("a", digits, "")
+
+
+# Raw bytes recorded from Apache CouchDB 3.5.0 (a copy of ../shared's file): documents and an
+# id holding raw U+2028, U+2029 and U+0085, in a `feed=normal` page and a continuous feed.
+LINE_SEPARATORS = (
+    Path(__file__).parent / "data" / "couchdb-3.5.0-line-separators.txt"
+).read_bytes()
+RECORDED_IDS = ["ls", "nel", "plain", "ps", "u2028\u2028id"]
+
+
+def recorded(feed: str) -> bytes:
+    """The recorded answer body of one feed kind (`normal` or `continuous`)."""
+    sections = LINE_SEPARATORS.split(b"### feed=")
+    (section,) = [part for part in sections if part.startswith(feed.encode())]
+    return section.split(b"\n", 1)[1].rstrip(b"\n") + b"\n"
+
+
+def recorded_source() -> SourceSettings:
+    return source(database="linesep").model_copy(
+        update={"columns": [Column(name="Title", field="title"), Column(name="N", field="n")]}
+    )
+
+
+async def test_couchdb3_raw_line_separators_are_read_from_a_normal_page() -> None:
+    body = recorded("normal")
+    assert "\u2028".encode() in body
+    assert "\u0085".encode() in body
+    async with client(answering(200, Script(body))) as http:
+        batch = await read_page(http, recorded_source(), Seq.of("0"))
+    assert [change.doc_id for change in batch.changes] == RECORDED_IDS
+    assert batch.changes[0].row == ("line\u2028separator", "")
+    assert batch.changes[2].row == ("nothing odd", "12345678901234567890123")
+    assert (batch.caught_up, batch.skipped) == (True, 0)
+
+
+async def test_couchdb3_raw_line_separators_are_read_from_a_continuous_feed() -> None:
+    # Sent in small pieces, so that lines also arrive split across reads.
+    body = recorded("continuous")
+    pieces = [body[start : start + 7] for start in range(0, len(body), 7)]
+    async with (
+        client(answering(200, Script(*pieces))) as http,
+        follow(http, recorded_source(), Seq.of("0")) as feed,
+    ):
+        batch = await feed.batch()
+    assert [change.doc_id for change in batch.changes] == RECORDED_IDS
+    assert [change.row for change in batch.changes][1::2] == [
+        ("next\u0085line", ""),
+        ("para\u2029graph", ""),
+    ]
+    assert batch.caught_up

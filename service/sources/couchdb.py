@@ -4,6 +4,7 @@ Reads bounded pages (`feed=normal`) or follows `feed=continuous`, cutting batche
 maps every row as it arrives. Never touches the store: the poller commits what this reads.
 """
 
+import decimal
 import json
 import logging
 from collections.abc import AsyncIterator, Mapping, Sequence
@@ -14,6 +15,7 @@ from urllib.parse import quote
 
 import anyio
 import httpx
+import ijson
 import orjson
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
@@ -26,6 +28,10 @@ log = logging.getLogger(__name__)
 DESIGN_PREFIX = "_design/"
 # How much of CouchDB's error body a message quotes.
 _DETAIL_CHARS = 200
+# The longest continuous-feed line read (CouchDB's max_document_size defaults to 8 MB).
+MAX_LINE_BYTES = 64 * 1024 * 1024
+# A parser that builds values without recursion, for documents nested too deep for `json`.
+_DEEP = ijson.get_backend("python")
 
 
 class SourceStoppedError(Exception):
@@ -42,12 +48,27 @@ class FeedBrokenError(Exception):
 class Row:
     """One `_changes` row: its change (None: nothing to replicate) and its seq (None: no seq).
 
-    `skipped` marks a document that could not become a change (logged where it was read).
+    `problem` is set for a document that could not become a change: why, naming the document
+    (logged where it was read, kept as a dead letter by the poller).
     """
 
     change: Change | None
     seq: Seq | None
-    skipped: bool = False
+    problem: "Unmapped | None" = None
+
+    @property
+    def skipped(self) -> bool:
+        """Whether the document could not become a change."""
+        return self.problem is not None
+
+
+@dataclass(frozen=True)
+class Unmapped:
+    """A document that could not become a change: its id, the seq it came at, and why."""
+
+    doc_id: str
+    seq: Seq | None
+    reason: str
 
 
 @dataclass(frozen=True)
@@ -70,6 +91,7 @@ class Batch:
     rows: int
     skipped: int
     caught_up: bool
+    unmapped: tuple[Unmapped, ...] = ()
 
 
 def settings_of(source: SourceSettings) -> CouchDBSettings:
@@ -127,7 +149,9 @@ def _delete(source: SourceSettings, doc_id: str, doc: object) -> Change:
 
 
 def read_row(source: SourceSettings, row: object) -> Row:
-    """A `_changes` row as a `Row`; a document without a usable id is logged and skipped.
+    """A `_changes` row as a `Row`; a document that cannot become a change, whatever the
+    mapping raised (no usable id, a value nested too deep to write...), is logged and comes
+    back with its `problem`, so the feed goes on past it.
 
     Raises `FeedBrokenError` when `row` is not a `_changes` row with its document.
     """
@@ -139,17 +163,38 @@ def read_row(source: SourceSettings, row: object) -> Row:
     at = None if seq is None else Seq.of(seq)
     try:
         return Row(change_of(source, row), at)
-    except mapping.MappingError as error:
+    except FeedBrokenError:
+        raise
+    except Exception as error:  # a document's content may make the mapping raise anything
+        doc_id = _printable(row.get("id"))
+        reason = str(error) if isinstance(error, mapping.MappingError) else _failure(error)
         log.warning(
-            "document skipped, it cannot become a row: source=%s doc_id=%s reason=%s",
+            "document kept as a dead letter, it cannot become a row: source=%s doc_id=%s"
+            " seq=%s reason=%s",
             source.name,
-            row.get("id"),
-            error,
+            json.dumps(doc_id),
+            None if at is None else at.json_text,
+            reason,
         )
-        return Row(None, at, skipped=True)
+        return Row(None, at, problem=Unmapped(doc_id, at, reason))
 
 
-def parse_line(source: SourceSettings, line: str) -> Row | End:
+def _printable(doc_id: object) -> str:
+    """The document id as storable text: as it is, or JSON-escaped when it holds a NUL or a
+    lone surrogate (which no database column takes)."""
+    text = doc_id if isinstance(doc_id, str) else json.dumps(doc_id)
+    if "\x00" in text or not mapping.is_unicode(text):
+        return json.dumps(text)[1:-1]
+    return text
+
+
+def _failure(error: Exception) -> str:
+    if isinstance(error, RecursionError):
+        return "a mapped field holds a value nested too deeply to write as column text"
+    return f"{type(error).__name__}: {error}"[:_DETAIL_CHARS]
+
+
+def parse_line(source: SourceSettings, line: str | bytes) -> Row | End:
     """One non-blank line of a continuous feed: a row, or the feed's end.
 
     Raises `FeedBrokenError` for anything else (garbled JSON, an error CouchDB reports).
@@ -179,12 +224,14 @@ def page_of(source: SourceSettings, body: object) -> Batch:
 def _batch(rows: Sequence[Row], seq: Seq | None, *, caught_up: bool) -> Batch:
     if seq is None:
         seq = next((row.seq for row in reversed(rows) if row.seq is not None), None)
+    unmapped = tuple(row.problem for row in rows if row.problem is not None)
     return Batch(
         changes=tuple(row.change for row in rows if row.change is not None),
         seq=seq,
         rows=len(rows),
-        skipped=sum(row.skipped for row in rows),
+        skipped=len(unmapped),
         caught_up=caught_up,
+        unmapped=unmapped,
     )
 
 
@@ -194,10 +241,43 @@ def _loads(source: SourceSettings, text: str | bytes) -> object:
     # and refuses lone surrogate escapes, which JSON allows.
     try:
         return json.loads(text)
+    except RecursionError:
+        return _deep_loads(source, text)
     except ValueError as error:
         raise FeedBrokenError(
-            f"source {source.name}: CouchDB sent text that is not JSON"
+            f"source {source.name}: CouchDB sent text that is not JSON ({error})"
         ) from error
+
+
+def _deep_loads(source: SourceSettings, text: str | bytes) -> object:
+    """`json.loads` for a value nested deeper than Python's recursion limit (CouchDB stores
+    such documents): parsed and rebuilt without recursion, numbers as `json` reads them."""
+    data = text.encode() if isinstance(text, str) else text
+    try:
+        (value,) = _DEEP.items(data, "", multiple_values=False)
+    except (ValueError, ijson.JSONError) as error:
+        raise FeedBrokenError(
+            f"source {source.name}: CouchDB sent text that is not JSON ({error})"
+        ) from error
+    return _floats(value)
+
+
+def _floats(value: object) -> object:
+    """`value` with ijson's `Decimal`s turned into the floats `json.loads` gives, in place and
+    without recursion."""
+    if isinstance(value, decimal.Decimal):
+        return float(value)
+    stack = [value]
+    while stack:
+        container = stack.pop()
+        keys = container.keys() if isinstance(container, dict) else range(len(container))  # type: ignore[arg-type]
+        for key in keys:
+            item = container[key]  # type: ignore[index]
+            if isinstance(item, decimal.Decimal):
+                container[key] = float(item)  # type: ignore[index]
+            elif isinstance(item, dict | list):
+                stack.append(item)
+    return value
 
 
 def _detail(value: object) -> str:
@@ -392,7 +472,7 @@ async def _pump(
     """
     async with send:
         try:
-            async for line in response.aiter_lines():
+            async for line in _lines(source, response):
                 if not line.strip():
                     continue
                 item = parse_line(source, line)
@@ -404,6 +484,28 @@ async def _pump(
             await send.send(error)
         except httpx.TransportError as error:
             await send.send(_broken(source, error))
+
+
+async def _lines(source: SourceSettings, response: httpx.Response) -> AsyncIterator[bytes]:
+    """The feed's lines, each ended by `\\n` and nowhere else (couchdb.md rule 9: CouchDB 3
+    writes U+2028, U+2029 and U+0085 raw inside strings, where `str.splitlines` and httpx's
+    line reader would break too), without the `\\n`. A last line without its `\\n` is a
+    cut-off feed, not a line. Raises `FeedBrokenError` for a line over `MAX_LINE_BYTES`.
+    """
+    pending = bytearray()
+    async for chunk in response.aiter_bytes():
+        if b"\n" not in chunk:
+            pending += chunk
+        else:
+            *complete, rest = chunk.split(b"\n")
+            complete[0] = bytes(pending + complete[0])
+            for line in complete:
+                yield line
+            pending = bytearray(rest)
+        if len(pending) > MAX_LINE_BYTES:
+            raise FeedBrokenError(
+                f"source {source.name}: CouchDB sent a feed line over {MAX_LINE_BYTES} bytes"
+            )
 
 
 @asynccontextmanager
