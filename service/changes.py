@@ -130,3 +130,12 @@ class Seq:
         """The seq as the `since=` query parameter: strings verbatim, other values as JSON."""
         value = self.value()
         return value if isinstance(value, str) else self.json_text
+
+
+@dataclass(frozen=True)
+class Unmapped:
+    """A document that could not become a change: its id, the seq it came at, and why."""
+
+    doc_id: str
+    seq: Seq | None
+    reason: str

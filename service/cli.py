@@ -24,6 +24,7 @@ from service import checkpoints, db, dead_letters, logs, mapping, outbox, panda,
 from service.changes import Change
 from service.config import ConfigError, Settings, SourceSettings, config_path, load_settings
 from service.delivery import DeliveryStatus, utcnow
+from service.sources import couchdb
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -295,9 +296,9 @@ def list_dead_letters(
     for letter in letters:
         table.add_row(
             str(letter.id),
-            escape(letter.change.source),
-            escape(letter.change.doc_id),
-            letter.change.op.value,
+            escape(letter.source),
+            escape(letter.doc_id),
+            letter.op,
             str(letter.version),
             str(letter.attempts),
             letter.created_at.isoformat(timespec="seconds"),
@@ -317,13 +318,17 @@ def show_dead_letter(
     if letter is None:
         _fail(f"no dead letter {letter_id} (see `pandasync dead-letters list`)")
     change = letter.change
-    row = "-" if change.row is None else json.dumps(list(change.row), ensure_ascii=False)
+    row = (
+        "-"
+        if change is None or change.row is None
+        else json.dumps(list(change.row), ensure_ascii=False)
+    )
     out.print(f"dead letter {letter.id}", highlight=False)
     for name, value in (
-        ("source", change.source),
-        ("doc id", change.doc_id),
-        ("external id", change.external_id),
-        ("op", change.op.value),
+        ("source", letter.source),
+        ("doc id", letter.doc_id),
+        ("external id", "-" if change is None else change.external_id),
+        ("op", letter.op),
         ("row", row),
         ("version", str(letter.version)),
         ("attempts", str(letter.attempts)),
@@ -347,7 +352,8 @@ def replay_dead_letters(
     """Send dead letters again: give ids, or --source S --all.
 
     A dead letter goes back into the outbox only while it is its document's newest change;
-    one superseded by a newer change is left alone (discard it).
+    one superseded by a newer change is left alone (discard it). A document that could not
+    become a row is read again from CouchDB and mapped with the config as it is now.
     """
     by_ids = bool(letter_ids) and source is None and not every
     by_source = not letter_ids and source is not None and every
@@ -361,9 +367,19 @@ def replay_dead_letters(
             done = database.run_sync(dead_letters.replay_source, source, now=utcnow())
         else:
             done = database.run_sync(dead_letters.replay, letter_ids or [], now=utcnow())
+        if done.unmapped:
+            done = _merged(done, anyio.run(_replay_unmapped, settings, database, done.unmapped))
+    except (couchdb.FeedBrokenError, couchdb.SourceStoppedError) as error:
+        _fail(f"could not read the unmapped documents again from CouchDB: {error}")
     finally:
         database.close()
     out.print(f"replayed {len(done.replayed)}: {_ids(done.replayed)}", highlight=False)
+    for letter_id, reason in done.still_unmapped.items():
+        out.print(
+            f"dead letter {letter_id} still cannot become a row, kept: {escape(reason)}"
+            " (correct the source's settings or the document, then replay it again)",
+            highlight=False,
+        )
     if done.superseded:
         out.print(
             f"superseded by a newer change, not replayed: {_ids(done.superseded)}"
@@ -386,6 +402,24 @@ def discard_dead_letters(
     missing = sorted(set(letter_ids) - set(discarded))
     if missing:
         _fail(f"no dead letter {_ids(missing)}")
+
+
+async def _replay_unmapped(
+    settings: Settings, database: db.Database, letter_ids: list[int]
+) -> dead_letters.Replay:
+    sources = {source.name: source for source in settings.sources}
+    async with httpx.AsyncClient() as http:
+        return await poller.replay_unmapped(database, http, sources, letter_ids, now=utcnow())
+
+
+def _merged(done: dead_letters.Replay, unmapped: dead_letters.Replay) -> dead_letters.Replay:
+    """The replay of the store's dead letters with that of the unmapped documents."""
+    return dead_letters.Replay(
+        replayed=sorted(done.replayed + unmapped.replayed),
+        superseded=done.superseded,
+        missing=sorted(done.missing + unmapped.missing),
+        still_unmapped=unmapped.still_unmapped,
+    )
 
 
 def _ids(letter_ids: list[int]) -> str:

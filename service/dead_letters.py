@@ -1,8 +1,10 @@
-"""Dead letters, the changes PANDA refused for good: list, show, replay and discard them.
+"""Dead letters: changes PANDA refused for good, and documents that could not become a change
+(`UNMAPPED`); list, show, replay and discard them.
 
 Functions run inside the caller's transaction on its `Session`: they never commit and never call
-PANDA. A replay puts the change back into the outbox under the usual version rules, so it can
-never overwrite newer data; delivery then sends it like any other change.
+PANDA or CouchDB. A replay puts the change back into the outbox under the usual version rules,
+so it can never overwrite newer data; delivery then sends it like any other change. An unmapped
+document is replayed from the document as CouchDB holds it now (`poller.replay_unmapped`).
 """
 
 import logging
@@ -13,18 +15,25 @@ from datetime import datetime
 from sqlmodel import Session, col, select
 
 from service import outbox
-from service.changes import Change
+from service.changes import Change, Unmapped
 from service.tables import DeadLetter, DocState, OutboxEntry
 
 log = logging.getLogger(__name__)
 
+# The `op` of a dead letter that holds no change: a document that could not become one.
+UNMAPPED = "unmapped"
+
 
 @dataclass(frozen=True)
 class Letter:
-    """One dead letter: the change, its local version, and every answer PANDA gave to it."""
+    """One dead letter: the change (None for an unmapped document), its local version, and
+    every answer PANDA gave to it (for an unmapped document: why, at which seq)."""
 
     id: int
-    change: Change
+    source: str
+    doc_id: str
+    op: str
+    change: Change | None
     version: int
     attempts: int
     created_at: datetime
@@ -42,19 +51,26 @@ class Replay:
 
     `replayed`: back in the outbox (the dead letter is gone). `superseded`: the document has a
     newer change (queued, delivered or dead), so replaying would overwrite it; the dead letter
-    stays until discarded. `missing`: no such dead letter.
+    stays until discarded. `missing`: no such dead letter. `unmapped`: documents to read from
+    their source again (left alone here). `still_unmapped`: read again, and still no change
+    (the reason by id; the dead letter stays).
     """
 
     replayed: list[int] = field(default_factory=list)
     superseded: list[int] = field(default_factory=list)
     missing: list[int] = field(default_factory=list)
+    unmapped: list[int] = field(default_factory=list)
+    still_unmapped: dict[int, str] = field(default_factory=dict)
 
 
 def _letter(dead: DeadLetter) -> Letter:
     assert dead.id is not None
     return Letter(
         id=dead.id,
-        change=outbox.change_of(dead),
+        source=dead.source,
+        doc_id=dead.doc_id,
+        op=dead.op,
+        change=None if dead.op == UNMAPPED else outbox.change_of(dead),
         version=dead.version,
         attempts=dead.attempts,
         created_at=dead.created_at,
@@ -86,6 +102,8 @@ def replay(session: Session, letter_ids: Sequence[int], *, now: datetime) -> Rep
         dead = session.get(DeadLetter, letter_id)
         if dead is None:
             done.missing.append(letter_id)
+        elif dead.op == UNMAPPED:
+            done.unmapped.append(letter_id)
         elif _replayed(session, dead, now):
             done.replayed.append(letter_id)
         else:
@@ -133,4 +151,53 @@ def _replayed(session: Session, dead: DeadLetter, now: datetime) -> bool:
         dead.doc_id,
         dead.version,
     )
+    return True
+
+
+def keep_unmapped(
+    session: Session, source: str, unmapped: Sequence[Unmapped], *, now: datetime
+) -> None:
+    """Keep documents that could not become a change as dead letters (`UNMAPPED`), each with
+    its seq and reason, so that nothing is skipped without a trace."""
+    for problem in unmapped:
+        at = "no seq" if problem.seq is None else f"seq {problem.seq.json_text}"
+        detail = f"could not become a row ({at}): {problem.reason}"
+        session.add(
+            DeadLetter(
+                source=source,
+                doc_id=problem.doc_id,
+                external_id="",
+                op=UNMAPPED,
+                row=None,
+                version=0,
+                attempts=1,
+                answers=outbox.answers_text([(now, outbox.Answer(None, detail))]),
+                created_at=now,
+            )
+        )
+    session.flush()
+
+
+def unmapped_letter(session: Session, letter_id: int) -> tuple[str, str] | None:
+    """The (source, doc_id) of an unmapped document's dead letter; None if there is none."""
+    dead = session.get(DeadLetter, letter_id)
+    if dead is None or dead.op != UNMAPPED:
+        return None
+    return dead.source, dead.doc_id
+
+
+def settle_unmapped(
+    session: Session, letter_id: int, change: Change | None, *, now: datetime
+) -> bool:
+    """Replace an unmapped document's dead letter with `change` (read from its source again;
+    None: nothing to replicate, e.g. a design document). Returns False when the dead letter
+    is gone already."""
+    dead = session.get(DeadLetter, letter_id)
+    if dead is None or dead.op != UNMAPPED:
+        return False
+    if change is not None:
+        outbox.enqueue(session, [change], now=now)
+    session.delete(dead)
+    session.flush()
+    log.info("unmapped document replayed: source=%s doc_id=%r", dead.source, dead.doc_id)
     return True

@@ -342,6 +342,16 @@ def answers_of(entry: OutboxEntry | DeadLetter) -> list[tuple[datetime, Answer]]
     ]
 
 
+def answers_text(answers: Sequence[tuple[datetime, Answer]]) -> str:
+    """Answers with their times as an entry or dead letter stores them."""
+    return _json(
+        [
+            {"at": at.isoformat(), "status": answer.status, "detail": answer.detail}
+            for at, answer in answers
+        ]
+    )
+
+
 def _with_answer(answers: str, answer: Answer, now: datetime) -> list[dict[str, Any]]:
     recorded = {"at": now.isoformat(), "status": answer.status, "detail": answer.detail}
     return [*json.loads(answers), recorded]

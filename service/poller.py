@@ -6,7 +6,7 @@ crash never skips a change and a repeat is harmless. Knows nothing of FastAPI or
 
 import logging
 import random
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -16,7 +16,7 @@ import anyio
 import httpx
 from sqlmodel import Session
 
-from service import backoff, checkpoints, outbox
+from service import backoff, checkpoints, dead_letters, outbox
 from service.changes import Seq
 from service.config import Settings, SourceSettings
 from service.db import Database
@@ -56,9 +56,11 @@ class PollerStatus:
 
 
 def commit(session: Session, source: str, batch: couchdb.Batch, *, now: datetime) -> int:
-    """Enqueue the batch's changes and save its seq as `source`'s checkpoint, in the caller's
-    transaction (so both or neither). Returns the source's pending outbox entries."""
+    """Enqueue the batch's changes, keep its unmapped documents as dead letters and save its
+    seq as `source`'s checkpoint, in the caller's transaction (so all or nothing). Returns the
+    source's pending outbox entries."""
     outbox.enqueue(session, batch.changes, now=now)
+    dead_letters.keep_unmapped(session, source, batch.unmapped, now=now)
     if batch.seq is not None:
         checkpoints.save(session, source, batch.seq)
     return outbox.pending(session, source)
@@ -76,6 +78,42 @@ def reset_checkpoint(session: Session, source: str) -> Seq | None:
     session.delete(checkpoint)
     session.flush()
     return Seq(checkpoint.seq)
+
+
+async def replay_unmapped(
+    db: Database,
+    http: httpx.AsyncClient,
+    sources: Mapping[str, SourceSettings],
+    letter_ids: Sequence[int],
+    *,
+    now: datetime,
+) -> dead_letters.Replay:
+    """Replay unmapped documents' dead letters from the documents as CouchDB holds them now,
+    mapped with the current settings (`sources`, by name): each becomes its change in the
+    outbox and its dead letter goes. One that still cannot become a change stays, with the
+    reason in `still_unmapped`; one of a source no longer configured too.
+
+    Raises `couchdb.FeedBrokenError` or `couchdb.SourceStoppedError` when CouchDB cannot be
+    read (the dead letters replayed before it stay replayed).
+    """
+    done = dead_letters.Replay()
+    for letter_id in letter_ids:
+        held = await db.run(dead_letters.unmapped_letter, letter_id)
+        if held is None:
+            done.missing.append(letter_id)
+            continue
+        name, doc_id = held
+        if name not in sources or sources[name].kind != "couchdb":
+            done.still_unmapped[letter_id] = f"source {name} is not a CouchDB source in the config"
+            continue
+        row = couchdb.read_row(sources[name], await couchdb.read_doc(http, sources[name], doc_id))
+        if row.problem is not None:
+            done.still_unmapped[letter_id] = row.problem.reason
+        elif await db.run(dead_letters.settle_unmapped, letter_id, row.change, now=now):
+            done.replayed.append(letter_id)
+        else:
+            done.missing.append(letter_id)
+    return done
 
 
 class Poller:

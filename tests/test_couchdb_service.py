@@ -1,18 +1,22 @@
 """`pandasync serve` with a CouchDB source: SIGKILL during catch-up loses nothing."""
 
+import json
+import os
 import signal
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import pytest
 
-from service import checkpoints, external_ids, outbox
+from service import checkpoints, dead_letters, external_ids, outbox
 from service.changes import Seq
 from service.db import Database
 from tests.fixtures.couchdb import CouchDatabase
 from tests.fixtures.panda import RunningPanda, free_port
-from tests.fixtures.service import serving, wait_until
+from tests.fixtures.service import ROOT, serving, wait_until
 
 CONFIG = """
 database_url = "{database_url}"
@@ -166,3 +170,88 @@ def test_a_source_couchdb_refuses_shows_in_readyz_and_status_without_its_passwor
     assert "401 unauthorized, Name or password is incorrect." in readyz
     assert "401" in status
     assert "s3cret-pw" not in readyz + status + log.read_text()
+
+
+# A value nested 2,000 levels deep, as JSON text (CouchDB stores such documents).
+DEEP = "[" * 2000 + '"bottom"' + "]" * 2000
+
+
+def test_hostile_documents_never_hold_the_others_back_and_replay_once_the_mapping_is_fixed(
+    service: Service,
+    couchdb: CouchDatabase,
+    panda: RunningPanda,
+    migrated_sqlite_url: str,
+    tmp_path: Path,
+) -> None:
+    docs: list[dict[str, object]] = [
+        {"_id": f"s{n:04}", "title": f"t{n}", "headline": f"t{n}", "words": n} for n in range(995)
+    ]
+    separators = "a\u2028b\u2029c\u0085d\x0be\x1cf"
+    docs += [
+        # Nested 2,000 levels deep outside the columns: a correct row.
+        {"_id": "deep", "title": "deep notes", "headline": "deep notes", "notes": "DEEP"},
+        # Its mapped field cannot be written as text: a dead letter, until the mapping is fixed.
+        {"_id": "deeptitle", "title": "DEEP", "headline": "fixed", "words": 7},
+        {"_id": "id\u2028with\u2029separators\u0085", "title": separators, "headline": separators},
+        {"_id": "text", "title": separators, "headline": separators, "words": "x\u2028y"},
+        {"_id": "after", "title": "written last", "headline": "written last"},
+    ]
+    couchdb.bulk_text(json.dumps(docs).replace('"DEEP"', DEEP))
+    last = Seq.of(couchdb.update_seq())
+    database = Database.open(migrated_sqlite_url)
+    try:
+        with serving(service.config, tmp_path / "first.log"):
+            wait_until(
+                lambda: (
+                    database.run_sync(checkpoints.load, "stories") == last
+                    and database.run_sync(outbox.pending, None) == 0
+                ),
+                what="every change read and delivered",
+            )
+        expected = {
+            external_ids.encode(str(doc["_id"])): [str(doc["title"]), str(doc.get("words", ""))]
+            for doc in docs
+            if doc["_id"] != "deeptitle"
+        }
+        assert panda.rows("stories") == expected
+        (letter,) = database.run_sync(dead_letters.find, "stories")
+        assert (letter.doc_id, letter.op) == ("deeptitle", dead_letters.UNMAPPED)
+        assert letter.last_answer is not None
+        assert "field `title` holds a value nested too deeply" in letter.last_answer.detail
+        listed = run_cli("dead-letters", "list", "--config", str(service.config))
+        assert "deeptitle" in listed.stdout
+        fixed = service.config.read_text(encoding="utf-8").replace(
+            'field = "title"', 'field = "headline"'
+        )
+        service.config.write_text(fixed, encoding="utf-8")
+        replayed = run_cli(
+            "dead-letters",
+            "replay",
+            "--source",
+            "stories",
+            "--all",
+            "--config",
+            str(service.config),
+        )
+        assert f"replayed 1: {letter.id}" in replayed.stdout
+        run_cli("sync", "--once", "--config", str(service.config))
+        assert panda.rows("stories")["deeptitle"] == ["fixed", "7"]
+        assert database.run_sync(dead_letters.find, "stories") == []
+    finally:
+        database.close()
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    env = {name: value for name, value in os.environ.items() if not name.startswith("PANDASYNC")}
+    env["COLUMNS"] = "200"  # rich's tables wrap whole ids at 80
+    done = subprocess.run(
+        [sys.executable, "-m", "service.cli", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done

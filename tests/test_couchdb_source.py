@@ -20,7 +20,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from service import external_ids
-from service.changes import Change, Op, Seq
+from service.changes import Change, Op, Seq, Unmapped
 from service.config import Column, DatasetSettings, SourceSettings
 from service.sources.couchdb import (
     Batch,
@@ -28,7 +28,6 @@ from service.sources.couchdb import (
     FeedBrokenError,
     Row,
     SourceStoppedError,
-    Unmapped,
     change_of,
     follow,
     page_of,

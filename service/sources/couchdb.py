@@ -20,7 +20,7 @@ import orjson
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from service import mapping
-from service.changes import Change, Seq
+from service.changes import Change, Seq, Unmapped
 from service.config import CouchDBFilter, CouchDBSettings, SourceSettings
 
 log = logging.getLogger(__name__)
@@ -54,21 +54,12 @@ class Row:
 
     change: Change | None
     seq: Seq | None
-    problem: "Unmapped | None" = None
+    problem: Unmapped | None = None
 
     @property
     def skipped(self) -> bool:
         """Whether the document could not become a change."""
         return self.problem is not None
-
-
-@dataclass(frozen=True)
-class Unmapped:
-    """A document that could not become a change: its id, the seq it came at, and why."""
-
-    doc_id: str
-    seq: Seq | None
-    reason: str
 
 
 @dataclass(frozen=True)
@@ -408,6 +399,33 @@ async def read_page(http: httpx.AsyncClient, source: SourceSettings, since: Seq)
         await response.aclose()
     return page_of(source, _loads(source, body))
 
+
+async def read_doc(http: httpx.AsyncClient, source: SourceSettings, doc_id: str) -> dict[str, Any]:
+    """The document as CouchDB holds it now, as a `_changes` row for `read_row` (a deleted or
+    missing document as a deleted row), for replaying a dead letter.
+
+    Raises `SourceStoppedError` or `FeedBrokenError` when CouchDB cannot be read.
+    """
+    settings = settings_of(source)
+    url = f"{base_url(settings)}/{quote(settings.database, safe='')}/{quote(doc_id, safe='')}"
+    try:
+        response = await http.get(
+            url,
+            headers={"Accept": "application/json"},
+            auth=_auth(settings) or httpx.USE_CLIENT_DEFAULT,
+            timeout=settings.timeout_s,
+        )
+    except httpx.TransportError as error:
+        raise _broken(source, error) from error
+    if response.status_code == httpx.codes.NOT_FOUND and _reason(response.content) in _GONE:
+        return {"id": doc_id, "deleted": True, "doc": {"_id": doc_id, "_deleted": True}}
+    if response.status_code != httpx.codes.OK:
+        raise refusal(source, Seq.of("now"), response.status_code, response.content)
+    return {"id": doc_id, "doc": _loads(source, response.content)}
+
+
+# CouchDB's 404 answers for a document that is not there (a missing database says otherwise).
+_GONE = {"not_found, missing", "not_found, deleted"}
 
 Item = Row | End | FeedBrokenError
 
