@@ -214,7 +214,10 @@ def status(config: ConfigOption = None) -> None:
     """Show each source's checkpoint, pending outbox entries, dead letters and delivery lease."""
     settings = _settings(config)
     database = _open(settings)
-    table = Table("source", "dataset", "checkpoint", "pending", "dead letters", "delivery lease")
+    states = _states(settings)
+    table = Table(
+        "source", "dataset", "state", "checkpoint", "pending", "dead letters", "delivery lease"
+    )
     try:
         for source in settings.sources:
             seq = database.run_sync(checkpoints.load, source.name)
@@ -222,6 +225,7 @@ def status(config: ConfigOption = None) -> None:
             table.add_row(
                 source.name,
                 source.dataset.slug,
+                escape(states.get(source.name, "-")),
                 "-" if seq is None else seq.json_text,
                 str(database.run_sync(outbox.pending, source.name)),
                 str(len(database.run_sync(outbox.dead_letters, source.name))),
@@ -230,6 +234,35 @@ def status(config: ConfigOption = None) -> None:
     finally:
         database.close()
     out.print(table)
+
+
+def _states(settings: Settings) -> dict[str, str]:
+    """Each CouchDB source's state as the running service shows it in `/status` (by name);
+    "not running" for all when no service answers at the configured address."""
+    host = "127.0.0.1" if settings.server.host in ("0.0.0.0", "::") else settings.server.host
+    try:
+        answer = httpx.get(f"http://{host}:{settings.server.port}/status", timeout=2).json()
+        sources = answer["sources"]
+    except (httpx.HTTPError, ValueError, KeyError, TypeError):
+        return {source.name: "not running" for source in settings.sources}
+    return {name: _state_text(report.get("feed")) for name, report in sources.items()}
+
+
+def _state_text(feed: object) -> str:
+    """A source's `/status` feed state in a few words (webhook sources have none)."""
+    if not isinstance(feed, dict):
+        return "accepting webhooks"
+    state = str(feed.get("state"))
+    if state == "retrying":
+        return (
+            f"retrying since {feed.get('retrying_since')}, {feed.get('attempts')} attempts,"
+            f" next at {feed.get('next_attempt_at')}: {feed.get('last_error')}"
+        )
+    if state == "stopped" and feed.get("reason"):
+        return f"stopped: {feed.get('reason')}"
+    if state == "catching_up" and feed.get("couchdb_pending") is not None:
+        return f"catching up, {feed.get('couchdb_pending')} changes pending in CouchDB"
+    return state.replace("_", " ")
 
 
 @cli.command("fake-panda")

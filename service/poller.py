@@ -6,10 +6,11 @@ crash never skips a change and a repeat is harmless. Knows nothing of FastAPI or
 
 import logging
 import random
+import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Literal
 
 import anyio
@@ -26,9 +27,11 @@ from service.tables import Checkpoint
 log = logging.getLogger(__name__)
 
 Clock = Callable[[], datetime]
-State = Literal["starting", "running", "reconnecting", "paused", "stopped"]
+State = Literal["starting", "catching_up", "live", "retrying", "paused", "stopped"]
 # How often a paused source looks whether the outbox has room again.
 ROOM_POLL_S = 1.0
+# A source that keeps failing says so in one warning line per this many seconds.
+WARN_EVERY_S = 60.0
 
 
 def utcnow() -> datetime:
@@ -40,10 +43,15 @@ def utcnow() -> datetime:
 class PollerStatus:
     """One source's progress for /status; never holds a credential or a document body.
 
-    `state` is `stopped` with a `reason` when CouchDB refused the source for good (the reason
-    says what to fix), and without one after `stop()`. `checkpoint` is the saved seq as JSON
-    text; `changes_seen` counts feed rows read since start, `skipped` those that could not
-    become a change; `pending` is the source's outbox entries as of the last commit.
+    `state`: `starting`; `catching_up` (a full batch came: CouchDB has more, `couchdb_pending`
+    says how many where CouchDB gives it); `live` (caught up, following new changes);
+    `retrying` since `retrying_since` (CouchDB could not be read: `attempts` so far, the
+    `last_error`, the next attempt at `next_attempt_at`); `paused` (the outbox is at its
+    high-water mark); `stopped` with a `reason` when CouchDB refused the source for good (the
+    reason says what to fix), without one after `stop()`. `checkpoint` is the saved seq as
+    JSON text; `changes_seen` counts feed rows read since start, `skipped` those that could
+    not become a change (dead letters); `pending` is the source's outbox entries as of the
+    last commit.
     """
 
     state: State
@@ -53,6 +61,10 @@ class PollerStatus:
     skipped: int
     pending: int | None
     last_error: str | None
+    couchdb_pending: int | None = None
+    retrying_since: datetime | None = None
+    attempts: int = 0
+    next_attempt_at: datetime | None = None
 
 
 def commit(session: Session, source: str, batch: couchdb.Batch, *, now: datetime) -> int:
@@ -152,6 +164,10 @@ class Poller:
         self._pending: int | None = None
         self._last_error: str | None = None
         self._failures = 0
+        self._retrying_since: datetime | None = None
+        self._next_attempt_at: datetime | None = None
+        self._warned_at: float | None = None
+        self._couchdb_pending: int | None = None
         self._caught_up = False
         self._stopping = False
         self._scope: anyio.CancelScope | None = None
@@ -171,6 +187,10 @@ class Poller:
             skipped=self._skipped,
             pending=self._pending,
             last_error=self._last_error,
+            couchdb_pending=self._couchdb_pending,
+            retrying_since=self._retrying_since,
+            attempts=self._failures,
+            next_attempt_at=self._next_attempt_at,
         )
 
     def stop(self) -> None:
@@ -251,8 +271,8 @@ class Poller:
             await self._page()
             since = await self._load()
         async with couchdb.follow(self._http, self._source, since or self._first()) as feed:
-            self._state, self._failures = "running", 0
             batch = await feed.batch()
+            self._recovered()
             while not batch.caught_up:
                 following = await self._commit_while(batch, feed.batch())
                 if self._full():
@@ -335,6 +355,10 @@ class Poller:
             self._pending = await self._db.run(commit, self.name, batch, now=self._clock())
         self._seen += batch.rows
         self._skipped += batch.skipped
+        self._couchdb_pending = batch.pending
+        if self._state != "stopped":
+            full = batch.rows >= self._settings.batch_size and batch.pending != 0
+            self._state = "catching_up" if full and not batch.caught_up else "live"
         if batch.seq is not None:
             self._checkpoint = batch.seq.json_text
         log.debug(
@@ -349,21 +373,42 @@ class Poller:
 
     async def _back_off(self, error: couchdb.FeedBrokenError) -> None:
         self._failures += 1
-        self._state, self._last_error = "reconnecting", str(error)
+        now = self._clock()
+        if self._retrying_since is None:
+            self._retrying_since = now
+        self._state, self._last_error = "retrying", str(error)
         wait_s = backoff.delay_s(
             self._failures,
             base_s=self._settings.retry_base_s,
             cap_s=self._settings.retry_cap_s,
             rng=self._rng,
         )
-        log.warning(
-            "CouchDB feed lost, reopening it from the checkpoint: source=%s retry_in_s=%.1f"
-            " reason=%s",
+        self._next_attempt_at = now + timedelta(seconds=wait_s)
+        # One warning line a minute, not one a retry: a source failing at the same checkpoint
+        # would otherwise fill the log twice a second.
+        moment = time.monotonic()
+        warn = self._warned_at is None or moment - self._warned_at >= WARN_EVERY_S
+        if warn:
+            self._warned_at = moment
+        log.log(
+            logging.WARNING if warn else logging.DEBUG,
+            "CouchDB feed lost, reopening it from the checkpoint: source=%s attempts=%d"
+            " since=%s checkpoint=%s retry_in_s=%.1f reason=%s",
             self.name,
+            self._failures,
+            self._retrying_since.isoformat(timespec="seconds"),
+            self._checkpoint,
             wait_s,
             error,
         )
         await anyio.sleep(wait_s)
+
+    def _recovered(self) -> None:
+        """The feed reads again: forget the failures (and say so, if they were warned of)."""
+        if self._failures and self._warned_at is not None:
+            log.info("CouchDB feed reads again: source=%s attempts=%d", self.name, self._failures)
+        self._failures, self._warned_at = 0, None
+        self._retrying_since = self._next_attempt_at = None
 
     def _stop_source(self, error: couchdb.SourceStoppedError) -> None:
         self._state, self._stopped, self._last_error = "stopped", str(error), str(error)

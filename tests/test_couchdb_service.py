@@ -255,3 +255,19 @@ def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
     )
     assert done.returncode == 0, done.stdout + done.stderr
     return done
+
+
+def test_status_shows_the_state_of_each_source_of_the_running_service(
+    service: Service, couchdb: CouchDatabase, tmp_path: Path
+) -> None:
+    couchdb.bulk([{"_id": f"s{n}", "title": "t"} for n in range(3)])
+    stopped = run_cli("status", "--config", str(service.config))
+    assert "not running" in stopped.stdout
+    with serving(service.config, tmp_path / "serve.log"):
+        wait_until(lambda: service.answers("/readyz", 200), what="/readyz to answer 200")
+        wait_until(
+            lambda: service.get("/status").json()["sources"]["stories"]["feed"]["state"] == "live",
+            what="the source to be live",
+        )
+        shown = run_cli("status", "--config", str(service.config))
+    assert "live" in shown.stdout

@@ -264,6 +264,7 @@ def test_a_couchdb3_page_keeps_its_string_seq_and_pending_zero_means_caught_up()
         rows=3,
         skipped=0,
         caught_up=True,
+        pending=0,
     )
 
 

@@ -273,7 +273,7 @@ async def test_live_changes_are_followed_and_each_commit_wakes_delivery(
     woken: list[int] = []
     poller = Poller(source_for(couchdb), store, http, on_commit=lambda: woken.append(1))
     async with running(poller):
-        await eventually(lambda: poller.status().state == "running", what="the feed")
+        await eventually(lambda: poller.status().state == "live", what="the feed")
         couchdb.put("live", title="Breaking")
         await eventually(lambda: poller.status().changes_seen == 1, what="the live change")
     assert await store.run(queued) == {"live": ("upsert", ["Breaking", ""])}
@@ -355,7 +355,7 @@ async def test_the_couchdb_server_restarted_mid_feed_is_followed_again(
         async with running(poller):
             couchdb.put("before", title="Before")
             await eventually(lambda: poller.status().changes_seen == 1, what="the first change")
-            await eventually(lambda: poller.status().state == "running", what="the live feed")
+            await eventually(lambda: poller.status().state == "live", what="the live feed")
             # In a thread, so the poller meets the outage as it happens.
             await anyio.to_thread.run_sync(server.restart)
             couchdb.put("after", title="After")
@@ -613,7 +613,7 @@ async def test_status_shows_the_checkpoint_changes_seen_and_pending(
     poller = Poller(source_for(couchdb), store, http)
     await poller.run_once()
     assert poller.status() == PollerStatus(
-        state="starting",
+        state="live",
         reason=None,
         checkpoint="3",
         changes_seen=3,
@@ -656,3 +656,35 @@ async def test_a_full_outbox_pauses_the_feed_until_delivery_makes_room(
         await eventually(lambda: poller.status().changes_seen == 10, what="the rest of the feed")
     await deliver(store, panda, source)
     assert panda.rows("stories") == expected_rows(couchdb)
+
+
+async def test_a_source_catching_up_says_so_until_it_is_live(
+    couchdb: CouchDatabase, store: Database, http: httpx.AsyncClient
+) -> None:
+    couchdb.bulk([{"_id": f"d{n}"} for n in range(5)])
+    poller = Poller(source_for(couchdb, batch_size=2), store, http)
+    await poller.step()
+    assert (poller.status().state, poller.status().changes_seen) == ("catching_up", 2)
+    await poller.run_once()
+    assert (poller.status().state, poller.status().changes_seen) == ("live", 5)
+
+
+async def test_a_source_that_keeps_failing_is_retrying_and_warns_once_a_minute(
+    store: Database, http: httpx.AsyncClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings = CouchDBSettings(
+        url=f"http://127.0.0.1:{free_port()}", database="gone", retry_base_s=0.01, retry_cap_s=0.02
+    )
+    poller = Poller(source_of(settings, "stories"), store, http)
+    with caplog.at_level(logging.DEBUG, logger="service.poller"):
+        async with running(poller):
+            await eventually(lambda: poller.status().attempts >= 5, what="five attempts")
+            status = poller.status()
+    assert status.state == "retrying"
+    assert status.retrying_since is not None
+    assert status.next_attempt_at is not None
+    assert status.retrying_since <= status.next_attempt_at
+    assert "lost CouchDB" in (status.last_error or "")
+    warnings = [record for record in caplog.records if record.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    assert "attempts=1" in warnings[0].getMessage()

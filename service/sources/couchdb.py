@@ -9,7 +9,7 @@ import json
 import logging
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 from urllib.parse import quote
 
@@ -83,6 +83,7 @@ class Batch:
     skipped: int
     caught_up: bool
     unmapped: tuple[Unmapped, ...] = ()
+    pending: int | None = None
 
 
 def settings_of(source: SourceSettings) -> CouchDBSettings:
@@ -208,8 +209,10 @@ def page_of(source: SourceSettings, body: object) -> Batch:
     if body.get("last_seq") is None:
         raise FeedBrokenError(f"source {source.name}: CouchDB's answer has no last_seq")
     rows = [read_row(source, row) for row in body["results"]]
-    caught_up = not rows or body.get("pending") == 0
-    return _batch(rows, Seq.of(body["last_seq"]), caught_up=caught_up)
+    pending = body.get("pending")
+    caught_up = not rows or pending == 0
+    batch = _batch(rows, Seq.of(body["last_seq"]), caught_up=caught_up)
+    return replace(batch, pending=pending if type(pending) is int else None)
 
 
 def _batch(rows: Sequence[Row], seq: Seq | None, *, caught_up: bool) -> Batch:
