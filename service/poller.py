@@ -257,6 +257,8 @@ class Poller:
             await self._follow()
         except couchdb.SourceStoppedError as error:
             self._stop_source(error)
+        except couchdb.UnreadableError as error:
+            await self._read_around(error)
         except couchdb.FeedBrokenError as error:
             await self._back_off(error)
         except Exception as error:
@@ -279,6 +281,32 @@ class Poller:
                     return  # `following` is not committed: it is read again after the pause
                 batch = following
             await self._commit(batch)
+
+    async def _read_around(self, error: couchdb.UnreadableError) -> None:
+        """Read the stretch of the feed after the checkpoint that could not be parsed another
+        way: as `feed=normal` pages, each parsed as one document, of half a batch, then
+        smaller, down to a single row, and commit the first that reads. If not even one row
+        reads, the source stops with the error (nothing after it is checkpointed)."""
+        since = await self._load() or self._first()
+        limit = max(1, self._settings.batch_size // 2)
+        log.warning(
+            "CouchDB feed unreadable, reading it in smaller pages: source=%s checkpoint=%s"
+            " reason=%s",
+            self.name,
+            since.json_text,
+            error,
+        )
+        while True:
+            try:
+                batch = await couchdb.read_page(self._http, self._source, since, limit=limit)
+            except couchdb.UnreadableError as unreadable:
+                if limit == 1:
+                    self._stop_source(_unreadable(self.name, since, unreadable))
+                    return
+                limit = max(1, limit // 2)
+                continue
+            await self._commit(batch)
+            return
 
     def _full(self) -> bool:
         """True when the last commit left the source's outbox at its high-water mark."""
@@ -413,6 +441,16 @@ class Poller:
     def _stop_source(self, error: couchdb.SourceStoppedError) -> None:
         self._state, self._stopped, self._last_error = "stopped", str(error), str(error)
         log.error("source stopped: source=%s reason=%s", self.name, error)
+
+
+def _unreadable(
+    name: str, since: Seq, error: couchdb.UnreadableError
+) -> couchdb.SourceStoppedError:
+    return couchdb.SourceStoppedError(
+        f"{error}; the change after checkpoint {since.json_text} cannot be read even alone"
+        f" (`_changes?since=...&limit=1&include_docs=true`): look at that document in"
+        f" CouchDB and correct or delete it, then restart; source {name} stays where it is"
+    )
 
 
 def _sole(group: BaseExceptionGroup[BaseException]) -> BaseException:

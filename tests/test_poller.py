@@ -688,3 +688,60 @@ async def test_a_source_that_keeps_failing_is_retrying_and_warns_once_a_minute(
     warnings = [record for record in caplog.records if record.levelno == logging.WARNING]
     assert len(warnings) == 1
     assert "attempts=1" in warnings[0].getMessage()
+
+
+def couch_row(n: int) -> str:
+    return json.dumps({"seq": n, "id": f"d{n}", "doc": {"_id": f"d{n}", "title": f"t{n}"}})
+
+
+def couch_pages(
+    garbled_in_pages: bool,
+) -> Callable[[httpx.Request], httpx.Response]:
+    """CouchDB with rows d1..d3 whose continuous feed garbles row d2; its `feed=normal`
+    pages garble it too when `garbled_in_pages`. Scripted: a real server cannot garble."""
+
+    def text(n: int, garble: bool) -> str:
+        return couch_row(n)[:-5] if garble and n == 2 else couch_row(n)
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        params = request.url.params
+        after = int(params["since"])
+        if params["feed"] == "continuous":
+            body = "".join(text(n, True) + "\n" for n in range(after + 1, 4))
+            return httpx.Response(200, text=body)
+        wanted = range(after + 1, min(after + int(params["limit"]), 3) + 1)
+        rows = ",\n".join(text(n, garbled_in_pages) for n in wanted)
+        last = wanted[-1] if wanted else after
+        return httpx.Response(200, text=f'{{"results":[\n{rows}\n],\n"last_seq":{last}}}')
+
+    return handle
+
+
+async def test_a_feed_line_that_cannot_be_parsed_is_read_again_as_pages(
+    store: Database,
+) -> None:
+    settings = CouchDBSettings(url="http://couch.test", database="news", batch_size=4)
+    await store.run(checkpoints.save, "stories", Seq.of(0))
+    async with httpx.AsyncClient(transport=httpx.MockTransport(couch_pages(False))) as http:
+        poller = Poller(source_of(settings), store, http)
+        async with running(poller):
+            await eventually(lambda: poller.status().changes_seen >= 3, what="three rows")
+    assert await store.run(queued) == {f"d{n}": ("upsert", [f"t{n}", ""]) for n in range(1, 4)}
+    assert await store.run(checkpoints.load, "stories") == Seq.of(3)
+
+
+async def test_a_row_that_cannot_be_parsed_even_alone_stops_the_source_before_it(
+    store: Database,
+) -> None:
+    settings = CouchDBSettings(url="http://couch.test", database="news", batch_size=4)
+    await store.run(checkpoints.save, "stories", Seq.of(0))
+    async with httpx.AsyncClient(transport=httpx.MockTransport(couch_pages(True))) as http:
+        poller = Poller(source_of(settings), store, http)
+        async with running(poller):
+            await eventually(lambda: poller.status().reason is not None, what="the stop")
+            status = poller.status()
+    assert status.state == "stopped"
+    assert "cannot be read even alone" in (status.reason or "")
+    assert "not JSON" in (status.reason or "")
+    assert await store.run(checkpoints.load, "stories") == Seq.of(1)
+    assert list(await store.run(queued)) == ["d1"]

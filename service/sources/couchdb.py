@@ -44,6 +44,11 @@ class FeedBrokenError(Exception):
     reconnect from the checkpoint after a backoff."""
 
 
+class UnreadableError(FeedBrokenError):
+    """CouchDB sent a whole answer or line that cannot be parsed: reading the same stretch
+    the same way again cannot help (read it another way, see `poller.Poller`)."""
+
+
 @dataclass(frozen=True)
 class Row:
     """One `_changes` row: its change (None: nothing to replicate) and its seq (None: no seq).
@@ -238,7 +243,7 @@ def _loads(source: SourceSettings, text: str | bytes) -> object:
     except RecursionError:
         return _deep_loads(source, text)
     except ValueError as error:
-        raise FeedBrokenError(
+        raise UnreadableError(
             f"source {source.name}: CouchDB sent text that is not JSON ({error})"
         ) from error
 
@@ -250,7 +255,7 @@ def _deep_loads(source: SourceSettings, text: str | bytes) -> object:
     try:
         (value,) = _DEEP.items(data, "", multiple_values=False)
     except (ValueError, ijson.JSONError) as error:
-        raise FeedBrokenError(
+        raise UnreadableError(
             f"source {source.name}: CouchDB sent text that is not JSON ({error})"
         ) from error
     return _floats(value)
@@ -386,14 +391,18 @@ def refusal(
     return FeedBrokenError(f"source {name}: {place} answered {answer}")
 
 
-async def read_page(http: httpx.AsyncClient, source: SourceSettings, since: Seq) -> Batch:
-    """The changes after `since`, at most `batch_size` of them (`feed=normal&limit=`).
+async def read_page(
+    http: httpx.AsyncClient, source: SourceSettings, since: Seq, *, limit: int | None = None
+) -> Batch:
+    """The changes after `since`, at most `limit` (default `batch_size`) of them
+    (`feed=normal&limit=`).
 
-    The page is read whole, bounded by `batch_size`. Raises `SourceStoppedError` or
-    `FeedBrokenError` (see `refusal`).
+    The page is read whole, bounded by the limit. Raises `SourceStoppedError` or
+    `FeedBrokenError` (see `refusal`); `UnreadableError` when the page is not JSON.
     """
     settings = settings_of(source)
-    response = await _open(http, source, since, feed="normal", limit=str(settings.batch_size))
+    rows = settings.batch_size if limit is None else limit
+    response = await _open(http, source, since, feed="normal", limit=str(rows))
     try:
         body = await response.aread()
     except httpx.TransportError as error:
@@ -524,7 +533,7 @@ async def _lines(source: SourceSettings, response: httpx.Response) -> AsyncItera
                 yield line
             pending = bytearray(rest)
         if len(pending) > MAX_LINE_BYTES:
-            raise FeedBrokenError(
+            raise UnreadableError(
                 f"source {source.name}: CouchDB sent a feed line over {MAX_LINE_BYTES} bytes"
             )
 
