@@ -89,12 +89,13 @@ def _source_status(session: Session, names: list[str]) -> dict[str, dict[str, An
     report: dict[str, dict[str, Any]] = {}
     for name in names:
         seq = checkpoints.load(session, name)
-        until = outbox.lease_until(session, name, datetime.now(UTC))
+        until, holder = outbox.lease_held(session, name, datetime.now(UTC))
         report[name] = {
             "checkpoint": None if seq is None else seq.value(),
             "pending": outbox.pending(session, name),
             "dead_letters": len(outbox.dead_letters(session, name)),
             "lease_until": None if until is None else until.isoformat(),
+            "lease_holder": holder,
         }
     return report
 

@@ -221,7 +221,7 @@ def status(config: ConfigOption = None) -> None:
     try:
         for source in settings.sources:
             seq = database.run_sync(checkpoints.load, source.name)
-            until = database.run_sync(outbox.lease_until, source.name, datetime.now(UTC))
+            until, holder = database.run_sync(outbox.lease_held, source.name, datetime.now(UTC))
             table.add_row(
                 source.name,
                 source.dataset.slug,
@@ -229,11 +229,18 @@ def status(config: ConfigOption = None) -> None:
                 "-" if seq is None else seq.json_text,
                 str(database.run_sync(outbox.pending, source.name)),
                 str(len(database.run_sync(outbox.dead_letters, source.name))),
-                "free" if until is None else f"held until {until:%Y-%m-%d %H:%M:%S} UTC",
+                _lease_text(until, holder),
             )
     finally:
         database.close()
     out.print(table)
+
+
+def _lease_text(until: datetime | None, holder: str | None) -> str:
+    if until is None:
+        return "free"
+    by = "" if holder is None else f" by {escape(holder)}"
+    return f"held{by} until {until:%Y-%m-%d %H:%M:%S} UTC"
 
 
 def _states(settings: Settings) -> dict[str, str]:

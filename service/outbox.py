@@ -21,6 +21,7 @@ import sqlalchemy
 from sqlalchemy import CursorResult, Table, bindparam, inspect
 from sqlmodel import Session, SQLModel, col, delete, func, select, update
 
+from service import holders
 from service.changes import Change, Op, SourceVersion
 from service.db import dialect_insert, in_integers
 from service.tables import DeadLetter, DeliveryLease, DocState, OutboxEntry, UTCDateTime
@@ -473,13 +474,26 @@ def end_lease(session: Session, source: str, lease: int, *, keep: bool = False) 
 def lease_until(session: Session, source: str, now: datetime) -> datetime | None:
     """When `source`'s lease runs out, if a delivery holds it at `now`; None when it is free.
 
-    After a crash, or a request cut off at shutdown, the lease stays until then and the
-    source's entries wait for it."""
+    After a request cut off at shutdown, or a crash on another machine, the lease stays until
+    then and the source's entries wait for it (a crashed process's lease on this machine is
+    taken over at once)."""
+    return lease_held(session, source, now)[0]
+
+
+def lease_held(session: Session, source: str, now: datetime) -> tuple[datetime | None, str | None]:
+    """`lease_until`, and who holds the lease (`host pid N`, "a process that has ended" when
+    provably gone, None when free or unknown)."""
     leases = _table(DeliveryLease).c
-    until: datetime | None = session.execute(
-        sqlalchemy.select(leases.until).where(leases.source == source)
-    ).scalar_one_or_none()
-    return until if until is not None and until > now else None
+    row = session.execute(
+        sqlalchemy.select(leases.until, leases.holder).where(leases.source == source)
+    ).one_or_none()
+    if row is None or row.until is None or row.until <= now:
+        return None, None
+    holder = holders.Holder.of(row.holder)
+    if holder is None:
+        return row.until, None
+    ended = " (a process that has ended: taken over at the next claim)"
+    return row.until, holder.describe() + (ended if holders.gone(holder) else "")
 
 
 def pending(session: Session, source: str | None = None) -> int:
@@ -605,7 +619,7 @@ def _start_claim(
     claim (another delivery holds the source, or `lease` was lost or has ended)."""
     held = _locked_lease(session, source)
     if lease is None:
-        if held.until is not None and held.until > now:
+        if held.until is not None and held.until > now and not _holder_gone(source, held):
             return None  # another delivery holds the source
         return held.lease_id + 1, 0
     if held.lease_id != lease or held.until is None:
@@ -620,7 +634,7 @@ def _renew(session: Session, source: str, lease: int, until: datetime, claimed_t
     session.execute(
         update(leases)
         .where(leases.c.source == source)
-        .values(lease_id=lease, until=until, claimed_to=claimed_to)
+        .values(lease_id=lease, until=until, claimed_to=claimed_to, holder=holders.me().text())
     )
     return until
 
@@ -763,6 +777,24 @@ class _Lease:
     lease_id: int
     until: datetime | None
     claimed_to: int | None
+    holder: str | None
+
+
+def _holder_gone(source: str, held: _Lease) -> bool:
+    """Whether the process holding `held` has provably ended (a crash on this machine): then
+    its lease is taken over at once instead of waiting until it runs out. The dead process's
+    requests ended with it (PANDA applies a request it had begun under its dataset lock, which
+    holds off the next writer: panda-api.md §3.3.7)."""
+    holder = holders.Holder.of(held.holder)
+    if holder is None or not holders.gone(holder):
+        return False
+    log.warning(
+        "delivery lease of a process that has ended taken over: source=%s holder=%s until=%s",
+        source,
+        holder.describe(),
+        held.until.isoformat(timespec="seconds") if held.until else None,
+    )
+    return True
 
 
 def _locked_lease(session: Session, source: str) -> _Lease:
@@ -774,11 +806,11 @@ def _locked_lease(session: Session, source: str) -> _Lease:
     )
     leases = insert.table.c
     row = session.execute(
-        sqlalchemy.select(leases.lease_id, leases.until, leases.claimed_to)
+        sqlalchemy.select(leases.lease_id, leases.until, leases.claimed_to, leases.holder)
         .where(leases.source == source)
         .with_for_update()
     ).one()
-    return _Lease(row.lease_id, row.until, row.claimed_to)
+    return _Lease(row.lease_id, row.until, row.claimed_to, row.holder)
 
 
 def ack_many(session: Session, claims: Sequence[Claim]) -> int:

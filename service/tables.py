@@ -146,7 +146,7 @@ class DeliveryLease(_Table, table=True):
 
     Each lease taken gets the next `lease_id`; `claimed_to` is the highest entry id claimed
     under it (entries up to it may be in flight). `until` is NULL once the lease has ended;
-    a lease whose `until` has passed may be taken over.
+    a lease whose `until` has passed, or whose holder has provably ended, may be taken over.
     """
 
     __tablename__: ClassVar[str] = "delivery_lease"
@@ -155,6 +155,8 @@ class DeliveryLease(_Table, table=True):
     lease_id: int
     until: datetime | None = Field(default=None, sa_type=UTCDateTime)
     claimed_to: int | None = Field(default=None)
+    # The process holding it (`holders.Holder.text()`), kept after it ended, for status.
+    holder: str | None = Field(default=None, sa_type=Text)
 
 
 class DeadLetter(_HeldChange, table=True):

@@ -5,7 +5,7 @@ from pathlib import Path
 
 from typer.testing import CliRunner
 
-from service import outbox
+from service import holders, outbox
 from service.cli import cli
 from service.db import Database
 from tests.fixtures.configs import write_config
@@ -99,4 +99,4 @@ def test_status_shows_a_delivery_lease_a_stopped_delivery_left(tmp_path: Path) -
     after = runner.invoke(cli, ["status", "--config", config], env=wide)
     assert len(taken) == 1
     assert "free" in before.stdout
-    assert "held until" in after.stdout
+    assert f"held by {holders.me().describe()} until" in after.stdout

@@ -1,6 +1,8 @@
 """`service.outbox`: the latest change per document, leased out once, never lost to a stale ack."""
 
+import subprocess
 from collections.abc import Sequence
+from dataclasses import asdict
 from datetime import UTC, datetime, timedelta
 
 from hypothesis import HealthCheck, given, settings
@@ -18,7 +20,7 @@ from hypothesis.stateful import (
 )
 from sqlmodel import Session, col, delete, select
 
-from service import outbox
+from service import holders, outbox
 from service.changes import Change, Op
 from service.db import Database
 from service.outbox import Answer, Claim
@@ -448,3 +450,53 @@ def test_draining_delivers_exactly_the_last_change_per_document(database: Databa
         Replication,
         settings=settings(max_examples=40, stateful_step_count=20, deadline=None),
     )
+
+
+def _held_by(database: Database, holder: holders.Holder) -> None:
+    def write(session: Session) -> None:
+        lease = session.get(DeliveryLease, "a")
+        assert lease is not None
+        lease.holder = holder.text()
+        session.add(lease)
+
+    database.run_sync(write)
+
+
+def _ended_process() -> holders.Holder:
+    """The identity a process of this machine had, once it has ended."""
+    child = subprocess.Popen(["sleep", "30"])
+    try:
+        wait_for_start = holders.Holder(**{**asdict(holders.me()), "pid": child.pid})
+        started = holders._start_of(child.pid)
+    finally:
+        child.kill()
+        child.wait()
+    return holders.Holder(**{**asdict(wait_for_start), "start": started})
+
+
+def test_a_lease_whose_holder_process_has_ended_is_taken_over_at_once(database: Database) -> None:
+    _enqueue(database, _upsert("d", "v"))
+    [first] = _claim(database)
+    dead = _ended_process()
+    _held_by(database, dead)
+    assert database.run_sync(outbox.lease_held, "a", LATER) == (
+        LEASED_UNTIL,
+        f"{dead.describe()} (a process that has ended: taken over at the next claim)",
+    )
+    [second] = _claim(database, now=LATER)
+    assert (second.entry_id, second.lease) == (first.entry_id, first.lease + 1)
+
+
+def test_a_lease_held_by_a_live_process_or_another_machine_is_waited_for(
+    database: Database,
+) -> None:
+    _enqueue(database, _upsert("d", "v"))
+    _claim(database)
+    assert database.run_sync(outbox.lease_held, "a", LATER) == (
+        LEASED_UNTIL,
+        holders.me().describe(),
+    )
+    assert _claim(database, now=LATER) == []
+    elsewhere = holders.Holder(**{**asdict(_ended_process()), "boot": "another-machine"})
+    _held_by(database, elsewhere)
+    assert _claim(database, now=LATER) == []
