@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -271,3 +272,44 @@ def test_status_shows_the_state_of_each_source_of_the_running_service(
         )
         shown = run_cli("status", "--config", str(service.config))
     assert "live" in shown.stdout
+
+
+def test_a_service_restarted_after_sigkill_does_not_wait_for_the_dead_processs_lease(
+    service: Service,
+    couchdb: CouchDatabase,
+    panda: RunningPanda,
+    migrated_sqlite_url: str,
+    tmp_path: Path,
+) -> None:
+    text = service.config.read_text(encoding="utf-8")
+    # The default delivery.lease_s (120 s): a dead process's lease must not be waited for.
+    service.config.write_text(text.replace("lease_s = 2.5\n", ""), encoding="utf-8")
+    couchdb.bulk([{"_id": f"s{n:04}", "title": f"t{n}", "words": n} for n in range(600)])
+    expected = expected_rows(couchdb)
+    database = Database.open(migrated_sqlite_url)
+    panda.set_faults(latency_s=0.2)  # deliveries are in flight when the process is killed
+    try:
+        with serving(service.config, tmp_path / "first.log") as first:
+            wait_until(lambda: len(panda.rows("stories")) > 0, what="a first delivery")
+            first.send_signal(signal.SIGKILL)
+            first.wait(timeout=10)
+        panda.clear_faults()
+        delivered = len(panda.rows("stories"))
+        assert delivered < len(expected), "killed mid catch-up"
+        restarted = time.monotonic()
+        with serving(service.config, tmp_path / "second.log"):
+            wait_until(
+                lambda: len(panda.rows("stories")) > delivered, what="a delivery after restart"
+            )
+            resumed_s = time.monotonic() - restarted
+            wait_until(lambda: panda.rows("stories") == expected, what="PANDA equal to CouchDB")
+        # Far under the dead process's 120 s lease. TODO(#11): the target is 5 s; measured here
+        # 5.4 to 5.9 s (the lease is taken over 1.5 s after the start; the rest is not yet
+        # explained).
+        assert resumed_s < 15.0, f"delivery resumed {resumed_s:.2f} s after the restart"
+        assert (
+            "delivery lease of a process that has ended taken over"
+            in (tmp_path / "second.log").read_text()
+        )
+    finally:
+        database.close()
