@@ -70,6 +70,17 @@ def retitle(couchdb: CouchDatabase, doc_ids: list[str], title: str) -> None:
     couchdb.bulk([{**doc, "title": title} for doc in docs if doc is not None])
 
 
+def wait_until_delivered(database: Database, last: Seq) -> None:
+    """Wait until the source's checkpoint is `last` and its outbox is empty."""
+    wait_until(
+        lambda: (
+            database.run_sync(checkpoints.load, "stories") == last
+            and database.run_sync(outbox.pending, None) == 0
+        ),
+        what="every change read and delivered",
+    )
+
+
 @dataclass(frozen=True)
 class Service:
     """A config file for `pandasync serve` and the port it serves on."""
@@ -141,13 +152,7 @@ def test_a_service_killed_during_catch_up_ends_with_exactly_the_databases_docume
         expected = expected_rows(couchdb)
         last = Seq.of(couchdb.update_seq())
         with serving(service.config, tmp_path / "second.log"):
-            wait_until(
-                lambda: (
-                    database.run_sync(checkpoints.load, "stories") == last
-                    and database.run_sync(outbox.pending, None) == 0
-                ),
-                what="every change read and delivered",
-            )
+            wait_until_delivered(database, last)
         assert panda.rows("stories") == expected
         assert database.run_sync(outbox.dead_letters, None) == []
     finally:
@@ -202,13 +207,7 @@ def test_hostile_documents_never_hold_the_others_back_and_replay_once_the_mappin
     database = Database.open(migrated_sqlite_url)
     try:
         with serving(service.config, tmp_path / "first.log"):
-            wait_until(
-                lambda: (
-                    database.run_sync(checkpoints.load, "stories") == last
-                    and database.run_sync(outbox.pending, None) == 0
-                ),
-                what="every change read and delivered",
-            )
+            wait_until_delivered(database, last)
         expected = {
             external_ids.encode(str(doc["_id"])): [str(doc["title"]), str(doc.get("words", ""))]
             for doc in docs
