@@ -6,6 +6,7 @@ and goes out next); "retry later" goes back into the outbox and backs the datase
 """
 
 import logging
+import math
 import random
 import time
 from collections import deque
@@ -93,13 +94,14 @@ class _Lane:
 
 @dataclass(frozen=True)
 class _Batch:
-    """Entries claimed together at `claimed_at`, when at most `limit` were asked for: as
+    """Entries claimed together, when at most `limit` were asked for: as
     claims, or packed by the store (`outbox.Packed`, upserts only)."""
 
     claims: list[outbox.Claim]
     packed: outbox.Packed | None
-    claimed_at: datetime
     limit: int
+    # The drain's fence (`_Drain.fence`): no request of the batch starts once it is due.
+    fence: anyio.CancelScope
 
     @property
     def count(self) -> int:
@@ -175,6 +177,11 @@ class _Drain:
     aged: bool = False
     started: datetime | None = None
     poked: anyio.Event = field(default_factory=anyio.Event)
+    # Cuts the drain's requests off before its lease could run out unrenewed (see
+    # `Delivery._keep_lease`): its deadline moves on with each renewal.
+    fence: anyio.CancelScope = field(default_factory=lambda: anyio.CancelScope(deadline=math.inf))
+    # Set when a renewal found the lease taken over (or ended).
+    lost: bool = False
 
     def more_coming(self) -> bool:
         """Whether another batch may yet be claimed."""
@@ -214,8 +221,10 @@ class Delivery:
 
     `step()` sends one batch per dataset; `run()` follows the outbox until `stop()`;
     `run_once()` drains everything due and returns. Safe beside other replicas: a source's
-    entries go out under its lease, one delivery at a time, and no request starts that could
-    outlive the lease.
+    entries go out under its lease, one delivery at a time. The lease is short (`lease_s`)
+    and renewed every third of it while a delivery holds it, so a replica that dies or
+    freezes is taken over within `lease_s`; a delivery whose lease went unrenewed for two
+    thirds of it cuts its requests off, before anyone else may take the lease.
     """
 
     def __init__(
@@ -388,18 +397,66 @@ class Delivery:
                 return handled
 
     async def _drain_once(self, lane: _Lane, drain: _Drain) -> int:
-        """`_drain` under one lease."""
-        async with lane.lock:
+        """`_drain` under one lease, kept alive beside it (`_keep_lease`)."""
+        async with lane.lock, anyio.create_task_group() as keeper:
+            keeper.start_soon(self._keep_lease, lane, drain)
             try:
-                await self._exchange(lane, drain, [], claim=True)
-                while drain.ready and (lane.breaker.open or not drain.more_coming()):
-                    await self._deliver_alone(lane, drain)
-                if drain.ready:
-                    await self._deliver_claiming_ahead(lane, drain)
+                with drain.fence:
+                    await self._exchange(lane, drain, [], claim=True)
+                    while drain.ready and (lane.breaker.open or not drain.more_coming()):
+                        await self._deliver_alone(lane, drain)
+                    if drain.ready:
+                        await self._deliver_claiming_ahead(lane, drain)
             finally:
+                keeper.cancel_scope.cancel()
                 with anyio.CancelScope(shield=True):
                     await self._exchange(lane, drain, drain.leftovers(), claim=False)
+        if drain.fence.cancelled_caught:
+            why = "taken over by another delivery" if drain.lost else "could not be renewed"
+            self._last_error = f"delivery lease of source {lane.source} {why}"
+            log.warning(
+                "delivery lease %s, requests cut off and claims left to the lease's next"
+                " holder: source=%s",
+                why,
+                lane.source,
+            )
         return drain.handled
+
+    async def _keep_lease(self, lane: _Lane, drain: _Drain) -> None:
+        """Renew the drain's lease every third of `lease_s` while it holds one. After each
+        renewal the drain's fence allows two thirds of `lease_s` more: a request still out
+        when the lease went unrenewed that long (the store unreachable, the process frozen,
+        the lease taken over) is cut off while the lease still holds, so no other delivery
+        can send a newer change of its rows before it ends."""
+        lease_s = self._settings.lease_s
+        while True:
+            await anyio.sleep(lease_s / 3)
+            lease = drain.lease
+            if lease is None:
+                continue
+            started, now = anyio.current_time(), self._clock()
+            try:
+                held = await self._db.run(
+                    outbox.renew_lease,
+                    lane.source,
+                    lease,
+                    now=now,
+                    until=now + timedelta(seconds=lease_s),
+                )
+            except Exception as error:  # the store: the fence decides
+                log.warning(
+                    "delivery lease not renewed: source=%s error=%s",
+                    lane.source,
+                    type(error).__name__,
+                )
+                continue
+            if drain.lease != lease:
+                continue
+            if not held:
+                drain.lost = True
+                drain.fence.cancel()
+                return
+            drain.fence.deadline = started + lease_s * 2 / 3
 
     async def _deliver_alone(self, lane: _Lane, drain: _Drain) -> None:
         """Deliver the next batch, then settle it and claim the next one if the lane may go on."""
@@ -460,7 +517,7 @@ class Delivery:
         so no outcome is lost. A claim that finds nothing, or may not be made now, marks the
         drain exhausted."""
         with anyio.CancelScope(shield=True):
-            now = self._clock()
+            started, now = anyio.current_time(), self._clock()
             wanted = lane.sizer.size * self._settings.batches_per_claim
             if (
                 claim
@@ -499,7 +556,8 @@ class Delivery:
             else:
                 drain.exhausted = True
                 return
-            drain.ready.append(_Batch(claims, packed, now, limit))
+            drain.fence.deadline = started + self._settings.lease_s * 2 / 3
+            drain.ready.append(_Batch(claims, packed, limit, drain.fence))
             if drain.started is None:
                 drain.started = now
             if drain.claims_left is not None:
@@ -683,10 +741,10 @@ class Delivery:
     ) -> PermanentError | None:
         """Make one PANDA request for `claims`: None when PANDA took it, its refusal when it
         refused it for good. Raises `_StopBatchError` when the batch cannot go on (lease
-        running out, retry later, paused target, stopped source), after recording why.
+        not renewed, retry later, paused target, stopped source), after recording why.
         """
-        if not self._lease_left(batch.claimed_at):
-            raise _StopBatchError
+        if batch.fence.cancel_called or anyio.current_time() >= batch.fence.deadline:
+            raise _StopBatchError  # checked here too: a process woken late runs I/O first
         tally.in_doubt = claims
         try:
             await self._timed(call)
@@ -711,18 +769,11 @@ class Delivery:
         return None
 
     async def _timed(self, call: Callable[[], Awaitable[None]]) -> None:
-        # The lease guard counts on no request lasting longer than this; httpx's own timeouts
-        # bound each read and write, not the whole exchange.
+        # httpx's own timeouts bound each read and write, not the whole exchange.
         with anyio.move_on_after(self._request_timeout_s) as scope:
             await call()
         if scope.cancelled_caught:
             raise RetryableError(f"no answer from PANDA within {self._request_timeout_s:g} s")
-
-    def _lease_left(self, claimed_at: datetime) -> bool:
-        # Never start a request that could outlive its lease: another replica could then
-        # claim a newer change of the same row and be overwritten by this older one.
-        expires = claimed_at + timedelta(seconds=self._settings.lease_s)
-        return self._clock() + timedelta(seconds=self._request_timeout_s) < expires
 
     def _failed(self, lane: _Lane, tally: _Tally, error: RetryableError) -> None:
         if isinstance(error, DatasetMissingError):

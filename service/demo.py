@@ -44,7 +44,6 @@ timeout_s = 5
 port = {service_port}
 
 [delivery]
-lease_s = 30
 idle_poll_s = 0.2
 
 [[sources]]

@@ -471,6 +471,21 @@ def end_lease(session: Session, source: str, lease: int, *, keep: bool = False) 
     )
 
 
+def renew_lease(
+    session: Session, source: str, lease: int, *, now: datetime, until: datetime
+) -> bool:
+    """Hold `source`'s lease `lease` on until `until` (the heartbeat of a delivery holding
+    it); False when it is no longer held: ended, run out at `now`, or taken over."""
+    leases = _table(DeliveryLease)
+    renewed = session.execute(
+        update(leases)
+        .where(leases.c.source == source, leases.c.lease_id == lease, leases.c.until > now)
+        .values(until=until)
+    )
+    assert isinstance(renewed, CursorResult)
+    return renewed.rowcount == 1
+
+
 def lease_until(session: Session, source: str, now: datetime) -> datetime | None:
     """When `source`'s lease runs out, if a delivery holds it at `now`; None when it is free.
 
@@ -620,6 +635,7 @@ def _start_claim(
     held = _locked_lease(session, source)
     if lease is None:
         if held.until is not None and held.until > now and not _holder_gone(source, held):
+            _log_waiting(source, held)
             return None  # another delivery holds the source
         return held.lease_id + 1, 0
     if held.lease_id != lease or held.until is None:
@@ -795,6 +811,25 @@ def _holder_gone(source: str, held: _Lease) -> bool:
         held.until.isoformat(timespec="seconds") if held.until else None,
     )
     return True
+
+
+# The lease each source's claims last found held by another process, so that waiting for
+# one lease is logged once (its holder renews it every few seconds).
+_waited_for: dict[str, int] = {}
+
+
+def _log_waiting(source: str, held: _Lease) -> None:
+    if _waited_for.get(source) == held.lease_id:
+        return
+    _waited_for[source] = held.lease_id
+    holder = holders.Holder.of(held.holder)
+    log.info(
+        "delivery waits, another process holds the source's lease and renews it: source=%s"
+        " holder=%s until=%s",
+        source,
+        holder.describe() if holder else "unknown",
+        held.until.isoformat(timespec="seconds") if held.until else None,
+    )
 
 
 def _locked_lease(session: Session, source: str) -> _Lease:

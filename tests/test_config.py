@@ -121,9 +121,16 @@ def test_a_couchdb_source_without_its_server_is_refused(tmp_path: Path) -> None:
     ]
 
 
-def test_a_lease_shorter_than_a_request_is_refused(tmp_path: Path) -> None:
-    text = MINIMAL + "[delivery]\nlease_s = 40\n"
-    assert [problem.where for problem in problems(write(tmp_path, text))] == ["delivery.lease_s"]
+def test_a_lease_too_short_to_renew_is_refused(tmp_path: Path) -> None:
+    text = MINIMAL + "[delivery]\nlease_s = 0.5\n"
+    (problem,) = problems(write(tmp_path, text))
+    assert (problem.where, "1" in problem.what) == ("delivery.lease_s", True)
+
+
+def test_a_lease_shorter_than_a_request_is_fine_since_it_is_renewed(tmp_path: Path) -> None:
+    text = MINIMAL + "timeout_s = 30\n[delivery]\nlease_s = 6\n"
+    settings = load_settings(write(tmp_path, text))
+    assert (settings.panda.timeout_s, settings.delivery.lease_s) == (30, 6)
 
 
 def test_a_missing_file_says_how_to_point_at_one(tmp_path: Path) -> None:

@@ -7,14 +7,14 @@ import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import anyio
 import httpx
 import pytest
 from pydantic import ValidationError
-from sqlmodel import Session, col, select
+from sqlmodel import Session, col, select, update
 
 from service import outbox, panda
 from service.changes import Change, Op
@@ -643,15 +643,66 @@ async def test_a_drain_ends_its_lease_after_a_while_and_the_run_goes_on_under_a_
     assert (len(panda.rows("stories")), lease.lease_id, lease.until) == (25, 3, None)
 
 
-async def test_no_request_starts_that_could_outlive_its_lease(
-    panda: RunningPanda, database: Database, clock: FakeClock
+SHORT_LEASE = SETTINGS.model_copy(update={"lease_s": 1.0})
+
+
+def lease_until(session: Session) -> datetime | None:
+    lease = session.get(DeliveryLease, "stories")
+    return None if lease is None else lease.until
+
+
+def take_the_lease_over(session: Session) -> None:
+    """What another replica's claim does to the lease: the next lease id, held on."""
+    session.execute(
+        update(DeliveryLease)
+        .where(col(DeliveryLease.source) == "stories")
+        .values(lease_id=col(DeliveryLease.lease_id) + 1)
+    )
+
+
+async def test_a_request_that_outlasts_the_lease_goes_on_while_the_lease_is_renewed(
+    panda: RunningPanda, database: Database
 ) -> None:
-    await enqueue(database, clock, upsert("s1", "a", "1"))
+    await database.run(outbox.enqueue, [upsert("s1", "a", "1")], now=utcnow())
     async with delivery_with(
-        panda, database, clock, request_timeout_s=SETTINGS.lease_s
+        panda, database, utcnow, SHORT_LEASE, request_timeout_s=30
     ) as delivery:
-        assert await delivery.run_once() == 1
-    assert (requests(panda), await database.run(entries)) == (0, [("s1", 0, False)])
+        panda.set_faults(hang=True)
+        async with anyio.create_task_group() as group:
+            group.start_soon(delivery.run_once)
+            await until_held(panda)
+            first = await database.run(lease_until)
+            assert first is not None
+
+            async def renewed_for_three_leases() -> bool:
+                until = await database.run(lease_until)
+                held = panda.stats()["held"] == 1
+                return held and until is not None and until > first + timedelta(seconds=3)
+
+            await eventually(renewed_for_three_leases)
+            panda.clear_faults()
+    assert (panda.rows("stories"), await pending(database)) == ({"s1": ["a", "1"]}, 0)
+
+
+async def test_a_delivery_whose_lease_is_taken_over_cuts_its_request_off(
+    panda: RunningPanda, database: Database
+) -> None:
+    await database.run(outbox.enqueue, [upsert("s1", "a", "1")], now=utcnow())
+    async with delivery_with(
+        panda, database, utcnow, SHORT_LEASE, request_timeout_s=60
+    ) as delivery:
+        panda.set_faults(hang=True)
+        with anyio.fail_after(5):  # far under the request's own 60 s timeout
+            async with anyio.create_task_group() as group:
+                group.start_soon(delivery.run_once)
+                await until_held(panda)
+                await database.run(take_the_lease_over)
+        assert "taken over" in (delivery.status().last_error or "")
+    await until_held(panda, 0)  # the client hung up: PANDA drops the request unapplied
+    panda.clear_faults()
+    assert panda.stats()["writes"] == 0
+    # Untouched, for the replica that holds the lease now.
+    assert await database.run(entries) == [("s1", 0, True)]
 
 
 async def test_datasets_are_written_in_parallel_up_to_the_bound(

@@ -3,13 +3,14 @@
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import httpx
 import pytest
 from sqlmodel import Session
 
-from service import outbox
+from service import holders, outbox
 from service.changes import Change, Op
 from service.db import Database
 from service.delivery import utcnow
@@ -151,3 +152,64 @@ def test_a_wrong_api_key_makes_readyz_say_so_and_keeps_the_changes(
     assert any("api_key" in problem for problem in body["problems"])
     assert "not-the-key" not in log.read_text()
     assert database.run_sync(outbox.pending, None) == 1
+
+
+def lease_holder_pid(session: Session) -> int | None:
+    lease = session.get(DeliveryLease, "stories")
+    holder = None if lease is None else holders.Holder.of(lease.holder)
+    return None if holder is None else holder.pid
+
+
+@pytest.mark.postgres
+def test_a_frozen_replica_is_taken_over_within_its_lease_and_sends_nothing_stale_once_woken(
+    panda: RunningPanda, migrated_postgres_url: str, tmp_path: Path
+) -> None:
+    database = Database.open(migrated_postgres_url)
+    paths = []
+    for name in ("a", "b"):
+        path = tmp_path / f"{name}.toml"
+        text = CONFIG.format(
+            url=migrated_postgres_url,
+            panda_url=panda.url,
+            email=panda.email,
+            api_key=panda.api_key,
+            port=free_port(),
+        )
+        # The default lease_s (6 s), the time a frozen replica's lease takes to run out, and
+        # the default timeout_s (30 s): its requests outlive the lease.
+        text = text.replace("lease_s = 2.5\n", "").replace("timeout_s = 1\n", "")
+        path.write_text(text, encoding="utf-8")
+        paths.append(path)
+    docs = [f"s{index:03}" for index in range(300)]
+    for doc in docs:
+        enqueue(database, doc, "old")
+    panda.set_faults(hang=True)
+    try:
+        with serving(paths[0], tmp_path / "a.log") as a, serving(paths[1], tmp_path / "b.log") as b:
+            wait_until(lambda: panda.stats()["held"] == 1, what="a replica's request in flight")
+            holder = database.run_sync(lease_holder_pid)
+            frozen, other = (a, b) if holder == a.pid else (b, a)
+            frozen.send_signal(signal.SIGSTOP)  # alive but silent: a GC pause, a partition
+            frozen_at = time.monotonic()
+            try:
+                for doc in docs:  # newer changes of the rows it has claimed
+                    enqueue(database, doc, "new")
+                panda.clear_faults()  # its request is applied, as PANDA would
+                wait_until(
+                    lambda: database.run_sync(lease_holder_pid) == other.pid,
+                    what="the other replica to take the lease over",
+                )
+                taken_s = time.monotonic() - frozen_at
+                expected = {doc: ["new"] for doc in docs}
+                wait_until(lambda: panda.rows("stories") == expected, what="every new row")
+            finally:
+                frozen.send_signal(signal.SIGCONT)
+            log = tmp_path / ("a.log" if frozen is a else "b.log")
+            wait_until(lambda: "requests cut off" in log.read_text(), what="the woken replica")
+            waited = (tmp_path / ("b.log" if frozen is a else "a.log")).read_text()
+            assert "holds the source's lease and renews it: source=stories" in waited
+            assert f" pid {frozen.pid} until=" in waited
+            assert panda.rows("stories") == expected, "the woken replica sent old rows"
+    finally:
+        database.close()
+    assert taken_s < 6 + 3, f"the frozen replica's lease was taken over after {taken_s:.1f} s"
