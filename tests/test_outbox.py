@@ -393,6 +393,10 @@ class _Replication(RuleBasedStateMachine):
     def deliver_and_ack(self, held: Claim) -> None:
         if held not in self.unsettled:
             return  # claimed before a crash: that delivery is gone
+        if any(
+            claim.doc_id == held.doc_id for claim in self.unsettled[: self.unsettled.index(held)]
+        ):
+            return  # a delivery sends what it claimed in order: an older claim of it goes first
         # Delivered to PANDA, whether or not a newer change superseded it meanwhile.
         self.unsettled.remove(held)
         self.delivered[held.change.doc_id] = held.change
