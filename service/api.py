@@ -6,7 +6,7 @@ the shared `Service` and the store; they never call PANDA.
 
 import logging
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
 
@@ -18,9 +18,9 @@ from sqlmodel import Session
 from service import checkpoints, outbox, seen_webhooks, signatures
 from service.config import IngressSettings, Settings, SourceSettings, WebhookSettings
 from service.db import Database
-from service.delivery import Delivery, utcnow
-from service.poller import Poller
-from service.runner import Runner
+from service.delivery import Delivery, DeliveryStatus, utcnow
+from service.poller import Poller, PollerStatus
+from service.runner import LoopHealth, Runner
 from service.sources import webhook
 
 log = logging.getLogger(__name__)
@@ -74,29 +74,58 @@ async def readyz(service: ServiceDep, response: Response) -> dict[str, Any]:
     return {"ready": not problems, "problems": problems}
 
 
+class SourceStatus(BaseModel):
+    """One source: what the store holds for it, and for a CouchDB source its feed's state."""
+
+    checkpoint: Any = Field(
+        description="The saved seq, the JSON value CouchDB gave, verbatim; null before one."
+    )
+    pending: int = Field(description="Outbox entries waiting for delivery.")
+    dead_letters: int = Field(description="Changes PANDA refused, or documents not mapped.")
+    lease_until: str | None = Field(
+        description="When the source's delivery lease runs out unrenewed (ISO 8601, UTC);"
+        " null when no delivery holds it."
+    )
+    lease_holder: str | None = Field(description="Who holds the lease: `host pid N`.")
+    feed: PollerStatus | None = Field(
+        default=None,
+        description="A CouchDB source's feed: `state` is one of starting, catching_up, live,"
+        " retrying, paused, stopped (see PollerStatus).",
+    )
+
+
+class StatusAnswer(BaseModel):
+    """Per-source progress, the delivery state and the service's loops."""
+
+    delivery: DeliveryStatus
+    sources: dict[str, SourceStatus]
+    loops: dict[str, LoopHealth]
+
+
 @router.get("/status")
-async def status(service: ServiceDep) -> dict[str, Any]:
+async def status(service: ServiceDep) -> StatusAnswer:
     """Per-source progress and the delivery state; never a secret or a document body."""
     names = [source.name for source in service.settings.sources]
     sources = await service.db.run(_source_status, names)
     for name, poller in service.pollers.items():
-        sources[name]["feed"] = asdict(poller.status())
-    delivery = asdict(service.delivery.status())
-    return {"delivery": delivery, "sources": sources, "loops": service.runner.health()}
+        sources[name].feed = poller.status()
+    return StatusAnswer(
+        delivery=service.delivery.status(), sources=sources, loops=service.runner.health()
+    )
 
 
-def _source_status(session: Session, names: list[str]) -> dict[str, dict[str, Any]]:
-    report: dict[str, dict[str, Any]] = {}
+def _source_status(session: Session, names: list[str]) -> dict[str, SourceStatus]:
+    report: dict[str, SourceStatus] = {}
     for name in names:
         seq = checkpoints.load(session, name)
         until, holder = outbox.lease_held(session, name, datetime.now(UTC))
-        report[name] = {
-            "checkpoint": None if seq is None else seq.value(),
-            "pending": outbox.pending(session, name),
-            "dead_letters": len(outbox.dead_letters(session, name)),
-            "lease_until": None if until is None else until.isoformat(),
-            "lease_holder": holder,
-        }
+        report[name] = SourceStatus(
+            checkpoint=None if seq is None else seq.value(),
+            pending=outbox.pending(session, name),
+            dead_letters=len(outbox.dead_letters(session, name)),
+            lease_until=None if until is None else until.isoformat(),
+            lease_holder=holder,
+        )
     return report
 
 

@@ -470,6 +470,29 @@ async def test_the_openapi_spec_documents_the_webhook_body_and_answers(
     )
 
 
+async def test_the_openapi_spec_documents_the_status_and_each_sources_states(
+    database: Database,
+) -> None:
+    async with serving(settings_for(database)) as (client, _):
+        spec = (await client.get("/openapi.json")).json()
+        status = (await client.get("/status")).json()
+    answer = spec["paths"]["/status"]["get"]["responses"]["200"]["content"]["application/json"]
+    schemas = spec["components"]["schemas"]
+    feed = schemas["PollerStatus"]
+    assert answer["schema"] == {"$ref": "#/components/schemas/StatusAnswer"}
+    assert feed["properties"]["state"]["enum"] == [
+        "starting",
+        "catching_up",
+        "live",
+        "retrying",
+        "paused",
+        "stopped",
+    ]
+    assert "`retrying` since `retrying_since`" in feed["description"]
+    assert sorted(status) == sorted(schemas["StatusAnswer"]["properties"])
+    assert sorted(status["sources"]["stories"]) == sorted(schemas["SourceStatus"]["properties"])
+
+
 DOCS = 100
 VERSIONS = 10
 
