@@ -336,17 +336,16 @@ class SourceSettings(_Strict):
 class DeliverySettings(_Strict):
     """How outbox entries are delivered to PANDA (see the `[delivery]` section of the example).
 
-    A batch is up to the batch size of upserts sent in one bulk PUT (deletes go one by one).
-    The batch size starts at `batch_size` and adapts within `min_batch_size` and
-    `max_batch_size` (PANDA's examples send at most 1000 rows per bulk PUT). One store
-    transaction claims, and later settles, `batches_per_claim` batches' worth of entries.
+    A batch is up to the batch size of entries claimed in one store transaction and settled
+    in another; its upserts go in one bulk PUT, its deletes one by one. The batch size starts
+    at `batch_size` and adapts within `min_batch_size` and `max_batch_size` (PANDA's examples
+    send at most 1000 rows per bulk PUT).
     """
 
     batch_size: int = Field(default=100, ge=1, le=1000)
     min_batch_size: int = Field(default=1, ge=1, le=1000)
     max_batch_size: int = Field(default=1000, ge=1, le=1000)
     slow_batch_s: float = Field(default=5.0, gt=0)
-    batches_per_claim: int = Field(default=4, ge=1, le=20)
     row_by_row: bool = False
     parallel_datasets: int = Field(default=4, ge=1)
     # A source's lease: renewed every third of it while a delivery holds it, so a replica

@@ -28,10 +28,7 @@ from tests.fixtures.panda import RunningPanda
 pytestmark = pytest.mark.anyio
 
 DATASET = panda.Dataset(slug="stories", name="Stories", columns=("Headline", "Words"))
-# One bulk PUT's worth per claim, so that each step is one batch (several: see their tests).
-SETTINGS = DeliverySettings(
-    batch_size=10, batches_per_claim=1, lease_s=120, retry_base_s=1, retry_cap_s=60
-)
+SETTINGS = DeliverySettings(batch_size=10, lease_s=120, retry_base_s=1, retry_cap_s=60)
 
 
 def upsert(doc_id: str, *row: str, source: str = "stories") -> Change:
@@ -432,39 +429,24 @@ async def test_the_batch_grows_while_panda_answers_fast(
         await delivery.run_once()
         size = delivery.status().datasets["stories"].batch_size
     assert (size, len(panda.rows("stories"))) == (100, 300)
-    # The batch doubled from 10 towards 100 (10 + 10 + 20 + 40 + 80 + 100 + 40 rows); how many
-    # PUTs exactly depends on how batches claimed ahead meet the growing size.
-    assert statuses(panda)["202"] <= 300 // 10 // 3
-
-
-async def test_a_claim_of_several_batches_goes_out_in_bulk_puts_of_the_batch_size(
-    panda: RunningPanda, database: Database, clock: FakeClock
-) -> None:
-    settings = SETTINGS.model_copy(
-        update={"batch_size": 10, "max_batch_size": 10, "batches_per_claim": 3}
-    )
-    await enqueue(database, clock, *[upsert(f"r{index:02}", "x", "1") for index in range(25)])
-    async with delivery_with(panda, database, clock, settings) as delivery:
-        assert await delivery.step() == 25, "one claim takes three batches' worth"
-    assert (statuses(panda)["202"], len(panda.rows("stories"))) == (3, 25)
-    assert await pending(database) == 0
+    # The batch doubled from 10 to 100: 10 + 20 + 40 + 80 + 100 + 50 rows.
+    assert statuses(panda)["202"] == 6
 
 
 async def test_a_failed_put_counts_an_attempt_only_against_its_rows_and_releases_the_rest(
     panda: RunningPanda, database: Database, clock: FakeClock
 ) -> None:
-    settings = SETTINGS.model_copy(
-        update={"batch_size": 2, "max_batch_size": 2, "batches_per_claim": 3}
-    )
-    await enqueue(database, clock, *[upsert(f"r{index}", "x", "1") for index in range(6)])
+    changes = [upsert("r0", "x", "1"), upsert("r1", "x", "1"), delete("r2"), delete("r3")]
+    await enqueue(database, clock, *changes)
     panda.set_faults(error_rate=1.0)
-    async with delivery_with(panda, database, clock, settings) as delivery:
+    async with delivery_with(panda, database, clock) as delivery:
         await delivery.run_once()
-    assert statuses(panda)["500"] == 1, "only the first bulk PUT went out; the rest waits"
+    assert statuses(panda)["500"] == 1, "only the bulk PUT went out; the deletes wait"
     assert await database.run(entries) == [
         ("r0", 1, False),
         ("r1", 1, False),
-        *[(f"r{index}", 0, False) for index in range(2, 6)],
+        ("r2", 0, False),
+        ("r3", 0, False),
     ]
 
 
@@ -630,10 +612,9 @@ async def test_a_change_put_off_behind_another_to_its_row_goes_out_in_the_same_r
     assert (panda.rows("stories"), await pending(database)) == ({"same": ["second", "2"]}, 0)
 
 
-async def test_a_drain_ends_its_lease_after_a_while_and_the_run_goes_on_under_a_new_one(
-    panda: RunningPanda, database: Database, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+async def test_each_batch_goes_out_under_a_lease_of_its_own_ended_after_it(
+    panda: RunningPanda, database: Database, clock: FakeClock
 ) -> None:
-    monkeypatch.setattr("service.delivery._DRAIN_S", 0.0)  # one claim per drain
     settings = SETTINGS.model_copy(update={"batch_size": 10, "max_batch_size": 10})
     await enqueue(database, clock, *[upsert(f"r{index:02}", "x", "1") for index in range(25)])
     async with delivery_with(panda, database, clock, settings) as delivery:
@@ -760,18 +741,11 @@ async def test_stopping_lets_the_request_in_flight_finish_within_the_grace_perio
     assert await database.run(entries) == [("s2", 0, False)], "nothing claimed after stop"
 
 
-async def test_after_stop_the_rest_of_a_claim_is_released_not_sent(
+async def test_after_stop_the_rest_of_a_batch_is_released_not_sent(
     panda: RunningPanda, database: Database
 ) -> None:
-    settings = SETTINGS.model_copy(
-        update={
-            "batch_size": 1,
-            "max_batch_size": 1,
-            "batches_per_claim": 3,
-            "shutdown_grace_s": 10,
-        }
-    )
-    changes = [upsert(f"s{index}", "a", str(index)) for index in range(3)]
+    settings = SETTINGS.model_copy(update={"shutdown_grace_s": 10})
+    changes = [upsert("s0", "a", "0"), delete("s1"), delete("s2")]
     await database.run(outbox.enqueue, changes, now=utcnow())
     async with delivery_with(panda, database, utcnow, settings) as delivery:
         panda.set_faults(hang=True)
@@ -781,39 +755,9 @@ async def test_after_stop_the_rest_of_a_claim_is_released_not_sent(
                 await until_held(panda)
                 delivery.stop()
                 panda.clear_faults()
-    # The batch in flight (creating the dataset, then s0's PUT) finished; no later one went.
+    # The write in flight (creating the dataset, then s0's PUT) finished; no later one went.
     assert panda.rows("stories") == {"s0": ["a", "0"]}
     assert await database.run(entries) == [("s1", 0, False), ("s2", 0, False)]
-
-
-async def test_while_a_batch_is_at_panda_the_next_two_are_claimed_and_a_stop_releases_them(
-    panda: RunningPanda, database: Database
-) -> None:
-    settings = SETTINGS.model_copy(
-        update={"batch_size": 1, "max_batch_size": 1, "shutdown_grace_s": 10}
-    )
-    await database.run(outbox.enqueue, [upsert("s0", "a", "0")], now=utcnow())
-    async with delivery_with(panda, database, utcnow, settings) as delivery:
-        await delivery.run_once()  # the dataset exists: the next request held is a PUT
-        changes = [upsert(f"s{index}", "a", str(index)) for index in range(1, 6)]
-        await database.run(outbox.enqueue, changes, now=utcnow())
-        panda.set_faults(hang=True)
-        expected = [("s1", 0, True), ("s2", 0, True), ("s3", 0, True)]
-        expected += [("s4", 0, False), ("s5", 0, False)]
-
-        async def claimed_ahead() -> bool:
-            return await database.run(entries) == expected
-
-        with anyio.fail_after(10):
-            async with anyio.create_task_group() as group:
-                group.start_soon(delivery.run)
-                await until_held(panda)
-                await eventually(claimed_ahead)
-                delivery.stop()
-                panda.clear_faults()
-    # The PUT in flight finished; the batches claimed behind it went back unsent.
-    assert panda.rows("stories") == {"s0": ["a", "0"], "s1": ["a", "1"]}
-    assert await database.run(entries) == [(f"s{index}", 0, False) for index in range(2, 6)]
 
 
 async def claimed_after_the_lease(database: Database) -> list[tuple[str, int]]:
@@ -923,7 +867,7 @@ async def test_a_row_that_is_not_valid_text_is_dead_lettered_and_the_rest_delive
     assert panda.rows("stories") == {"a": ["x", "1"], "b": ["y", "3"]}
 
 
-async def test_a_batch_claimed_ahead_goes_out_after_the_lease_when_requests_are_cut_off(
+async def test_after_a_cut_off_the_next_batch_too_waits_for_the_lease(
     panda: RunningPanda, database: Database
 ) -> None:
     settings = SETTINGS.model_copy(
@@ -937,5 +881,8 @@ async def test_a_batch_claimed_ahead_goes_out_after_the_lease_when_requests_are_
         await stop_while_held(delivery, panda)
     panda.clear_faults()
     assert panda.rows("stories") == {"s0": ["a", "0"]}, "s2 was not sent"
-    assert await database.run(entries) == [("s1", 0, True), ("s2", 0, True)]
+    claimed_now = await database.run(
+        outbox.claim_many, source="stories", now=utcnow(), lease_s=SETTINGS.lease_s, limit=10
+    )
+    assert claimed_now == [], "the cut-off batch's lease holds the source"
     assert await claimed_after_the_lease(database) == [("s1", 0), ("s2", 0)]
