@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from operator import attrgetter
-from typing import Any, TypeVar
+from typing import Any
 
 import orjson
 import sqlalchemy
@@ -36,8 +36,6 @@ _ENTRY_ID = attrgetter("entry_id")
 _SOURCE_LEASE = attrgetter("source", "lease")
 # One encoder for every value stored (json.dumps builds one per call when given options).
 _ENCODER = json.JSONEncoder(ensure_ascii=True, separators=(",", ":"))
-# The highest outbox entry id ever issued (SQLite's AUTOINCREMENT counter).
-_LAST_ENTRY_ID = "SELECT seq FROM sqlite_sequence WHERE name = 'outbox_entry'"
 
 
 @dataclass(slots=True)
@@ -275,19 +273,10 @@ def _write(
 
 def _append(session: Session, entries: Table, rows: list[dict[str, Any]]) -> Sequence[int]:
     """Insert `rows` as outbox entries; their ids, in order."""
-    connection = session.connection()
-    if connection.dialect.name != "sqlite":
-        appended = connection.execute(
-            sqlalchemy.insert(entries).returning(entries.c.id, sort_by_parameter_order=True), rows
-        )
-        return appended.scalars().all()
-    # SQLAlchemy inserts one row at a time to return ids in order on SQLite. Without RETURNING
-    # it inserts them together; the ids are then the last ones issued, one after another: the
-    # transaction holds the only writer's lock, and AUTOINCREMENT issues each id one above
-    # the highest before.
-    connection.execute(sqlalchemy.insert(entries), rows)
-    last: int = connection.execute(sqlalchemy.text(_LAST_ENTRY_ID)).scalar_one()
-    return range(last - len(rows) + 1, last + 1)
+    appended = session.connection().execute(
+        sqlalchemy.insert(entries).returning(entries.c.id, sort_by_parameter_order=True), rows
+    )
+    return appended.scalars().all()
 
 
 def _text(version: SourceVersion | None) -> str | None:
@@ -551,7 +540,7 @@ def claim_many(
     lease: int | None = None,
 ) -> list[Claim]:
     """Claim up to `limit` due entries of `source` in acceptance (id) order, under the
-    source's lease (delivery's hot path on SQLite is `claim_packed`).
+    source's lease.
 
     Without `lease`, takes the source's lease for `lease_s` seconds, unless another delivery
     holds it at `now` (then returns []): one delivery at a time sends a source's changes. With
@@ -567,17 +556,7 @@ def claim_many(
     lease, after = started
     columns = _table(OutboxEntry).c
     selected = _due(_claim_select(columns), columns, source, after, now, limit)
-    due: Sequence[Sequence[Any]]
-    if session.get_bind().dialect.name == "sqlite":
-        # One row holding them all as JSON: Python's sqlite3 hands the GIL over at every row
-        # it steps, and the event loop's thread then holds up the claim at each of them.
-        picked = selected.subquery()
-        packed = session.execute(
-            sqlalchemy.select(func.json_group_array(func.json_array(*picked.c)))
-        ).scalar_one()
-        due = orjson.loads(packed)
-    else:
-        due = session.execute(selected).all()
+    due = session.execute(selected).all()
     if not due:
         return []
     until = _renew(session, source, lease, now + timedelta(seconds=lease_s), due[-1][0])
@@ -653,139 +632,6 @@ def _renew(session: Session, source: str, lease: int, until: datetime, claimed_t
         .values(lease_id=lease, until=until, claimed_to=claimed_to, holder=holders.me().text())
     )
     return until
-
-
-@dataclass(frozen=True, slots=True)
-class Packed:
-    """Upserts claimed together, packed by the store as three lists in entry order: delivery's
-    fast path, with no Python object per row.
-
-    `rows[i]` is the JSON array text of the row `external_ids[i]`, held by entry
-    `entry_ids[i]`. Settle a part delivered whole with `ack_packed`, or take
-    it apart into claims (`claims_of`) to settle them one by one.
-    """
-
-    source: str
-    lease: int
-    claimed_at: datetime
-    claimed_until: datetime
-    entry_ids: list[int]
-    external_ids: list[str]
-    rows: list[str]
-
-    @property
-    def count(self) -> int:
-        """How many entries it holds."""
-        return len(self.entry_ids)
-
-    def part(self, start: int, stop: int) -> "Packed":
-        """Its entries from `start` to `stop` (list slice bounds)."""
-        return Packed(
-            self.source,
-            self.lease,
-            self.claimed_at,
-            self.claimed_until,
-            self.entry_ids[start:stop],
-            self.external_ids[start:stop],
-            self.rows[start:stop],
-        )
-
-
-def claim_packed(
-    session: Session,
-    *,
-    source: str,
-    now: datetime,
-    lease_s: float,
-    limit: int,
-    lease: int | None = None,
-) -> Packed | None:
-    """`claim_many`, packed (`Packed`): on SQLite, when the entries due are all upserts of
-    distinct external ids. Otherwise (and on PostgreSQL) None: then nothing is claimed, and
-    `claim_many` in the same transaction claims the entries as they are. A packed claim of
-    nothing (count 0) takes no lease.
-    """
-    if session.get_bind().dialect.name != "sqlite":
-        return None
-    started = _start_claim(session, source, now, lease)
-    if started is None:
-        return Packed(source, 0, now, now, [], [], [])
-    lease, after = started
-    columns = _table(OutboxEntry).c
-    picked = _due(
-        sqlalchemy.select(columns.id, columns.external_id, columns.row),
-        columns,
-        source,
-        after,
-        now,
-        limit,
-    ).subquery()
-    # One row of text for them all (see `claim_many`); JSON text holds no raw newline, and
-    # a delete has no row (group_concat leaves it out: fewer rows than entries).
-    count, last_id, entry_ids, rows, external_ids = session.execute(
-        sqlalchemy.select(
-            func.count(),
-            func.max(picked.c.id),
-            func.group_concat(picked.c.id, ","),
-            func.group_concat(picked.c.row, "\n"),
-            func.group_concat(picked.c.external_id, "\n"),
-        )
-    ).one()
-    if not count:
-        return Packed(source, 0, now, now, [], [], [])
-    if rows is None:  # deletes only
-        return None
-    packed = Packed(
-        source,
-        lease,
-        now,
-        now + timedelta(seconds=lease_s),
-        list(map(int, entry_ids.split(","))),
-        external_ids.split("\n"),
-        rows.split("\n"),
-    )
-    if not count == len(packed.rows) == len(packed.external_ids) == len(set(packed.external_ids)):
-        return None  # a delete, two changes to one row (`plan` puts the second off), or an odd id
-    if packed.entry_ids != sorted(packed.entry_ids):
-        return None  # SQLite does not promise group_concat's order; ranges need entry order
-    _renew(session, source, lease, packed.claimed_until, last_id)
-    return packed
-
-
-def claims_of(session: Session, packed: Packed) -> list[Claim]:
-    """The claims packed in `packed`, in entry order, for settling them one by one (entries
-    a newer change has replaced since are left out)."""
-    columns = _table(OutboxEntry).c
-    values = func.json_each(orjson.dumps(packed.entry_ids).decode()).table_valued("value")
-    rows = session.execute(
-        _claim_select(columns)
-        .where(columns.id.in_(sqlalchemy.select(values.c.value)))
-        .order_by(columns.id)
-    ).all()
-    return _claims(rows, packed.source, packed.lease, packed.claimed_until)
-
-
-def ack_packed(session: Session, parts: Sequence[Packed]) -> int:
-    """`ack_many` for packed parts delivered whole; returns how many entries were removed.
-
-    Each part's entries are deleted as the range of ids from its first to its last, less
-    the entries in that range that were not due when it was claimed (so never claimed). On
-    SQLite, the only store that packs claims, that is exact: writers take turns, and an
-    AUTOINCREMENT id is never handed out below one already used.
-    """
-    removed = 0
-    table = _table(OutboxEntry)
-    for group in _held_leases(session, [part for part in parts if part.count]):
-        for part in group:
-            deleted = session.execute(
-                delete(table)
-                .where(table.c.source == part.source)
-                .where(table.c.id.between(part.entry_ids[0], part.entry_ids[-1]))
-                .where(table.c.next_attempt_at <= part.claimed_at)
-            )
-            assert isinstance(deleted, CursorResult)
-            removed += deleted.rowcount
-    return removed
 
 
 @dataclass(frozen=True)
@@ -866,17 +712,10 @@ def ack_many(session: Session, claims: Sequence[Claim]) -> int:
     return removed
 
 
-_Held = TypeVar("_Held", Claim, Packed)
-
-
-def _held_leases(session: Session, held: Sequence[_Held]) -> list[list[_Held]]:
-    """`held` in groups of one lease each, less the groups whose lease is lost (`_holds`
+def _held_leases(session: Session, claims: Sequence[Claim]) -> list[list[Claim]]:
+    """`claims` in groups of one lease each, less the groups whose lease is lost (`_holds`
     checked once a group)."""
-    leases = set(map(_SOURCE_LEASE, held))
-    if len(leases) == 1:  # claimed together (delivery's hot path)
-        groups = {leases.pop(): list(held)}
-    else:
-        groups = {lease: [] for lease in leases}
-        for one in held:
-            groups[one.source, one.lease].append(one)
+    groups: dict[tuple[str, int], list[Claim]] = {}
+    for claim in claims:
+        groups.setdefault((claim.source, claim.lease), []).append(claim)
     return [group for (source, lease), group in groups.items() if _holds(session, source, lease)]

@@ -4,7 +4,6 @@ states, webhook ids.
 Only table definitions and column types; reading and writing rows is `checkpoints` and `outbox`.
 """
 
-from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any, ClassVar
 
@@ -51,29 +50,6 @@ class UTCDateTime(TypeDecorator[datetime]):
             raise ValueError(f"a naive datetime cannot be stored: {value!r} needs a time zone")
         value = value.astimezone(UTC)
         return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
-
-    def bind_processor(self, dialect: Dialect) -> Callable[[Any], Any] | None:
-        """On SQLite, the text SQLAlchemy's DATETIME stores, made in one step and remembered
-        for the last value bound: a batch of rows stamps every row with the same `now`."""
-        if dialect.name != "sqlite":
-            return super().bind_processor(dialect)
-        last: tuple[datetime | None, str | None] = (None, None)
-
-        def process(value: datetime | None) -> str | None:
-            nonlocal last
-            if value is None:
-                return None
-            seen, text = last
-            if value is seen:
-                return text
-            naive = self.process_bind_param(value, dialect)
-            assert naive is not None
-            # SQLAlchemy's SQLite DATETIME storage format, `YYYY-MM-DD HH:MM:SS.ffffff`.
-            text = naive.isoformat(sep=" ", timespec="microseconds")
-            last = (value, text)
-            return text
-
-        return process
 
     def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:
         """Read back as an aware UTC datetime."""
