@@ -5,9 +5,7 @@ the shared `Service` and the store; they never call PANDA.
 """
 
 import logging
-from collections.abc import Mapping
-from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request, Response
@@ -15,26 +13,16 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from sqlmodel import Session
 
-from service import checkpoints, outbox, seen_webhooks, signatures
+from service import checkpoints, dead_letters, outbox, seen_webhooks, signatures
+from service.clock import utcnow
 from service.config import IngressSettings, Settings, SourceSettings, WebhookSettings
-from service.db import Database
-from service.delivery import Delivery, DeliveryStatus, utcnow
-from service.poller import Poller, PollerStatus
-from service.runner import LoopHealth, Runner
+from service.container import Service
+from service.delivery import DeliveryStatus
+from service.poller import PollerStatus
+from service.runner import LoopHealth
 from service.sources import webhook
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Service:
-    """Everything the routes need, built once by `service.app`."""
-
-    settings: Settings
-    db: Database
-    delivery: Delivery
-    pollers: Mapping[str, Poller]
-    runner: Runner
 
 
 def _service(request: Request) -> Service:
@@ -118,11 +106,11 @@ def _source_status(session: Session, names: list[str]) -> dict[str, SourceStatus
     report: dict[str, SourceStatus] = {}
     for name in names:
         seq = checkpoints.load(session, name)
-        until, holder = outbox.lease_held(session, name, datetime.now(UTC))
+        until, holder = outbox.lease_held(session, name, utcnow())
         report[name] = SourceStatus(
             checkpoint=None if seq is None else seq.value(),
             pending=outbox.pending(session, name),
-            dead_letters=len(outbox.dead_letters(session, name)),
+            dead_letters=dead_letters.count(session, name),
             lease_until=None if until is None else until.isoformat(),
             lease_holder=holder,
         )

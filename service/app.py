@@ -12,12 +12,11 @@ from fastapi import FastAPI
 
 from service import api, panda
 from service.config import Settings
+from service.container import Service
 from service.db import Database
 from service.delivery import Delivery
 from service.poller import build_pollers
 from service.runner import Runner
-
-SHUTDOWN_GRACE_S = 10.0
 
 
 def datasets(settings: Settings) -> dict[str, panda.Dataset]:
@@ -34,7 +33,7 @@ def datasets(settings: Settings) -> dict[str, panda.Dataset]:
 
 def build(
     settings: Settings, db: Database, http: httpx.AsyncClient, couchdb_http: httpx.AsyncClient
-) -> api.Service:
+) -> Service:
     """The service's parts over an open database and HTTP clients (PANDA's, and one of its
     own for the CouchDB feeds, which each hold a connection open)."""
     client = panda.PandaClient(
@@ -50,7 +49,7 @@ def build(
     pollers = build_pollers(settings, db, couchdb_http, on_commit=delivery.notify)
     feeds = {f"couchdb:{name}": poller for name, poller in pollers.items()}
     runner = Runner({"delivery": delivery, **feeds})
-    return api.Service(settings=settings, db=db, delivery=delivery, pollers=pollers, runner=runner)
+    return Service(settings=settings, db=db, delivery=delivery, pollers=pollers, runner=runner)
 
 
 def create_app(settings: Settings, *, start_runner: bool = True) -> FastAPI:
@@ -77,7 +76,7 @@ def create_app(settings: Settings, *, start_runner: bool = True) -> FastAPI:
                 if start_runner:
                     group.start_soon(service.runner.run)
                 yield
-                await service.runner.stop(grace_s=SHUTDOWN_GRACE_S)
+                await service.runner.stop(grace_s=settings.delivery.shutdown_grace_s)
         finally:
             db.close()
 

@@ -4,11 +4,10 @@ Reads and writes inside the caller's transaction (never commits); a seq is opaqu
 verbatim, never parsed or compared.
 """
 
-from datetime import UTC, datetime
-
 from sqlmodel import Session
 
 from service.changes import Seq
+from service.clock import utcnow
 from service.db import dialect_insert
 from service.tables import Checkpoint
 
@@ -26,7 +25,7 @@ def save(session: Session, source: str, seq: Seq) -> None:
     enqueued. Does not compare with the previous seq: the caller decides what is newer.
     """
     insert = dialect_insert(session, Checkpoint).values(
-        source=source, seq=seq.json_text, updated_at=datetime.now(UTC)
+        source=source, seq=seq.json_text, updated_at=utcnow()
     )
     session.exec(
         insert.on_conflict_do_update(
@@ -34,3 +33,17 @@ def save(session: Session, source: str, seq: Seq) -> None:
             set_={"seq": insert.excluded.seq, "updated_at": insert.excluded.updated_at},
         )
     )
+
+
+def reset(session: Session, source: str) -> Seq | None:
+    """Forget `source`'s checkpoint, so its next start reads from `couchdb.since` again.
+
+    Returns the seq that was saved (None if there was none). For `pandasync reset-checkpoint`
+    after CouchDB refused the checkpoint (a recreated or restored database); restart after.
+    """
+    checkpoint = session.get(Checkpoint, source)
+    if checkpoint is None:
+        return None
+    session.delete(checkpoint)
+    session.flush()
+    return Seq(checkpoint.seq)

@@ -6,8 +6,9 @@ as one clear message with a non-zero exit code. No logic lives here.
 
 import json
 import logging
+import math
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Concatenate, NoReturn, ParamSpec, TypeVar
 
@@ -22,8 +23,9 @@ from sqlmodel import Session
 from service import app as wiring
 from service import checkpoints, db, dead_letters, logs, mapping, outbox, panda, poller
 from service.changes import Change
+from service.clock import utcnow
 from service.config import ConfigError, Settings, SourceSettings, config_path, load_settings
-from service.delivery import DeliveryStatus, utcnow
+from service.delivery import DeliveryStatus
 from service.sources import couchdb
 
 P = ParamSpec("P")
@@ -123,7 +125,7 @@ def serve(
         host=settings.server.host,
         port=settings.server.port,
         log_level=log_level.lower(),
-        timeout_graceful_shutdown=int(wiring.SHUTDOWN_GRACE_S),
+        timeout_graceful_shutdown=math.ceil(settings.delivery.shutdown_grace_s),
     )
 
 
@@ -204,7 +206,7 @@ def reset_checkpoint(
     """
     settings = _settings(config)
     _source(settings, source)
-    old = _in_store(settings, poller.reset_checkpoint, source)
+    old = _in_store(settings, checkpoints.reset, source)
     was = "no checkpoint" if old is None else f"checkpoint {old.json_text}"
     out.print(f"source {source}: {was} removed; restart pandasync to read the feed again")
 
@@ -221,14 +223,14 @@ def status(config: ConfigOption = None) -> None:
     try:
         for source in settings.sources:
             seq = database.run_sync(checkpoints.load, source.name)
-            until, holder = database.run_sync(outbox.lease_held, source.name, datetime.now(UTC))
+            until, holder = database.run_sync(outbox.lease_held, source.name, utcnow())
             table.add_row(
                 source.name,
                 source.dataset.slug,
                 escape(states.get(source.name, "-")),
                 "-" if seq is None else seq.json_text,
                 str(database.run_sync(outbox.pending, source.name)),
-                str(len(database.run_sync(outbox.dead_letters, source.name))),
+                str(database.run_sync(dead_letters.count, source.name)),
                 _lease_text(until, holder),
             )
     finally:

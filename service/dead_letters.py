@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from sqlmodel import Session, col, select
+from sqlmodel import Session, col, func, select
 
 from service import outbox
 from service.changes import Change, Unmapped
@@ -78,9 +78,23 @@ def _letter(dead: DeadLetter) -> Letter:
     )
 
 
+def stored(session: Session, source: str | None = None) -> list[DeadLetter]:
+    """The dead letters as stored, oldest first, for one source or all."""
+    query = select(DeadLetter).order_by(col(DeadLetter.id))
+    if source is not None:
+        query = query.where(col(DeadLetter.source) == source)
+    return list(session.exec(query).all())
+
+
+def count(session: Session, source: str) -> int:
+    """How many dead letters `source` has."""
+    query = select(func.count()).select_from(DeadLetter).where(col(DeadLetter.source) == source)
+    return session.exec(query).one()
+
+
 def find(session: Session, source: str | None = None) -> list[Letter]:
     """The dead letters, oldest first, of one source or all."""
-    return [_letter(dead) for dead in outbox.dead_letters(session, source)]
+    return [_letter(dead) for dead in stored(session, source)]
 
 
 def show(session: Session, letter_id: int) -> Letter | None:

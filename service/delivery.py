@@ -13,7 +13,7 @@ import random
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from operator import attrgetter
 
 import anyio
@@ -22,6 +22,7 @@ from sqlmodel import Session
 from service import outbox
 from service.batching import BatchSizer, Bisection, plan
 from service.breaker import Breaker
+from service.clock import Clock, utcnow
 from service.config import DeliverySettings
 from service.db import Database
 from service.panda import Dataset as PandaDataset
@@ -36,17 +37,11 @@ from service.panda import (
 
 log = logging.getLogger(__name__)
 
-Clock = Callable[[], datetime]
 Timer = Callable[[], float]
 # PANDA answers 403 only while another process holds the dataset's lock (panda-api.md §3.3.7).
 LOCKED = 403
 _EXTERNAL_ID = attrgetter("external_id")
 _ROW_JSON = attrgetter("row_json")
-
-
-def utcnow() -> datetime:
-    """The current time, timezone-aware UTC."""
-    return datetime.now(UTC)
 
 
 @dataclass(frozen=True)

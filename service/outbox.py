@@ -508,14 +508,6 @@ def pending(session: Session, source: str | None = None) -> int:
     return session.exec(query).one()
 
 
-def dead_letters(session: Session, source: str | None = None) -> list[DeadLetter]:
-    """The dead letters, oldest first, for one source or all."""
-    query = select(DeadLetter).order_by(col(DeadLetter.id))
-    if source is not None:
-        query = query.where(col(DeadLetter.source) == source)
-    return list(session.exec(query).all())
-
-
 def _table(model: type[SQLModel]) -> Table:
     table = inspect(model).local_table
     assert isinstance(table, Table)

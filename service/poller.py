@@ -1,6 +1,6 @@
 """The poller: reads a CouchDB source's changes and commits them with their checkpoint.
 
-Each batch's changes go into the outbox in the same transaction as the seq after them, so a
+Each page's changes go into the outbox in the same transaction as the seq after them, so a
 crash never skips a change and a repeat is harmless. Knows nothing of FastAPI or PANDA.
 """
 
@@ -10,7 +10,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Literal
 
 import anyio
@@ -19,14 +19,13 @@ from sqlmodel import Session
 
 from service import backoff, checkpoints, dead_letters, outbox
 from service.changes import Seq
+from service.clock import Clock, utcnow
 from service.config import Settings, SourceSettings
 from service.db import Database
 from service.sources import couchdb
-from service.tables import Checkpoint
 
 log = logging.getLogger(__name__)
 
-Clock = Callable[[], datetime]
 State = Literal["starting", "catching_up", "live", "retrying", "paused", "stopped"]
 # How often a paused source looks whether the outbox has room again.
 ROOM_POLL_S = 1.0
@@ -34,16 +33,11 @@ ROOM_POLL_S = 1.0
 WARN_EVERY_S = 60.0
 
 
-def utcnow() -> datetime:
-    """The current time, timezone-aware UTC."""
-    return datetime.now(UTC)
-
-
 @dataclass(frozen=True)
 class PollerStatus:
     """One source's progress for /status; never holds a credential or a document body.
 
-    `state`: `starting`; `catching_up` (a full batch came: CouchDB has more, `couchdb_pending`
+    `state`: `starting`; `catching_up` (a full page came: CouchDB has more, `couchdb_pending`
     says how many where CouchDB gives it); `live` (caught up, following new changes);
     `retrying` since `retrying_since` (CouchDB could not be read: `attempts` so far, the
     `last_error`, the next attempt at `next_attempt_at`); `paused` (the outbox is at its
@@ -67,29 +61,15 @@ class PollerStatus:
     next_attempt_at: datetime | None = None
 
 
-def commit(session: Session, source: str, batch: couchdb.Batch, *, now: datetime) -> int:
-    """Enqueue the batch's changes, keep its unmapped documents as dead letters and save its
+def commit(session: Session, source: str, page: couchdb.Page, *, now: datetime) -> int:
+    """Enqueue the page's changes, keep its unmapped documents as dead letters and save its
     seq as `source`'s checkpoint, in the caller's transaction (so all or nothing). Returns the
     source's pending outbox entries."""
-    outbox.enqueue(session, batch.changes, now=now)
-    dead_letters.keep_unmapped(session, source, batch.unmapped, now=now)
-    if batch.seq is not None:
-        checkpoints.save(session, source, batch.seq)
+    outbox.enqueue(session, page.changes, now=now)
+    dead_letters.keep_unmapped(session, source, page.unmapped, now=now)
+    if page.seq is not None:
+        checkpoints.save(session, source, page.seq)
     return outbox.pending(session, source)
-
-
-def reset_checkpoint(session: Session, source: str) -> Seq | None:
-    """Forget `source`'s checkpoint, so its next start reads from `couchdb.since` again.
-
-    Returns the seq that was saved (None if there was none). For `pandasync reset-checkpoint`
-    after CouchDB refused the checkpoint (a recreated or restored database); restart after.
-    """
-    checkpoint = session.get(Checkpoint, source)
-    if checkpoint is None:
-        return None
-    session.delete(checkpoint)
-    session.flush()
-    return Seq(checkpoint.seq)
 
 
 async def replay_unmapped(
@@ -224,19 +204,19 @@ class Poller:
             return 0
         read = 0
         with self._feed_errors():
-            batch = await self._first_page()
-            while not batch.caught_up and batch.seq is not None:
-                reading = couchdb.read_page(self._http, self._source, batch.seq)
-                following = await self._commit_while(batch, reading)
-                read += batch.rows
-                batch = following
-            await self._commit(batch)
-            read += batch.rows
+            page = await self._first_page()
+            while not page.caught_up and page.seq is not None:
+                reading = couchdb.read_page(self._http, self._source, page.seq)
+                following = await self._commit_while(page, reading)
+                read += page.rows
+                page = following
+            await self._commit(page)
+            read += page.rows
             self._caught_up = True
         return read
 
     async def run(self) -> None:
-        """Follow the feed and commit each batch until `stop()`.
+        """Follow the feed and commit each page until `stop()`.
 
         A broken or silent feed is reopened from the checkpoint after a backoff with jitter. A
         source CouchDB refuses for good waits, stopped, for `stop()`, so it is not restarted
@@ -266,25 +246,25 @@ class Poller:
             raise
 
     async def _follow(self) -> None:
-        """One connection: commit its batches until CouchDB ends the feed."""
+        """One connection: commit its pages until CouchDB ends the feed."""
         since = await self._load()
         if since is None:
             # Pins the start ("now" included) as a checkpoint before following.
             await self._page()
             since = await self._load()
         async with couchdb.follow(self._http, self._source, since or self._first()) as feed:
-            batch = await feed.batch()
+            page = await feed.next_page()
             self._recovered()
-            while not batch.caught_up:
-                following = await self._commit_while(batch, feed.batch())
+            while not page.caught_up:
+                following = await self._commit_while(page, feed.next_page())
                 if self._full():
                     return  # `following` is not committed: it is read again after the pause
-                batch = following
-            await self._commit(batch)
+                page = following
+            await self._commit(page)
 
     async def _read_around(self, error: couchdb.UnreadableError) -> None:
         """Read the stretch of the feed after the checkpoint that could not be parsed another
-        way: as `feed=normal` pages, each parsed as one document, of half a batch, then
+        way: as `feed=normal` pages, each parsed as one document, of half a page, then
         smaller, down to a single row, and commit the first that reads. If not even one row
         reads, the source stops with the error (nothing after it is checkpointed)."""
         since = await self._load() or self._first()
@@ -298,14 +278,14 @@ class Poller:
         )
         while True:
             try:
-                batch = await couchdb.read_page(self._http, self._source, since, limit=limit)
+                page = await couchdb.read_page(self._http, self._source, since, limit=limit)
             except couchdb.UnreadableError as unreadable:
                 if limit == 1:
                     self._stop_source(_unreadable(self.name, since, unreadable))
                     return
                 limit = max(1, limit // 2)
                 continue
-            await self._commit(batch)
+            await self._commit(page)
             return
 
     def _full(self) -> bool:
@@ -350,53 +330,53 @@ class Poller:
             self._last_error = str(error)
             raise
 
-    async def _first_page(self) -> couchdb.Batch:
+    async def _first_page(self) -> couchdb.Page:
         """The page after the saved checkpoint (or after `since`, without one)."""
         since = await self._load()
         return await couchdb.read_page(self._http, self._source, since or self._first())
 
     async def _page(self) -> int:
-        batch = await self._first_page()
-        await self._commit(batch)
-        self._caught_up = batch.caught_up
-        return batch.rows
+        page = await self._first_page()
+        await self._commit(page)
+        self._caught_up = page.caught_up
+        return page.rows
 
     async def _commit_while(
-        self, batch: couchdb.Batch, reading: Awaitable[couchdb.Batch]
-    ) -> couchdb.Batch:
-        """Commit `batch` while `reading` reads the batch after it; returns that batch.
+        self, page: couchdb.Page, reading: Awaitable[couchdb.Page]
+    ) -> couchdb.Page:
+        """Commit `page` while `reading` reads the page after it; returns that page.
 
         The commit always finishes (it is shielded); a failed read raises once it has.
         """
-        following: list[couchdb.Batch] = []
+        following: list[couchdb.Page] = []
         try:
             async with anyio.create_task_group() as group:
-                group.start_soon(self._commit, batch)
+                group.start_soon(self._commit, page)
                 following.append(await reading)
         except BaseExceptionGroup as error:
             raise _sole(error) from None
         return following[0]
 
-    async def _commit(self, batch: couchdb.Batch) -> None:
+    async def _commit(self, page: couchdb.Page) -> None:
         # Shielded so that stop() never leaves a commit's bookkeeping half done.
         with anyio.CancelScope(shield=True):
-            self._pending = await self._db.run(commit, self.name, batch, now=self._clock())
-        self._seen += batch.rows
-        self._skipped += batch.skipped
-        self._couchdb_pending = batch.pending
+            self._pending = await self._db.run(commit, self.name, page, now=self._clock())
+        self._seen += page.rows
+        self._skipped += page.skipped
+        self._couchdb_pending = page.pending
         if self._state != "stopped":
-            full = batch.rows >= self._settings.batch_size and batch.pending != 0
-            self._state = "catching_up" if full and not batch.caught_up else "live"
-        if batch.seq is not None:
-            self._checkpoint = batch.seq.json_text
+            full = page.rows >= self._settings.batch_size and page.pending != 0
+            self._state = "catching_up" if full and not page.caught_up else "live"
+        if page.seq is not None:
+            self._checkpoint = page.seq.json_text
         log.debug(
-            "batch committed: source=%s rows=%d changes=%d seq=%s",
+            "page committed: source=%s rows=%d changes=%d seq=%s",
             self.name,
-            batch.rows,
-            len(batch.changes),
+            page.rows,
+            len(page.changes),
             self._checkpoint,
         )
-        if batch.changes and self._on_commit is not None:
+        if page.changes and self._on_commit is not None:
             self._on_commit()
 
     async def _back_off(self, error: couchdb.FeedBrokenError) -> None:

@@ -154,7 +154,7 @@ def test_a_service_killed_during_catch_up_ends_with_exactly_the_databases_docume
         with serving(service.config, tmp_path / "second.log"):
             wait_until_delivered(database, last)
         assert panda.rows("stories") == expected
-        assert database.run_sync(outbox.dead_letters, None) == []
+        assert database.run_sync(dead_letters.stored, None) == []
     finally:
         database.close()
 

@@ -23,9 +23,9 @@ from service import external_ids
 from service.changes import Change, Op, Seq, Unmapped
 from service.config import Column, DatasetSettings, SourceSettings
 from service.sources.couchdb import (
-    Batch,
     End,
     FeedBrokenError,
+    Page,
     Row,
     SourceStoppedError,
     change_of,
@@ -258,7 +258,7 @@ def test_a_line_that_is_neither_breaks_the_feed(line: str) -> None:
 
 
 def test_a_couchdb3_page_keeps_its_string_seq_and_pending_zero_means_caught_up() -> None:
-    assert page_of(SOURCE, json.loads(NORMAL_PAGE)) == Batch(
+    assert page_of(SOURCE, json.loads(NORMAL_PAGE)) == Page(
         changes=(upsert("c", "3", ""), upsert("a", "11", ""), delete("b")),
         seq=Seq.of(SEQ_B),
         rows=3,
@@ -269,13 +269,13 @@ def test_a_couchdb3_page_keeps_its_string_seq_and_pending_zero_means_caught_up()
 
 
 def test_a_couchdb3_page_with_changes_pending_is_not_caught_up() -> None:
-    batch = page_of(SOURCE, json.loads(LIMITED_PAGE))
-    assert (batch.seq, batch.rows, batch.caught_up) == (Seq.of(SEQ_A), 2, False)
+    page = page_of(SOURCE, json.loads(LIMITED_PAGE))
+    assert (page.seq, page.rows, page.caught_up) == (Seq.of(SEQ_A), 2, False)
 
 
 def test_an_empty_pouchdb_page_is_caught_up() -> None:
-    batch = page_of(SOURCE, {"results": [], "last_seq": 7})
-    assert (batch.seq, batch.rows, batch.caught_up) == (Seq.of(7), 0, True)
+    page = page_of(SOURCE, {"results": [], "last_seq": 7})
+    assert (page.seq, page.rows, page.caught_up) == (Seq.of(7), 0, True)
 
 
 class Script(httpx.AsyncByteStream):
@@ -323,8 +323,8 @@ def answering(status: int, body: str | Script, seen: list[httpx.Request] | None 
 async def test_a_page_asks_for_the_documents_after_the_checkpoint_in_bounded_pages() -> None:
     seen: list[httpx.Request] = []
     async with client(answering(200, NORMAL_PAGE, seen)) as http:
-        batch = await read_page(http, source(batch_size=3), Seq.of(SEQ_A))
-    assert batch.rows == 3
+        page = await read_page(http, source(batch_size=3), Seq.of(SEQ_A))
+    assert page.rows == 3
     (request,) = seen
     assert (request.url.path, dict(request.url.params)) == (
         "/chk/_changes",
@@ -357,11 +357,11 @@ async def test_credentials_go_as_basic_auth() -> None:
     assert seen[0].headers["authorization"] == "Basic " + base64.b64encode(b"reader:pw").decode()
 
 
-async def batches(http: httpx.AsyncClient, settings: SourceSettings, count: int) -> list[Batch]:
+async def pages(http: httpx.AsyncClient, settings: SourceSettings, count: int) -> list[Page]:
     found = []
     async with follow(http, settings, Seq.of("0")) as feed:
         for _ in range(count):
-            found.append(await feed.batch())
+            found.append(await feed.next_page())
     return found
 
 
@@ -369,8 +369,8 @@ async def test_a_couchdb3_continuous_feed_that_ends_with_last_seq_is_caught_up()
     body = Script(*lines(ROW_C, ROW_A, ROW_B, CONTINUOUS_END))
     seen: list[httpx.Request] = []
     async with client(answering(200, body, seen)) as http:
-        (batch,) = await batches(http, SOURCE, 1)
-    assert batch == Batch(
+        (page,) = await pages(http, SOURCE, 1)
+    assert page == Page(
         changes=(upsert("c", "3", ""), upsert("a", "11", ""), delete("b")),
         seq=Seq.of(SEQ_B),
         rows=3,
@@ -387,15 +387,15 @@ async def test_a_couchdb3_continuous_feed_that_ends_with_last_seq_is_caught_up()
 async def test_heartbeats_between_rows_are_skipped() -> None:
     body = Script(*lines(ROW_C, "", "", ROW_A, "", CONTINUOUS_END))
     async with client(answering(200, body)) as http:
-        (batch,) = await batches(http, SOURCE, 1)
-    assert (batch.rows, batch.seq) == (2, Seq.of(SEQ_B))
+        (page,) = await pages(http, SOURCE, 1)
+    assert (page.rows, page.seq) == (2, Seq.of(SEQ_B))
 
 
 async def test_a_batch_is_cut_at_batch_size_with_the_seq_of_its_last_row() -> None:
     body = Script(*lines(ROW_C, ROW_A, ROW_B, CONTINUOUS_END))
     async with client(answering(200, body)) as http:
-        found = await batches(http, source(batch_size=2), 2)
-    assert [(batch.rows, batch.seq, batch.caught_up) for batch in found] == [
+        found = await pages(http, source(batch_size=2), 2)
+    assert [(page.rows, page.seq, page.caught_up) for page in found] == [
         (2, Seq.of(SEQ_A), False),
         (1, Seq.of(SEQ_B), True),
     ]
@@ -408,10 +408,10 @@ async def test_a_batch_is_cut_batch_wait_s_after_its_first_change() -> None:
         client(answering(200, body)) as http,
         follow(http, source(batch_wait_s=0.05), Seq.of("0")) as feed,
     ):
-        first = await feed.batch()
+        first = await feed.next_page()
         more.set()
-        second = await feed.batch()
-    assert [(batch.rows, batch.seq) for batch in (first, second)] == [
+        second = await feed.next_page()
+    assert [(page.rows, page.seq) for page in (first, second)] == [
         (1, Seq.of(SEQ_C)),
         (1, Seq.of(SEQ_B)),
     ]
@@ -425,8 +425,8 @@ async def test_a_batch_checkpoint_is_the_seq_of_its_last_row_that_has_one() -> N
         client(answering(200, body)) as http,
         follow(http, source(batch_wait_s=0.05), Seq.of("0")) as feed,
     ):
-        batch = await feed.batch()
-    assert (batch.rows, batch.seq) == (2, Seq.of(SEQ_C))
+        page = await feed.next_page()
+    assert (page.rows, page.seq) == (2, Seq.of(SEQ_C))
 
 
 async def test_the_feed_reads_at_most_batch_size_rows_ahead() -> None:
@@ -436,7 +436,7 @@ async def test_the_feed_reads_at_most_batch_size_rows_ahead() -> None:
         client(answering(200, body)) as http,
         follow(http, source(batch_size=10), Seq.of("0")) as feed,
     ):
-        await feed.batch()
+        await feed.next_page()
         await anyio.wait_all_tasks_blocked()
         assert body.sent <= 10 + 10 + 2
 
@@ -444,10 +444,10 @@ async def test_the_feed_reads_at_most_batch_size_rows_ahead() -> None:
 async def test_a_connection_reset_mid_feed_ends_the_batch_and_the_next_one_raises() -> None:
     body = Script(*lines(ROW_C), httpx.ReadError("connection reset by peer"))
     async with client(answering(200, body)) as http, follow(http, SOURCE, Seq.of("0")) as feed:
-        batch = await feed.batch()
+        page = await feed.next_page()
         with pytest.raises(FeedBrokenError, match="connection reset"):
-            await feed.batch()
-    assert (batch.rows, batch.seq, batch.caught_up) == (1, Seq.of(SEQ_C), False)
+            await feed.next_page()
+    assert (page.rows, page.seq, page.caught_up) == (1, Seq.of(SEQ_C), False)
 
 
 async def test_a_feed_closed_without_last_seq_ends_the_batch_and_the_next_one_raises() -> None:
@@ -456,17 +456,17 @@ async def test_a_feed_closed_without_last_seq_ends_the_batch_and_the_next_one_ra
         client(answering(200, Script(*lines(ROW_C)))) as http,
         follow(http, SOURCE, Seq.of("0")) as feed,
     ):
-        batch = await feed.batch()
+        page = await feed.next_page()
         with pytest.raises(FeedBrokenError, match="CouchDB closed the feed"):
-            await feed.batch()
-    assert batch.rows == 1
+            await feed.next_page()
+    assert page.rows == 1
 
 
 async def test_a_garbled_line_breaks_the_feed() -> None:
     body = Script(*lines('{"seq":"2-g1A","id":"c","doc":{"_id":'))
     async with client(answering(200, body)) as http, follow(http, SOURCE, Seq.of("0")) as feed:
         with pytest.raises(FeedBrokenError, match="not JSON"):
-            await feed.batch()
+            await feed.next_page()
 
 
 async def test_a_page_cut_off_mid_body_breaks_the_feed() -> None:
@@ -481,7 +481,7 @@ async def test_a_feed_ended_without_a_change_is_broken() -> None:
     body = Script(*lines("", CONTINUOUS_END))
     async with client(answering(200, body)) as http, follow(http, SOURCE, Seq.of("0")) as feed:
         with pytest.raises(FeedBrokenError, match="without a change"):
-            await feed.batch()
+            await feed.next_page()
 
 
 async def test_a_bad_since_stops_the_source_with_how_to_reset_the_checkpoint() -> None:
@@ -555,7 +555,7 @@ async def test_a_silent_feed_is_detected_by_the_read_timeout() -> None:
         with anyio.fail_after(5):
             async with follow(http, quiet, Seq.of(5)) as feed:
                 with pytest.raises(FeedBrokenError, match=r"no byte for 0\.2 s"):
-                    await feed.batch()
+                    await feed.next_page()
     assert len(requests) == 1
 
 
@@ -593,11 +593,11 @@ async def test_couchdb3_raw_line_separators_are_read_from_a_normal_page() -> Non
     assert "\u2028".encode() in body
     assert "\u0085".encode() in body
     async with client(answering(200, Script(body))) as http:
-        batch = await read_page(http, recorded_source(), Seq.of("0"))
-    assert [change.doc_id for change in batch.changes] == RECORDED_IDS
-    assert batch.changes[0].row == ("line\u2028separator", "")
-    assert batch.changes[2].row == ("nothing odd", "12345678901234567890123")
-    assert (batch.caught_up, batch.skipped) == (True, 0)
+        page = await read_page(http, recorded_source(), Seq.of("0"))
+    assert [change.doc_id for change in page.changes] == RECORDED_IDS
+    assert page.changes[0].row == ("line\u2028separator", "")
+    assert page.changes[2].row == ("nothing odd", "12345678901234567890123")
+    assert (page.caught_up, page.skipped) == (True, 0)
 
 
 async def test_couchdb3_raw_line_separators_are_read_from_a_continuous_feed() -> None:
@@ -608,10 +608,10 @@ async def test_couchdb3_raw_line_separators_are_read_from_a_continuous_feed() ->
         client(answering(200, Script(*pieces))) as http,
         follow(http, recorded_source(), Seq.of("0")) as feed,
     ):
-        batch = await feed.batch()
-    assert [change.doc_id for change in batch.changes] == RECORDED_IDS
-    assert [change.row for change in batch.changes][1::2] == [
+        page = await feed.next_page()
+    assert [change.doc_id for change in page.changes] == RECORDED_IDS
+    assert [change.row for change in page.changes][1::2] == [
         ("next\u0085line", ""),
         ("para\u2029graph", ""),
     ]
-    assert batch.caught_up
+    assert page.caught_up

@@ -16,11 +16,12 @@ import pytest
 from pydantic import ValidationError
 from sqlmodel import Session, col, select, update
 
-from service import outbox, panda
+from service import dead_letters, outbox, panda
 from service.changes import Change, Op
+from service.clock import Clock, utcnow
 from service.config import DeliverySettings
 from service.db import Database
-from service.delivery import Clock, Delivery, utcnow
+from service.delivery import Delivery
 from service.tables import DeliveryLease, OutboxEntry
 from tests.fakes.clock import FakeClock
 from tests.fixtures.panda import RunningPanda
@@ -174,7 +175,7 @@ async def test_a_400_becomes_a_dead_letter_with_pandas_message(
     panda.set_faults(refuse_ids=["bad"])
     assert await delivery.run_once() == 2
     assert panda.rows("stories") == {"good": ["y", "2"]}
-    (letter,) = await database.run(outbox.dead_letters, "stories")
+    (letter,) = await database.run(dead_letters.stored, "stories")
     assert (letter.doc_id, letter.op, await pending(database)) == ("bad", "upsert", 0)
     (answer,) = [answer for _, answer in outbox.answers_of(letter)]
     assert answer.status == 400
@@ -196,7 +197,7 @@ async def test_a_wrong_api_key_pauses_delivery_with_one_clear_error_and_loses_no
     assert "api_key" in reason
     assert "wrong-key-123" not in reason
     assert panda.stats()["requests"] == 1, "one refused request, not one per row"
-    assert (await pending(database), await database.run(outbox.dead_letters, None)) == (2, [])
+    assert (await pending(database), await database.run(dead_letters.stored, None)) == (2, [])
     async with delivery_to(
         panda.url, database, clock, email=panda.email, api_key=panda.api_key
     ) as fixed:
@@ -367,7 +368,7 @@ async def test_bisection_dead_letters_exactly_the_refused_rows_in_about_log2_n_p
     async with delivery_with(panda, database, clock, settings) as delivery:
         assert await delivery.run_once() == size
         assert delivery.status().dead_lettered == len(bad)
-    letters = await database.run(outbox.dead_letters, "stories")
+    letters = await database.run(dead_letters.stored, "stories")
     assert {letter.doc_id for letter in letters} == bad
     assert {answer.status for letter in letters for _, answer in outbox.answers_of(letter)} == {400}
     good = {f"r{index}": ["x", str(index)] for index in range(size) if f"r{index}" not in bad}
@@ -397,7 +398,7 @@ async def test_rows_pandasync_cannot_send_in_bulk_are_dead_lettered_without_bise
     unsendable = Change("stories", "odd id", "odd id", Op.UPSERT, ("x", "1"))
     await enqueue(database, clock, upsert("a", "x", "1"), unsendable, upsert("b", "y", "2"))
     await delivery.run_once()
-    (letter,) = await database.run(outbox.dead_letters, "stories")
+    (letter,) = await database.run(dead_letters.stored, "stories")
     (answer,) = [answer for _, answer in outbox.answers_of(letter)]
     assert (letter.doc_id, answer.status) == ("odd id", None)
     assert panda.rows("stories") == {"a": ["x", "1"], "b": ["y", "2"]}
@@ -849,7 +850,7 @@ async def test_a_refused_delete_becomes_a_dead_letter(
     panda.set_faults(refuse_ids=["s1"])
     await enqueue(database, clock, delete("s1"), delete("s2"))
     await delivery.run_once()
-    (letter,) = await database.run(outbox.dead_letters, "stories")
+    (letter,) = await database.run(dead_letters.stored, "stories")
     assert (letter.doc_id, letter.op, panda.rows("stories")) == ("s1", "delete", {"s1": ["a", "1"]})
 
 
@@ -861,7 +862,7 @@ async def test_a_row_that_is_not_valid_text_is_dead_lettered_and_the_rest_delive
         database, clock, upsert("a", "x", "1"), upsert("odd", "\ud800", "2"), upsert("b", "y", "3")
     )
     await delivery.run_once()
-    (letter,) = await database.run(outbox.dead_letters, "stories")
+    (letter,) = await database.run(dead_letters.stored, "stories")
     (answer,) = [answer for _, answer in outbox.answers_of(letter)]
     assert (letter.doc_id, answer.status) == ("odd", None)
     assert panda.rows("stories") == {"a": ["x", "1"], "b": ["y", "3"]}

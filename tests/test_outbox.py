@@ -20,7 +20,7 @@ from hypothesis.stateful import (
 )
 from sqlmodel import Session, col, delete, select
 
-from service import holders, outbox
+from service import dead_letters, holders, outbox
 from service.changes import Change, Op
 from service.db import Database
 from service.outbox import Answer, Claim
@@ -292,7 +292,7 @@ def test_dead_letter_keeps_every_answer_and_removes_the_entry(database: Database
         _end(database, held)
     [held] = _claim(database)
     assert database.run_sync(outbox.dead_letter, held, answer=REFUSED, now=LATER) is True
-    [letter] = database.run_sync(outbox.dead_letters)
+    [letter] = database.run_sync(dead_letters.stored)
     assert (
         outbox.change_of(letter),
         letter.version,
@@ -314,7 +314,7 @@ def test_dead_letter_after_a_newer_change_keeps_it_instead(database: Database) -
     [held] = _claim(database)
     _enqueue(database, _upsert("d", "new"))
     assert database.run_sync(outbox.dead_letter, held, answer=REFUSED, now=NOW) is False
-    assert database.run_sync(outbox.dead_letters) == []
+    assert database.run_sync(dead_letters.stored) == []
     assert _changes(_claim(database, lease=held.lease)) == [_upsert("d", "new")]
 
 
@@ -346,8 +346,8 @@ def test_pending_and_dead_letters_count_per_source(database: Database) -> None:
         database.run_sync(outbox.pending),
         database.run_sync(outbox.pending, "a"),
         database.run_sync(outbox.pending, "b"),
-        [letter.doc_id for letter in database.run_sync(outbox.dead_letters, "b")],
-        database.run_sync(outbox.dead_letters, "a"),
+        [letter.doc_id for letter in database.run_sync(dead_letters.stored, "b")],
+        database.run_sync(dead_letters.stored, "a"),
     ) == (2, 2, 0, ["d"], [])
 
 

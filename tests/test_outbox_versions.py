@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from sqlalchemy import text
 from sqlmodel import Session, delete
 
-from service import outbox
+from service import dead_letters, outbox
 from service.changes import Change, Op, SourceVersion
 from service.db import Database, alembic_config, migrate
 from service.outbox import Answer, Claim, Enqueued
@@ -130,7 +130,7 @@ def test_a_dead_letter_holds_the_current_version_until_a_newer_change_is_accepte
     enqueue(database, upsert("d", "refused", "2026-01-02T03:04:05Z"))
     [held] = claim(database)
     database.run_sync(outbox.dead_letter, held, answer=REFUSED, now=NOW)
-    [letter] = database.run_sync(outbox.dead_letters)
+    [letter] = database.run_sync(dead_letters.stored)
     replayable = letter.version == current(database, "d")
     enqueue(database, upsert("d", "newer", "2026-01-02T03:04:06Z"))
     assert (replayable, letter.version == current(database, "d")) == (True, False)

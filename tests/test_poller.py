@@ -19,12 +19,13 @@ from sqlalchemy import text
 from sqlalchemy.exc import OperationalError
 from sqlmodel import Session, select
 
-from service import checkpoints, external_ids, outbox, panda
+from service import checkpoints, dead_letters, external_ids, outbox, panda
 from service.changes import Seq
+from service.checkpoints import reset as reset_checkpoint
 from service.config import CouchDBSettings, DeliverySettings, Settings, SourceSettings
 from service.db import Database
 from service.delivery import Delivery
-from service.poller import Poller, PollerStatus, build_pollers, reset_checkpoint
+from service.poller import Poller, PollerStatus, build_pollers
 from service.sources.couchdb import FeedBrokenError
 from service.tables import Checkpoint, OutboxEntry
 from tests.fixtures.couchdb import CouchDatabase, silent_couchdb, start_pouchdb
@@ -33,7 +34,7 @@ from tests.fixtures.panda import RunningPanda, free_port
 pytestmark = pytest.mark.anyio
 
 COLUMNS = [{"name": "Title", "field": "title"}, {"name": "Words", "field": "words"}]
-# Quick settings for tests: short batches, quick heartbeats and reconnects.
+# Quick settings for tests: short pages, quick heartbeats and reconnects.
 QUICK = {
     "batch_wait_s": 0.02,
     "heartbeat_s": 0.5,
@@ -227,7 +228,7 @@ async def test_a_document_created_and_deleted_between_two_reads_leaves_no_row(
     assert await store.run(queued) == {"kept": ("upsert", ["Kept", ""]), "brief": ("delete", None)}
     await deliver(store, panda, source)
     assert panda.rows("stories") == {"kept": ["Kept", ""]}
-    assert await store.run(outbox.dead_letters, None) == []
+    assert await store.run(dead_letters.stored, None) == []
 
 
 async def test_design_documents_and_filtered_out_documents_leave_no_row(

@@ -10,10 +10,10 @@ import httpx
 import pytest
 from sqlmodel import Session
 
-from service import holders, outbox
+from service import dead_letters, holders, outbox
 from service.changes import Change, Op
+from service.clock import utcnow
 from service.db import Database
-from service.delivery import utcnow
 from service.tables import DeliveryLease
 from tests.fixtures.panda import RunningPanda, free_port
 from tests.fixtures.service import serving, wait_until
@@ -116,7 +116,7 @@ def test_a_service_killed_while_panda_is_down_delivers_everything_once_it_is_up(
         expected = {f"s{index}": [f"title {index}"] for index in range(5)}
         wait_until(lambda: panda.rows("stories") == expected, what="every row in PANDA")
         wait_until(lambda: readyz(port) == 200, what="/readyz")
-    assert database.run_sync(outbox.dead_letters, None) == []
+    assert database.run_sync(dead_letters.stored, None) == []
 
 
 def test_serve_refuses_an_unmigrated_store_and_says_what_to_run(tmp_path: Path) -> None:

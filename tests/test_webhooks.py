@@ -26,11 +26,11 @@ from asgi_lifespan import LifespanManager
 from sqlmodel import Session, col, select
 from standardwebhooks import Webhook
 
-from service import outbox
-from service.api import Service
+from service import dead_letters, outbox
 from service.app import create_app
 from service.changes import Change, Op, SourceVersion
 from service.config import Settings
+from service.container import Service
 from service.db import Database
 from service.tables import OutboxEntry
 from tests.fixtures.panda import RunningPanda
@@ -569,4 +569,4 @@ async def test_a_thousand_webhooks_taken_in_while_panda_is_down_arrive_once_it_i
     writes = panda.stats()["writes"]
     assert isinstance(writes, int)
     assert writes <= len(expected)
-    assert await database.run(outbox.dead_letters) == []
+    assert await database.run(dead_letters.stored) == []

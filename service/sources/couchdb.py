@@ -1,6 +1,6 @@
 """CouchDB source: read a database's `_changes` feed and turn its rows into `Change`s.
 
-Reads bounded pages (`feed=normal`) or follows `feed=continuous`, cutting batches itself, and
+Reads bounded pages (`feed=normal`) or follows `feed=continuous`, cutting pages itself, and
 maps every row as it arrives. Never touches the store: the poller commits what this reads.
 """
 
@@ -75,7 +75,7 @@ class End:
 
 
 @dataclass(frozen=True)
-class Batch:
+class Page:
     """Consecutive rows of one feed, as changes, and the checkpoint to save with them.
 
     `seq` is None when no row carried a seq (keep the checkpoint). `caught_up`: CouchDB had
@@ -204,8 +204,8 @@ def parse_line(source: SourceSettings, line: str | bytes) -> Row | End:
     raise FeedBrokenError(f"source {source.name}: CouchDB sent {_detail(value)} in the feed")
 
 
-def page_of(source: SourceSettings, body: object) -> Batch:
-    """A `feed=normal` answer as a batch whose checkpoint is its `last_seq`.
+def page_of(source: SourceSettings, body: object) -> Page:
+    """A `feed=normal` answer as a page whose checkpoint is its `last_seq`.
 
     Raises `FeedBrokenError` when the answer is not a `_changes` result.
     """
@@ -216,15 +216,15 @@ def page_of(source: SourceSettings, body: object) -> Batch:
     rows = [read_row(source, row) for row in body["results"]]
     pending = body.get("pending")
     caught_up = not rows or pending == 0
-    batch = _batch(rows, Seq.of(body["last_seq"]), caught_up=caught_up)
-    return replace(batch, pending=pending if type(pending) is int else None)
+    page = _page(rows, Seq.of(body["last_seq"]), caught_up=caught_up)
+    return replace(page, pending=pending if type(pending) is int else None)
 
 
-def _batch(rows: Sequence[Row], seq: Seq | None, *, caught_up: bool) -> Batch:
+def _page(rows: Sequence[Row], seq: Seq | None, *, caught_up: bool) -> Page:
     if seq is None:
         seq = next((row.seq for row in reversed(rows) if row.seq is not None), None)
     unmapped = tuple(row.problem for row in rows if row.problem is not None)
-    return Batch(
+    return Page(
         changes=tuple(row.change for row in rows if row.change is not None),
         seq=seq,
         rows=len(rows),
@@ -393,7 +393,7 @@ def refusal(
 
 async def read_page(
     http: httpx.AsyncClient, source: SourceSettings, since: Seq, *, limit: int | None = None
-) -> Batch:
+) -> Page:
     """The changes after `since`, at most `limit` (default `batch_size`) of them
     (`feed=normal&limit=`).
 
@@ -443,7 +443,7 @@ Item = Row | End | FeedBrokenError
 
 
 class Feed:
-    """An open continuous `_changes` feed, read in batches; made by `follow`."""
+    """An open continuous `_changes` feed, read in pages; made by `follow`."""
 
     def __init__(self, source: SourceSettings, receive: MemoryObjectReceiveStream[Item]) -> None:
         self._source = source
@@ -452,13 +452,13 @@ class Feed:
         self._failure: FeedBrokenError | None = None
         self._rows = 0
 
-    async def batch(self) -> Batch:
+    async def next_page(self) -> Page:
         """Wait for the next row, then take what arrives within `batch_wait_s`, at most
         `batch_size` rows.
 
         `caught_up` means CouchDB ended the feed: open a new one. Raises `FeedBrokenError` when
         the feed failed, or ended without a single row; a failure after some rows ends the
-        batch early and the next call raises it.
+        page early and the next call raises it.
         """
         first = await self._next()
         rows = [] if isinstance(first, End) else [first]
@@ -468,7 +468,7 @@ class Feed:
             raise FeedBrokenError(
                 f"source {self._source.name}: CouchDB ended the feed without a change"
             )
-        return _batch(rows, None if end is None else end.seq, caught_up=end is not None)
+        return _page(rows, None if end is None else end.seq, caught_up=end is not None)
 
     async def _gather(self, rows: list[Row]) -> End | None:
         with anyio.move_on_after(self._settings.batch_wait_s):
@@ -476,7 +476,7 @@ class Feed:
                 try:
                     item = await self._next()
                 except FeedBrokenError:
-                    return None  # kept: the next batch raises it
+                    return None  # kept: the next page raises it
                 if isinstance(item, End):
                     return item
                 rows.append(item)
@@ -545,7 +545,7 @@ async def follow(
     """Follow the continuous feed after `since` (with heartbeats) until the block ends.
 
     Rows are read and mapped in the background as they come, at most `batch_size` ahead of
-    `Feed.batch()`, so memory stays bounded however long the backlog. Closes the connection on
+    `Feed.page()`, so memory stays bounded however long the backlog. Closes the connection on
     exit. Raises `SourceStoppedError` or `FeedBrokenError` when the feed cannot be opened.
     """
     settings = settings_of(source)

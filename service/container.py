@@ -1,0 +1,22 @@
+"""The running service's parts, built once by `service.app` and shared by its routes."""
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from service.config import Settings
+from service.db import Database
+from service.delivery import Delivery
+from service.poller import Poller
+from service.runner import Runner
+
+
+@dataclass(frozen=True)
+class Service:
+    """Everything the routes need: the settings, the store, delivery, the CouchDB feeds'
+    pollers and the runner supervising their loops."""
+
+    settings: Settings
+    db: Database
+    delivery: Delivery
+    pollers: Mapping[str, Poller]
+    runner: Runner
