@@ -1,11 +1,10 @@
 """Delivery from the outbox into the PANDA-compatible server over real sockets, on both stores."""
 
-import itertools
 import math
 import random
 import socket
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from datetime import datetime, timedelta
 from typing import Any
@@ -25,6 +24,7 @@ from service.delivery import Delivery
 from service.tables import DeliveryLease, OutboxEntry
 from tests.fakes.clock import FakeClock
 from tests.fixtures.panda import RunningPanda
+from tests.waiting import eventually
 
 pytestmark = pytest.mark.anyio
 
@@ -255,22 +255,13 @@ def requests(panda: RunningPanda) -> int:
     return count
 
 
-async def eventually(condition: Callable[[], Awaitable[bool]], *, deadline_s: float = 5) -> None:
-    """Wait until `condition()` holds; fails the test after `deadline_s`."""
-    with anyio.fail_after(deadline_s):
-        for _ in itertools.count():
-            if await condition():
-                return
-            await anyio.sleep(0.01)
-
-
 async def until_held(panda: RunningPanda, count: int = 1) -> None:
     """Wait until PANDA holds `count` requests (under the `hang` fault)."""
 
     async def held() -> bool:
         return panda.stats()["held"] == count
 
-    await eventually(held)
+    await eventually(held, what=f"PANDA to hold {count} requests")
 
 
 async def stop_while_held(delivery: Delivery, panda: RunningPanda) -> None:
@@ -661,7 +652,7 @@ async def test_a_request_that_outlasts_the_lease_goes_on_while_the_lease_is_rene
                 held = panda.stats()["held"] == 1
                 return held and until is not None and until > first + timedelta(seconds=3)
 
-            await eventually(renewed_for_three_leases)
+            await eventually(renewed_for_three_leases, what="three leases' worth of renewals")
             panda.clear_faults()
     assert (panda.rows("stories"), await pending(database)) == ({"s1": ["a", "1"]}, 0)
 
@@ -719,7 +710,7 @@ async def test_run_delivers_what_is_notified_until_stopped(
         async def arrived() -> bool:
             return panda.rows("stories") == {"s1": ["a", "1"]}
 
-        await eventually(arrived)
+        await eventually(arrived, what="the row in PANDA")
         delivery.stop()
     assert await pending(database) == 0
 
@@ -810,7 +801,7 @@ async def test_panda_down_for_a_while_then_up_gets_everything_with_no_hot_loop(
         async def probing() -> bool:
             return delivery.status().datasets["stories"].breaker_open
 
-        await eventually(probing)
+        await eventually(probing, what="a probe")
         down_for = anyio.current_time()
         while_down = requests(panda)
         panda.clear_faults()
@@ -818,7 +809,7 @@ async def test_panda_down_for_a_while_then_up_gets_everything_with_no_hot_loop(
         async def arrived() -> bool:
             return len(panda.rows("stories")) == 30
 
-        await eventually(arrived)
+        await eventually(arrived, what="the row in PANDA")
         delivery.stop()
     # A hot loop would make hundreds; each attempt is one request after a backoff.
     assert settings.breaker_failures <= while_down <= settings.breaker_failures + 2

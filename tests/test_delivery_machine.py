@@ -5,8 +5,7 @@ newer change is ever lost on the way.
 
 import concurrent.futures
 import itertools
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import AbstractContextManager
 from typing import Any, ClassVar
 
@@ -26,6 +25,7 @@ from service.delivery import Delivery
 from service.tables import DeadLetter, DocState, OutboxEntry
 from tests.fakes.clock import FakeClock
 from tests.fixtures.panda import RunningPanda, local_client
+from tests.waiting import wait_until
 
 DATASET = panda.Dataset(slug="stories", name="Stories", columns=("Headline", "Version"))
 SETTINGS = DeliverySettings(
@@ -56,14 +56,6 @@ def shows(rows: dict[str, list[object]], change: Change) -> bool:
     if change.op is Op.DELETE:
         return change.external_id not in rows
     return rows.get(change.external_id) == list(change.row or ())
-
-
-def wait_until(condition: Callable[[], bool], what: str) -> None:
-    """Poll `condition` from the test thread until it holds; fail after `DEADLINE_S`."""
-    deadline = time.monotonic() + DEADLINE_S
-    while not condition():
-        assert time.monotonic() < deadline, f"gave up waiting for {what}"
-        time.sleep(0.01)
 
 
 def rows_despite_faults(server: RunningPanda) -> dict[str, list[object]]:
@@ -148,7 +140,7 @@ class DeliveryMachine(RuleBasedStateMachine):
         """A change arrives while a delivery (perhaps of an older change to it) is out."""
         self.server.set_faults(hang=True)
         future = self.portal.start_task_soon(self.delivery.run_once)
-        wait_until(lambda: future.done() or self.server.stats()["held"] == 1, "a request")
+        wait_until(lambda: future.done() or self.server.stats()["held"] == 1, what="a request")
         self.enqueue(doc, headline)
         self.server.clear_faults()
         future.result(timeout=DEADLINE_S)
@@ -158,11 +150,11 @@ class DeliveryMachine(RuleBasedStateMachine):
         """The process dies with a request out: its claims keep their lease until it ends."""
         self.server.set_faults(hang=True)
         future = self.portal.start_task_soon(self.delivery.run_once)
-        wait_until(lambda: future.done() or self.server.stats()["held"] == 1, "a request")
+        wait_until(lambda: future.done() or self.server.stats()["held"] == 1, what="a request")
         future.cancel()
         concurrent.futures.wait([future])
         self.server.clear_faults()
-        wait_until(lambda: self.server.stats()["held"] == 0, "the cut-off request to end")
+        wait_until(lambda: self.server.stats()["held"] == 0, what="the cut-off request to end")
         self.delivery = self.started()
         self.clock.advance(SETTINGS.lease_s)
 

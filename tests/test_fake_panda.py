@@ -2,7 +2,7 @@
 
 import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -10,6 +10,7 @@ import httpx
 import pytest
 
 from tests.fixtures.panda import RunningPanda, free_port, local_client, start_fake_panda
+from tests.waiting import wait_until
 
 JSON = "application/json; charset=utf-8"
 HTML = "text/html; charset=utf-8"
@@ -69,13 +70,6 @@ def field(panda: RunningPanda, name: str, slug: str = "ds") -> object:
     dataset = panda.dataset(slug)
     assert dataset is not None
     return dataset[name]
-
-
-def wait_until(condition: Callable[[], bool], *, what: str, deadline_s: float = 10.0) -> None:
-    """Poll `condition` until it holds; each poll is a request to the server, which paces it."""
-    end = time.monotonic() + deadline_s
-    while not condition():
-        assert time.monotonic() < end, f"gave up waiting for {what}"
 
 
 def held(panda: RunningPanda) -> object:

@@ -30,6 +30,7 @@ from service.sources.couchdb import FeedBrokenError
 from service.tables import Checkpoint, OutboxEntry
 from tests.fixtures.couchdb import CouchDatabase, silent_couchdb, start_pouchdb
 from tests.fixtures.panda import RunningPanda, free_port
+from tests.waiting import eventually
 
 pytestmark = pytest.mark.anyio
 
@@ -113,16 +114,6 @@ async def deliver(
     assert delivery.status().last_error is None
     if drained:
         assert await store.run(outbox.pending, None) == 0
-
-
-async def eventually(condition: Callable[[], bool], *, what: str) -> None:
-    """Wait, with a deadline, until `condition()` holds."""
-    with anyio.move_on_after(DEADLINE_S):
-        while True:
-            if condition():
-                return
-            await anyio.sleep(0.01)  # paces the polling
-    pytest.fail(f"gave up waiting for {what}")
 
 
 @asynccontextmanager

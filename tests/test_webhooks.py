@@ -11,7 +11,7 @@ import json
 import logging
 import random
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from math import floor
@@ -34,6 +34,7 @@ from service.container import Service
 from service.db import Database
 from service.tables import OutboxEntry
 from tests.fixtures.panda import RunningPanda
+from tests.waiting import eventually
 
 pytestmark = pytest.mark.anyio
 
@@ -173,14 +174,6 @@ async def entries(database: Database) -> dict[str, Change]:
 def upsert(source: str, doc_id: str, *row: str, version: object = None) -> Change:
     stamp = None if version is None else SourceVersion.of(version)
     return Change(source, doc_id, doc_id, Op.UPSERT, row, source_version=stamp)
-
-
-async def eventually(condition: Callable[[], Awaitable[bool]], *, what: str) -> None:
-    """Wait until `condition` holds, polling, for at most DEADLINE_S."""
-    deadline = time.monotonic() + DEADLINE_S
-    while not await condition():
-        assert time.monotonic() < deadline, f"gave up waiting for {what}"
-        await anyio.sleep(0.02)
 
 
 ANSWER_ZERO = {"accepted": 0, "duplicates": 0, "stale": 0, "ignored": 0}
