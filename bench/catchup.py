@@ -270,7 +270,8 @@ async def costed(server: RunningPanda, folder: Path, count: int, sample: int) ->
     say(f"ratio pandasync / plain loop: {engine.rate / loop.rate:.3f} (target 0.97 or more)")
     say(
         f"row by row ({sample:,} changes): pandasync {rows.rate:.1f} rows/s, against a ceiling"
-        f" of {ceiling:.1f} rows/s (one row a request): {rows.rate / ceiling:.3f} of it"
+        f" of {ceiling:.1f} rows/s (one row a request): {rows.rate / ceiling:.3f} of it,"
+        f" PANDA busy {rows.busy:.1%}"
     )
 
 
