@@ -1,16 +1,22 @@
-"""Catch-up benchmark: 100,000 changes from a fresh SQLite store into the PANDA-compatible server.
+"""Catch-up benchmark: changes from a fresh SQLite store into the PANDA-compatible server.
 
-Not a test. Run it with `.venv/bin/python bench/catchup.py [--changes N] [--sample N]`. It prints,
-all measured in this run on this machine:
+Not a test. Run it with `.venv/bin/python bench/catchup.py [--costed N] [--changes N]
+[--sample N]`. It prints, all measured in this run on this machine, against a plain loop of
+bulk PUTs that sends the same rows in the same batch sizes (pandasync's), both starting from an
+empty PANDA and creating the dataset:
 
-- the server's own bulk-PUT ceiling (requests handed to its ASGI app in-process, no network);
-- the sink ceiling: the same rows sent straight to the server by a plain bulk-PUT loop;
-- a plain script that reads the same changes and bulk-PUTs them with no store and no
-  checkpoint, as PANDA's own CouchDB example does (the price of safety is the gap to it);
-- pandasync: the changes enqueued into a fresh store (timed apart), then drained by the
-  delivery engine; and its ratio to the sink ceiling;
-- pandasync row by row, on a smaller sample;
-- on a VM, the CPU time it lost to other guests meanwhile (steal time), which skews the rates.
+- on a server as slow as PANDA 1.1 (`fake-panda --cost panda-1.1`: 30 ms a request plus 2.4 ms
+  a row, one request at a time; `--costed` changes, one run each): pandasync's catch-up rate,
+  the loop's, their ratio (target 0.97 or more) and how busy each kept PANDA;
+- the same on the free server (no cost; `--changes` changes, median of three runs), and the
+  CPU time pandasync's process spends on each delivered row: its own cost, which the costed
+  server hides;
+- row by row on the costed server (`--sample` changes), against its ceiling of one row a
+  request;
+- on a VM, the CPU time it lost to other guests meanwhile (steal time), which skews the rates
+  of the free server.
+
+The changes are enqueued into each fresh store first, as the poller commits them, not timed.
 """
 
 import argparse
@@ -20,20 +26,17 @@ import os
 import platform
 import resource
 import sqlite3
-import statistics
 import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from itertools import groupby
 from pathlib import Path
-from typing import Concatenate, ParamSpec, TypeVar
 
 import httpx
 import orjson
-from sqlmodel import Session
-from starlette.types import Message, Scope
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -42,18 +45,14 @@ from service.changes import Change, Op
 from service.config import DeliverySettings
 from service.db import Database, create_engine, migrate
 from service.delivery import Delivery
-from service.fake_panda import FakePandaOptions, create_app
+from service.fake_panda import PANDA_1_1
 from tests.fixtures.panda import RunningPanda, start_fake_panda
 
 SOURCE = "bench"
 DATASET = panda.Dataset(slug="bench", name="Bench", columns=("Headline", "Author", "Words"))
-BULK = panda.BULK_LIMIT
+DATA_PATH = f"/api/1.0/dataset/{DATASET.slug}/data/"
 ENQUEUE_BATCH = 500  # what the CouchDB poller commits at a time by default
 REPEATS = 3
-# A supplementary run against a slower server, nearer a real PANDA that commits each write to
-# Solr: how much of the gap above is pandasync's own per-row cost.
-SLOW_LATENCY_S = 0.05
-SLOW_SAMPLE = 100_000
 
 
 def changes(count: int) -> list[Change]:
@@ -92,117 +91,52 @@ def bulk_body(batch: Sequence[Change]) -> bytes:
     return orjson.dumps({"objects": objects})
 
 
-async def server_ceiling(batch_changes: list[Change]) -> float:
-    """Rows/s the server's ASGI app takes in bulk PUTs handed to it in-process."""
-    app = create_app(FakePandaOptions())
-    options = FakePandaOptions()
-    headers = [
-        (b"panda-email", options.email.encode()),
-        (b"panda-api-key", options.api_key.encode()),
-        (b"content-type", b"application/json"),
-    ]
+@dataclass
+class Run:
+    """One catch-up: rows/s, this process's CPU a row, the share of the time PANDA was busy
+    (its cost model's time; 0 on the free server), and the rows of each bulk PUT sent."""
 
-    async def call(method: str, path: str, body: bytes, query: bytes = b"") -> int:
-        scope: Scope = {
-            "type": "http",
-            "method": method,
-            "path": path,
-            "query_string": query,
-            "headers": headers,
-        }
-        sent = False
-        status = 0
-
-        async def receive() -> Message:
-            nonlocal sent
-            if sent:
-                return {"type": "http.disconnect"}
-            sent = True
-            return {"type": "http.request", "body": body, "more_body": False}
-
-        async def send(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-
-        await app(scope, receive, send)
-        return status
-
-    path = f"/api/1.0/dataset/{DATASET.slug}/"
-    created = await call("PUT", path, b'{"name": "Bench"}', b"columns=Headline,Author,Words")
-    assert created == 201, created
-    bodies = [bulk_body(batch_changes[i : i + BULK]) for i in range(0, len(batch_changes), BULK)]
-    started = time.perf_counter()
-    for body in bodies:
-        assert await call("PUT", f"{path}data/", body) == 202
-    return len(batch_changes) / (time.perf_counter() - started)
-
-
-P = ParamSpec("P")
-T = TypeVar("T")
-
-
-class MeteredDatabase(Database):
-    """A store that counts the CPU time its transactions take, in whichever thread runs them."""
-
-    store_cpu_s = 0.0
-
-    def run_sync(
-        self, fn: Callable[Concatenate[Session, P], T], *args: P.args, **kwargs: P.kwargs
-    ) -> T:
-        started = time.thread_time()
-        try:
-            return super().run_sync(fn, *args, **kwargs)
-        finally:
-            self.store_cpu_s += time.thread_time() - started
-
-
-@dataclass(frozen=True)
-class Costs:
-    """What one run cost: CPU per row of this process (and of its store's transactions) and of
-    the server, and the median time PANDA took to answer a bulk PUT."""
-
-    client_us: float
-    store_us: float | None
-    server_us: float | None
-    answer_ms: float
+    rate: float
+    cpu_us: float
+    busy: float
+    sizes: list[int] = field(default_factory=list)
 
 
 class Meter:
-    """Measures `Costs` from `start()` to `stop()`: this process's CPU (every thread), the
-    server's (from /proc, None elsewhere), and each PUT's time to answer on `http`."""
+    """Times a catch-up from `start()` to `stop()`: wall clock, this process's CPU (every
+    thread) and PANDA's busy time; records the rows of each bulk PUT sent on `http`."""
 
     def __init__(self, server: RunningPanda, http: httpx.AsyncClient) -> None:
-        self._pid = server.pid
-        self._answers: list[float] = []
-        http.event_hooks = {"request": [self._sent], "response": [self._answered]}
+        self._server = server
+        self.sizes: list[int] = []
+        http.event_hooks = {"request": [self._sent]}
 
     async def _sent(self, request: httpx.Request) -> None:
-        request.extensions["bench_sent"] = time.perf_counter()
+        if request.method == "PUT" and request.url.path == DATA_PATH:
+            self.sizes.append(request.content.count(b'"external_id"'))
 
-    async def _answered(self, response: httpx.Response) -> None:
-        if response.request.method == "PUT":
-            self._answers.append(time.perf_counter() - response.request.extensions["bench_sent"])
+    def start(self) -> None:
+        self._cpu_s = _process_cpu_s()
+        self._started = time.perf_counter()
 
-    def start(self, database: MeteredDatabase | None = None) -> None:
-        self._database = database
-        self._store = 0.0 if database is None else database.store_cpu_s
-        self._client = _process_cpu_s()
-        self._server = _server_cpu_s(self._pid)
-        self._answers.clear()
+    async def stop(self, rows: int) -> Run:
+        elapsed = time.perf_counter() - self._started
+        cpu_s = _process_cpu_s() - self._cpu_s
+        busy_s = await _busy_s(self._server)
+        return Run(rows / elapsed, cpu_s / rows * 1e6, busy_s / elapsed, self.sizes)
 
-    def stop(self, rows: int) -> Costs:
-        client = _process_cpu_s() - self._client
-        server = _server_cpu_s(self._pid)
-        store = None if self._database is None else self._database.store_cpu_s - self._store
-        return Costs(
-            client_us=client / rows * 1e6,
-            store_us=None if store is None else store / rows * 1e6,
-            server_us=None
-            if server is None or self._server is None
-            else (server - self._server) / rows * 1e6,
-            answer_ms=statistics.median(self._answers) * 1000,
-        )
+
+def _process_cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+async def _busy_s(server: RunningPanda) -> float:
+    async with httpx.AsyncClient() as http:
+        answer = await http.get(f"{server.url}/_fake/stats")
+    answer.raise_for_status()
+    busy_s: float = answer.json()["busy_s"]
+    return busy_s
 
 
 def stolen_s() -> float | None:
@@ -215,126 +149,60 @@ def stolen_s() -> float | None:
         return None
 
 
-def _process_cpu_s() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
-
-
-def _server_cpu_s(pid: int) -> float | None:
-    """The server process's user + system CPU seconds, from /proc (None without it)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-async def sink_ceiling(
-    server: RunningPanda,
-    batch_changes: list[Change],
-    latency_s: float = 0.0,
-    costs: list[Costs] | None = None,
-) -> float:
-    """Rows/s of a plain loop of bulk PUTs, 1000 rows each, straight to the server (its
-    `Costs` appended to `costs`)."""
-    await reset(server, latency_s)
-    async with panda.make_http(url=server.url, timeout_s=60) as http:
-        await panda.PandaClient(http, email=server.email, api_key=server.api_key).ensure_dataset(
-            DATASET
-        )
-        headers = {**server.auth, "Content-Type": "application/json"}
-        path = f"/api/1.0/dataset/{DATASET.slug}/data/"
-        meter = Meter(server, http)
-        meter.start()
-        started = time.perf_counter()
-        for index in range(0, len(batch_changes), BULK):
-            answer = await http.put(
-                path, content=bulk_body(batch_changes[index : index + BULK]), headers=headers
-            )
-            answer.raise_for_status()
-        elapsed = time.perf_counter() - started
-        if costs is not None:
-            costs.append(meter.stop(len(batch_changes)))
-    await check_rows(server, len(batch_changes))
-    return len(batch_changes) / elapsed
-
-
-async def plain_script(server: RunningPanda, feed: list[Change]) -> float:
-    """Rows/s of a script that reads the changes and bulk-PUTs them: no store, no checkpoint."""
+async def plain_loop(server: RunningPanda, feed: list[Change], sizes: Sequence[int]) -> Run:
+    """A plain loop of bulk PUTs of `sizes` rows each, straight to the server."""
+    assert sum(sizes) == len(feed), (sum(sizes), len(feed))
     await reset(server)
     async with panda.make_http(url=server.url, timeout_s=60) as http:
+        headers = {**server.auth, "Content-Type": "application/json"}
+        meter = Meter(server, http)
+        meter.start()
         client = panda.PandaClient(http, email=server.email, api_key=server.api_key)
         await client.ensure_dataset(DATASET)
-        started = time.perf_counter()
-        puts: list[tuple[str, Sequence[str]]] = []
-        deletes: list[str] = []
-        for change in feed:
-            if change.op is Op.DELETE:
-                deletes.append(change.external_id)
-            else:
-                puts.append((change.external_id, change.row or ()))
-            if len(puts) == BULK:
-                await client.put_rows(DATASET.slug, puts)
-                puts = []
-        await client.put_rows(DATASET.slug, puts)
-        for external_id in deletes:
-            await client.delete_row(DATASET.slug, external_id)
-        elapsed = time.perf_counter() - started
+        start = 0
+        for size in sizes:
+            body = bulk_body(feed[start : start + size])
+            (await http.put(DATA_PATH, content=body, headers=headers)).raise_for_status()
+            start += size
+        run = await meter.stop(len(feed))
     await check_rows(server, len(feed))
-    return len(feed) / elapsed
+    return run
 
 
-def fresh_store(folder: Path, name: str) -> MeteredDatabase:
+def fresh_store(folder: Path, name: str, feed: list[Change]) -> Database:
+    """A migrated SQLite store holding `feed` in its outbox, committed as the poller would."""
     url = f"sqlite:///{folder / name}"
     migrate(url)
-    return MeteredDatabase(create_engine(url))
-
-
-def enqueue(database: Database, feed: list[Change]) -> float:
-    """Commit the changes to the outbox as the poller would (500 a transaction); seconds."""
-    started = time.perf_counter()
+    database = Database(create_engine(url))
     for index in range(0, len(feed), ENQUEUE_BATCH):
         database.run_sync(
             outbox.enqueue, feed[index : index + ENQUEUE_BATCH], now=datetime.now(UTC)
         )
-    return time.perf_counter() - started
+    return database
 
 
 async def pandasync(
-    server: RunningPanda,
-    database: MeteredDatabase,
-    count: int,
-    settings: DeliverySettings,
-    latency_s: float = 0.0,
-    costs: list[Costs] | None = None,
-) -> float:
-    """Rows/s of the delivery engine draining `count` queued changes (its `Costs` appended to
-    `costs`)."""
-    await reset(server, latency_s)
+    server: RunningPanda, database: Database, count: int, settings: DeliverySettings
+) -> Run:
+    """The delivery engine draining `count` queued changes; checks they all arrived."""
+    await reset(server)
     async with panda.make_http(url=server.url, timeout_s=60) as http:
         client = panda.PandaClient(http, email=server.email, api_key=server.api_key)
         delivery = Delivery(database, client, {SOURCE: DATASET}, settings, request_timeout_s=60)
         meter = Meter(server, http)
-        meter.start(database)
-        started = time.perf_counter()
+        meter.start()
         handled = await delivery.run_once()
-        elapsed = time.perf_counter() - started
-        if costs is not None:
-            costs.append(meter.stop(count))
-    status = delivery.status()
-    assert (handled, status.delivered, status.dead_lettered) == (count, count, 0), status
+        run = await meter.stop(count)
+    assert handled == count, (handled, count)
     assert database.run_sync(outbox.pending, None) == 0
     await check_rows(server, count)
-    return count / elapsed
+    return run
 
 
-async def reset(server: RunningPanda, latency_s: float = 0.0) -> None:
-    """No datasets; with `latency_s` added to every answer, as a slower PANDA would take."""
+async def reset(server: RunningPanda) -> None:
+    """No datasets, zero stats."""
     async with httpx.AsyncClient() as http:
         (await http.post(f"{server.url}/_fake/reset")).raise_for_status()
-        if latency_s:
-            faults = {"latency_s": latency_s}
-            (await http.put(f"{server.url}/_fake/faults", json=faults)).raise_for_status()
 
 
 async def check_rows(server: RunningPanda, count: int, slug: str = DATASET.slug) -> None:
@@ -351,79 +219,92 @@ def quiet_heap() -> None:
     gc.freeze()
 
 
-async def best(measure: Callable[[], Awaitable[float]]) -> tuple[float, list[float]]:
-    """The median of `REPEATS` runs, and the runs."""
+async def median_of(measure: Callable[[], Awaitable[Run]]) -> tuple[Run, list[Run]]:
+    """The run of median rate among `REPEATS` (odd), and all of them."""
     runs = []
     for _ in range(REPEATS):
         quiet_heap()
         runs.append(await measure())
-    return statistics.median(runs), runs
+    return sorted(runs, key=lambda run: run.rate)[REPEATS // 2], runs
 
 
 def say(text: str) -> None:
     sys.stdout.write(text + "\n")
 
 
-def line(label: str, rate: float, note: str = "") -> None:
-    say(f"  {label:<46} {rate:>10,.0f} rows/s  {note}".rstrip())
+def line(label: str, run: Run, note: str) -> None:
+    say(f"  {label:<36} {run.rate:>9,.0f} rows/s  {note}")
 
 
-async def main(count: int, sample: int) -> None:
-    say(f"catch-up of {count:,} changes into the PANDA-compatible server")
+def sizes_text(sizes: Sequence[int]) -> str:
+    """`100, 200, 400, 800, 1000 (4 times), 500`."""
+    parts = []
+    for size, repeats in groupby(sizes):
+        times = len(list(repeats))
+        parts.append(f"{size}" if times == 1 else f"{size} ({times} times)")
+    return ", ".join(parts)
+
+
+def rates(runs: Sequence[Run]) -> str:
+    return "runs " + ", ".join(f"{run.rate:,.0f}" for run in runs)
+
+
+async def costed(server: RunningPanda, folder: Path, count: int, sample: int) -> None:
+    feed = changes(count)
+    database = fresh_store(folder, "costed.db", feed)
+    engine = await pandasync(server, database, count, DeliverySettings())
+    database.close()
+    loop = await plain_loop(server, feed, engine.sizes)
+    database = fresh_store(folder, "row-by-row.db", feed[:sample])
+    rows = await pandasync(server, database, sample, DeliverySettings(row_by_row=True))
+    database.close()
+    ceiling = 1 / PANDA_1_1.seconds(1)
+    say(
+        f"on a server as slow as PANDA 1.1 ({PANDA_1_1.request_s * 1000:.0f} ms a request plus"
+        f" {PANDA_1_1.row_s * 1000:.1f} ms a row, one request at a time), {count:,} changes,"
+        " one run each:"
+    )
+    line("plain bulk-PUT loop", loop, f"PANDA busy {loop.busy:.1%} of the time")
+    line("pandasync (store + delivery engine)", engine, f"PANDA busy {engine.busy:.1%}")
+    say(f"  rows in each bulk PUT, the same for both: {sizes_text(engine.sizes)}")
+    say(f"ratio pandasync / plain loop: {engine.rate / loop.rate:.3f} (target 0.97 or more)")
+    say(
+        f"row by row ({sample:,} changes): pandasync {rows.rate:.1f} rows/s, against a ceiling"
+        f" of {ceiling:.1f} rows/s (one row a request): {rows.rate / ceiling:.3f} of it,"
+        f" PANDA busy {rows.busy:.1%}"
+    )
+
+
+async def free(server: RunningPanda, folder: Path, count: int) -> None:
+    feed = changes(count)
+    stores = [fresh_store(folder, f"free-{run}.db", feed) for run in range(REPEATS)]
+    queued = iter(stores)
+    engine, engine_runs = await median_of(
+        lambda: pandasync(server, next(queued), count, DeliverySettings())
+    )
+    for database in stores:
+        database.close()
+    loop, loop_runs = await median_of(lambda: plain_loop(server, feed, engine.sizes))
+    say(f"on the free server (no cost), {count:,} changes, median of {REPEATS} runs:")
+    line("plain bulk-PUT loop", loop, f"CPU {loop.cpu_us:.1f} µs a row ({rates(loop_runs)})")
+    line("pandasync", engine, f"CPU {engine.cpu_us:.1f} µs a row ({rates(engine_runs)})")
+    say(f"ratio pandasync / plain loop: {engine.rate / loop.rate:.2f}")
+    say(
+        f"pandasync's own cost: {engine.cpu_us:.1f} µs of CPU a delivered row in its process"
+        f" (store, delivery, HTTP client), against {PANDA_1_1.row_s * 1e6:,.0f} µs a row at PANDA"
+    )
+
+
+async def main(costed_count: int, free_count: int, sample: int) -> None:
+    say("catch-up into the PANDA-compatible server from a fresh SQLite store")
     say(f"machine: {machine()}")
     stolen_before = stolen_s()
     started = time.perf_counter()
-    feed = changes(count)
-    with start_fake_panda() as server, tempfile.TemporaryDirectory() as folder:
-        store = Path(folder)
-        server_rate, _ = await best(lambda: server_ceiling(feed))
-        sink_costs: list[Costs] = []
-        sink_rate, sink_runs = await best(lambda: sink_ceiling(server, feed, costs=sink_costs))
-        plain_rate, _ = await best(lambda: plain_script(server, feed))
-        engine_runs: list[float] = []
-        engine_costs: list[Costs] = []
-        enqueue_s: list[float] = []
-        for run in range(REPEATS):
-            database = fresh_store(store, f"bulk-{run}.db")
-            enqueue_s.append(enqueue(database, feed))
-            quiet_heap()
-            engine_runs.append(
-                await pandasync(server, database, count, DeliverySettings(), costs=engine_costs)
-            )
-            database.close()
-        engine_rate = statistics.median(engine_runs)
-        database = fresh_store(store, "row-by-row.db")
-        enqueue(database, feed[:sample])
-        quiet_heap()
-        row_rate = await pandasync(server, database, sample, DeliverySettings(row_by_row=True))
-        database.close()
-        slow = feed[:SLOW_SAMPLE]
-        quiet_heap()
-        slow_sink = await sink_ceiling(server, slow, SLOW_LATENCY_S)
-        database = fresh_store(store, "slow.db")
-        enqueue(database, slow)
-        quiet_heap()
-        slow_engine = await pandasync(
-            server, database, len(slow), DeliverySettings(), SLOW_LATENCY_S
-        )
-        database.close()
-    say(f"results (median of {REPEATS} runs where marked):")
-    line("server's own bulk-PUT ceiling (in-process)", server_rate, "(median)")
-    line("sink ceiling (plain bulk-PUT loop, 1000/PUT)", sink_rate, _runs(sink_runs))
-    line("plain script (no store, no checkpoint)", plain_rate, "(median)")
-    line("pandasync (store + delivery engine)", engine_rate, _runs(engine_runs))
-    line(f"pandasync row by row ({sample:,}-change sample)", row_rate)
-    say(f"  enqueueing into the fresh store, not timed above: {statistics.median(enqueue_s):.1f} s")
-    sink = _of_median(sink_runs, sink_costs)
-    engine = _of_median(engine_runs, engine_costs)
-    say("costs in the median runs above, pandasync / sink loop:")
-    say(
-        f"  CPU a row: this process {engine.client_us:.1f} / {sink.client_us:.1f} µs"
-        f" (pandasync's store transactions {_us(engine.store_us)} of it),"
-        f" the server {_us(engine.server_us)} / {_us(sink.server_us)}"
-    )
-    say(f"  PANDA's median answer to a bulk PUT: {engine.answer_ms:.2f} / {sink.answer_ms:.2f} ms")
-    say(f"ratio pandasync / sink ceiling: {engine_rate / sink_rate:.2f} (target 0.8 or more)")
+    with tempfile.TemporaryDirectory() as scratch:
+        with start_fake_panda(cost=PANDA_1_1) as server:
+            await costed(server, Path(scratch), costed_count, sample)
+        with start_fake_panda() as server:
+            await free(server, Path(scratch), free_count)
     stolen_after = stolen_s()
     if stolen_before is not None and stolen_after is not None:
         lost = stolen_after - stolen_before
@@ -431,34 +312,12 @@ async def main(count: int, sample: int) -> None:
             f"CPU time the VM lost to other guests during the run: {lost:.1f} s of"
             f" {time.perf_counter() - started:.0f} s (more than a few seconds: run it again)"
         )
-    say(f"price of safety: pandasync runs at {engine_rate / plain_rate:.2f} of the plain script")
-    say(
-        f"row by row: {row_rate / engine_rate:.3f} of bulk; the {count:,}-change catch-up row by"
-        f" row would take about {count / row_rate:,.0f} s (scaled from the sample)"
-    )
-    say(
-        f"with {SLOW_LATENCY_S * 1000:.0f} ms added to every answer ({SLOW_SAMPLE:,} changes,"
-        f" one run): sink {slow_sink:,.0f} rows/s, pandasync {slow_engine:,.0f} rows/s,"
-        f" ratio {slow_engine / slow_sink:.2f}"
-    )
-
-
-def _of_median(runs: Sequence[float], costs: Sequence[Costs]) -> Costs:
-    """The costs of the run whose rate is the median of `runs` (odd `REPEATS`)."""
-    return costs[list(runs).index(statistics.median(runs))]
-
-
-def _us(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.1f} µs"
-
-
-def _runs(runs: Sequence[float]) -> str:
-    return "(median; runs " + ", ".join(f"{run:,.0f}" for run in runs) + ")"
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--changes", type=int, default=100_000)
-    parser.add_argument("--sample", type=int, default=2_000)
+    parser.add_argument("--costed", type=int, default=5_000, help="changes, costed server")
+    parser.add_argument("--changes", type=int, default=100_000, help="changes, free server")
+    parser.add_argument("--sample", type=int, default=500, help="changes row by row (costed)")
     arguments = parser.parse_args()
-    asyncio.run(main(arguments.changes, arguments.sample))
+    asyncio.run(main(arguments.costed, arguments.changes, arguments.sample))

@@ -286,13 +286,23 @@ def fake_panda(
         bool, typer.Option(help="Real PANDA's quirk: accept any non-empty api key.")
     ] = False,
     seed: Annotated[int, typer.Option(help="Seed for injected random failures.")] = 0,
+    cost: Annotated[
+        str | None,
+        typer.Option(help="Take as long as a real PANDA, one request at a time: panda-1.1."),
+    ] = None,
 ) -> None:
     """Run a PANDA-compatible server (rows in memory) to try pandasync against."""
-    from service.fake_panda import FakePandaOptions, serve
+    from service.fake_panda import PROFILES, FakePandaOptions, serve
 
+    if cost is not None and cost not in PROFILES:
+        _fail(f"unknown cost {cost!r}; known: {', '.join(PROFILES)}")
     logging.getLogger(__name__).info("fake PANDA listening: host=%s port=%d", host, port)
     options = FakePandaOptions(
-        email=email, api_key=api_key, accept_any_key=accept_any_key, seed=seed
+        email=email,
+        api_key=api_key,
+        accept_any_key=accept_any_key,
+        seed=seed,
+        cost=None if cost is None else PROFILES[cost],
     )
     serve(options, host=host, port=port)
 

@@ -1,9 +1,9 @@
 """`pandasync demo`: the whole flow on embedded defaults, in a scratch folder.
 
-Starts the PANDA-compatible server, a CouchDB-protocol server (pouchdb-server from
-node_modules) and `pandasync serve` as real processes, writes documents to CouchDB and pushes
-changes, and shows them arriving in PANDA. Only orchestration: every step goes through the
-CLI or HTTP.
+Starts the PANDA-compatible server (as slow as PANDA 1.1), a CouchDB-protocol server
+(pouchdb-server from node_modules) and `pandasync serve` as real processes, writes documents
+to CouchDB and pushes changes, and shows them arriving in PANDA. Only orchestration: every
+step goes through the CLI or HTTP.
 """
 
 import json
@@ -181,10 +181,11 @@ def run(console: Console) -> None:
         )
         panda_url = f"http://127.0.0.1:{panda_port}"
         couchdb_url = f"http://127.0.0.1:{couchdb_port}"
-        console.rule("1. a PANDA-compatible server (rows in memory) and a CouchDB server")
+        console.rule("1. a PANDA-compatible server (as slow as PANDA 1.1) and a CouchDB server")
+        fake_panda = ["fake-panda", "--port", str(panda_port), "--email", EMAIL]
         stack.enter_context(
             process(
-                ["fake-panda", "--port", str(panda_port), "--email", EMAIL, "--api-key", API_KEY],
+                [*fake_panda, "--api-key", API_KEY, "--cost", "panda-1.1"],
                 log=folder / "fake-panda.log",
             )
         )

@@ -74,6 +74,11 @@ def test_push_to_an_unknown_source_lists_the_known_ones(tmp_path: Path) -> None:
     assert (result.exit_code, "sources: stories" in result.stderr) == (1, True)
 
 
+def test_fake_panda_refuses_an_unknown_cost_and_lists_the_known_ones() -> None:
+    result = runner.invoke(cli, ["fake-panda", "--cost", "panda-9"])
+    assert (result.exit_code, "known: panda-1.1" in result.stderr) == (1, True)
+
+
 def test_no_command_prints_the_api_key(tmp_path: Path) -> None:
     config = str(write_config(tmp_path, key="s3cret-api-key"))
     runner.invoke(cli, ["migrate", "--config", config])

@@ -9,6 +9,7 @@ from typing import Any
 import httpx
 import pytest
 
+from service.fake_panda import PANDA_1_1
 from tests.fixtures.panda import RunningPanda, free_port, local_client, start_fake_panda
 from tests.waiting import wait_until
 
@@ -789,6 +790,86 @@ def test_unknown_paths_are_404(client: httpx.Client) -> None:
     assert client.get(f"{DATA}a%20b/").status_code == 404
 
 
+# The cost model (panda-api.md §5 item 10)
+
+ROWS = 20
+BULK_COST_S = PANDA_1_1.request_s + ROWS * PANDA_1_1.row_s  # 30 ms + 20 rows at 2.4 ms = 78 ms
+BULK = {"objects": [row(f"r{index}", index, "b", "c") for index in range(ROWS)]}
+
+
+@pytest.fixture(scope="module")
+def costed_server() -> Iterator[RunningPanda]:
+    """A fake PANDA as slow as PANDA 1.1, for this module."""
+    with start_fake_panda(cost=PANDA_1_1) as running:
+        yield running
+
+
+@pytest.fixture
+def costed(costed_server: RunningPanda) -> Iterator[httpx.Client]:
+    """An authenticated client of the costed server, reset, with dataset `ds` created."""
+    costed_server.reset()
+    with local_client(base_url=costed_server.url, headers=costed_server.auth) as authenticated:
+        create(authenticated)
+        yield authenticated
+
+
+def timed(send: Callable[[], httpx.Response]) -> tuple[int, float]:
+    started = time.monotonic()
+    answer = send()
+    return answer.status_code, time.monotonic() - started
+
+
+def test_with_the_panda_cost_a_bulk_put_takes_30_ms_plus_2_4_ms_a_row(
+    costed: httpx.Client,
+) -> None:
+    """A bulk PUT of 20 rows takes at least 30 ms plus 2.4 ms for each row."""
+    status, elapsed_s = timed(lambda: costed.put(DATA, json=BULK))
+    assert (status, elapsed_s >= BULK_COST_S) == (202, True), elapsed_s
+
+
+def test_with_the_panda_cost_a_read_takes_the_fixed_30_ms(costed: httpx.Client) -> None:
+    """A GET writes no row and pays the fixed part of the cost only."""
+    status, elapsed_s = timed(lambda: costed.get(DS))
+    assert (status, elapsed_s >= PANDA_1_1.request_s) == (200, True), elapsed_s
+
+
+def test_with_the_panda_cost_concurrent_requests_are_served_one_after_the_other(
+    costed: httpx.Client, costed_server: RunningPanda
+) -> None:
+    """A bulk PUT and a row DELETE sent together take at least both costs added up."""
+    delete_cost_s = PANDA_1_1.request_s + PANDA_1_1.row_s
+    with (
+        local_client(base_url=costed_server.url, headers=costed_server.auth) as other,
+        ThreadPoolExecutor(max_workers=2) as pool,
+    ):
+        other.get(DS)  # connect first, so both requests leave at once
+        started = time.monotonic()
+        bulk_put = pool.submit(costed.put, DATA, json=BULK)
+        delete = pool.submit(other.delete, f"{DATA}r0/")
+        statuses = (bulk_put.result().status_code, delete.result().status_code)
+        elapsed_s = time.monotonic() - started
+    assert (statuses, elapsed_s >= BULK_COST_S + delete_cost_s) == ((202, 204), True), elapsed_s
+
+
+def test_stats_show_the_cost_and_the_time_it_charged(
+    costed: httpx.Client, costed_server: RunningPanda
+) -> None:
+    """`cost` names the profile; `busy_s` adds up each request's cost (create, PUT, GET)."""
+    costed.put(DATA, json=BULK)
+    costed.get(DS)
+    stats = costed_server.stats()
+    assert stats["cost"] == {"name": "panda-1.1", "request_s": 0.03, "row_s": 0.0024}
+    assert stats["busy_s"] == pytest.approx(3 * PANDA_1_1.request_s + ROWS * PANDA_1_1.row_s)
+
+
+def test_without_a_cost_the_same_bulk_put_takes_far_less(client: httpx.Client) -> None:
+    """Off by default: the 20-row PUT takes under half its PANDA cost (best of three)."""
+    create(client)
+    runs = [timed(lambda: client.put(DATA, json=BULK)) for _ in range(3)]
+    fastest_s = min(elapsed_s for _, elapsed_s in runs)
+    assert ({status for status, _ in runs}, fastest_s < BULK_COST_S / 2) == ({202}, True), runs
+
+
 # Faults
 
 
@@ -949,6 +1030,8 @@ def test_stats_count_api_requests_row_writes_and_statuses(
         "writes": 2,
         "by_status": {"201": 1, "202": 1, "204": 1, "400": 1, "401": 1},
         "held": 0,
+        "cost": None,
+        "busy_s": 0.0,
     }
 
 

@@ -1,7 +1,7 @@
 """The fake PANDA as a raw ASGI app: reads a request, applies the faults, sends PANDA's answer.
 
-I/O glue only (`api` decides the answers); `serve` runs it under uvicorn. Raw ASGI rather than
-a framework because the bulk PUT path must stay cheap.
+I/O glue only (`api` decides the answers, `cost` what they cost); `serve` runs it under uvicorn.
+Raw ASGI rather than a framework because the bulk PUT path must stay cheap.
 """
 
 import asyncio
@@ -13,6 +13,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service.fake_panda import api
 from service.fake_panda.control import answer_control
+from service.fake_panda.cost import Cost
 from service.fake_panda.options import FakePandaOptions
 from service.fake_panda.request import Request, parse_query
 from service.fake_panda.responses import Response, empty, nginx_unavailable
@@ -80,6 +81,7 @@ class FakePanda:
 
     def __init__(self, state: State) -> None:
         self._state = state
+        self._serving = asyncio.Lock()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -115,7 +117,26 @@ class FakePanda:
         if outage is not None:
             control.answered(outage.status, wrote_rows=False)
             return outage
-        return api.answer(self._state, request)
+        cost = self._state.options.cost
+        if cost is None:
+            return api.answer(self._state, request)
+        return await self._costed(request, cost)
+
+    async def _costed(self, request: Request, cost: Cost) -> Response:
+        """PANDA's answer, sent once `cost` has passed; one request at a time, in arrival order.
+
+        Real PANDA's single worker serialises requests (panda-api.md §5 item 10), so a request
+        waits for those before it. Its write takes effect when its turn comes; a client that
+        leaves meanwhile does not stop it, as it does not stop PANDA.
+        """
+        async with self._serving:
+            store = self._state.store
+            before = store.rows_written
+            response = api.answer(self._state, request)
+            seconds = cost.seconds(store.rows_written - before)
+            self._state.control.charged(seconds)
+            await asyncio.sleep(seconds)  # stands in for PANDA's work, waits for nothing
+        return response
 
 
 def create_app(options: FakePandaOptions) -> ASGIApp:

@@ -10,6 +10,7 @@ from collections.abc import Callable
 
 import orjson
 
+from service.fake_panda.cost import Cost
 from service.fake_panda.faults import Faults, FaultsError, updated
 from service.fake_panda.request import Request
 from service.fake_panda.responses import Response, control, empty, nginx_unavailable
@@ -18,8 +19,10 @@ from service.fake_panda.responses import Response, control, empty, nginx_unavail
 class Control:
     """Faults, statistics and the seeded random source of one fake PANDA (one event loop)."""
 
-    def __init__(self, seed: int) -> None:
+    def __init__(self, seed: int, cost: Cost | None = None) -> None:
         self._seed = seed
+        self._cost = cost
+        self._busy_s = 0.0
         self.faults = Faults()
         self._random = random.Random(seed)
         self._release: asyncio.Event | None = None
@@ -43,6 +46,7 @@ class Control:
         self.apply(Faults())
         self._random = random.Random(self._seed)
         self._requests = self._writes = 0
+        self._busy_s = 0.0
         self._by_status.clear()
 
     @property
@@ -90,10 +94,15 @@ class Control:
         self._by_status[status] += 1
         self._writes += wrote_rows
 
-    def stats(self) -> dict[str, object]:
-        """`{"requests": n, "writes": n, "by_status": {"202": n, ...}, "held": n}`.
+    def charged(self, seconds: float) -> None:
+        """Count the time the cost model made one request take."""
+        self._busy_s += seconds
 
-        Counts run since the last reset; `held` is how many requests `hang` holds right now.
+    def stats(self) -> dict[str, object]:
+        """`{"requests": n, "writes": n, "by_status": {"202": n, ...}, "held": n, ...}`.
+
+        Counts run since the last reset; `held` is how many requests `hang` holds right now;
+        `cost` is the cost model (null when off) and `busy_s` the seconds it has charged.
         """
         by_status = {str(status): count for status, count in sorted(self._by_status.items())}
         return {
@@ -101,6 +110,8 @@ class Control:
             "writes": self._writes,
             "by_status": by_status,
             "held": self._held,
+            "cost": None if self._cost is None else self._cost.to_json(),
+            "busy_s": round(self._busy_s, 6),
         }
 
 

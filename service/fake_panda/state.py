@@ -30,6 +30,5 @@ class State:
 
 def new_state(options: FakePandaOptions, clock: Clock = utc_now) -> State:
     """A fresh fake PANDA with no datasets."""
-    return State(
-        options, Store(clock), Control(options.seed), user_json(email=options.email, joined=clock())
-    )
+    control = Control(options.seed, options.cost)
+    return State(options, Store(clock), control, user_json(email=options.email, joined=clock()))

@@ -98,12 +98,17 @@ def _many_message(added: int, updated: int) -> str:
 
 
 class Store:
-    """Every dataset of one fake PANDA. Not thread-safe; the app runs on one event loop."""
+    """Every dataset of one fake PANDA. Not thread-safe; the app runs on one event loop.
+
+    `rows_written` counts the rows every write has written or deleted since the store was made
+    (a delete all counts one), which is what a costed request pays for.
+    """
 
     def __init__(self, clock: Clock = utc_now) -> None:
         self._clock = clock
         self._datasets: dict[str, Dataset] = {}
         self._next_id = 1
+        self.rows_written = 0
 
     def now(self) -> str:
         """The store's current time, in PANDA's format."""
@@ -183,6 +188,7 @@ class Store:
         self._keep_samples(dataset, [data for data, _ in entries[:5]])
         added = self._recount(dataset, now)
         dataset.last_modification = _many_message(added, len(entries) - added)
+        self.rows_written += len(entries)
         return written
 
     def upsert_one(self, dataset: Dataset, data: object, external_id: str | None) -> JsonRow:
@@ -195,6 +201,7 @@ class Store:
         self._keep_samples(dataset, [data])
         added = self._recount(dataset, now)
         dataset.last_modification = "1 row added" if added else "1 row updated"
+        self.rows_written += 1
         return row
 
     def delete_row(self, dataset: Dataset, external_id: str) -> None:
@@ -203,6 +210,7 @@ class Store:
         dataset.rows.pop(external_id, None)
         self._recount(dataset, now)
         dataset.last_modification = "1 row deleted"
+        self.rows_written += 1
 
     def delete_all(self, dataset: Dataset) -> bool:
         """Delete every row; False where PANDA then fails (a 500) but keeps `row_count` 0.
@@ -213,6 +221,7 @@ class Store:
         old_count = dataset.row_count
         dataset.rows.clear()
         dataset.row_count = 0
+        self.rows_written += 1
         dataset.last_modified = self._clock()
         if old_count is None:
             return False
