@@ -1,6 +1,6 @@
-"""Alembic's entry point: migrate the store to the tables of `service.tables`.
+"""Alembic's entry point: migrate the store to the tables of `service.store.tables`.
 
-The URL is `sqlalchemy.url` when `service.db.migrate` set it, else `PANDASYNC_DATABASE_URL`,
+The URL is `sqlalchemy.url` when `service.store.db.migrate` set it, else `PANDASYNC_DATABASE_URL`,
 else `sqlite:///pandasync.db`. Migrations only: nothing here touches outbox rows.
 """
 
@@ -9,7 +9,7 @@ from logging.config import fileConfig
 
 from alembic import context
 
-from service import db, tables
+from service.store import db, tables
 
 config = context.config
 
@@ -39,7 +39,7 @@ def run_migrations_offline() -> None:
 def run_migrations_online() -> None:
     """Migrate through the same engine setup as the service, all in one transaction.
 
-    `transactional_ddl` holds on SQLite too, since `service.db` emits its own BEGIN: a failed
+    `transactional_ddl` holds on SQLite too, since `service.store.db` emits its own BEGIN: a failed
     migration leaves nothing half done.
     """
     engine = db.create_engine(_url())

@@ -40,12 +40,13 @@ import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from service import outbox, panda
 from service.changes import Change, Op
 from service.config import DeliverySettings
-from service.db import Database, create_engine, migrate
-from service.delivery import Delivery
-from service.fake_panda import PANDA_1_1
+from service.delivery import panda
+from service.delivery.engine import Delivery
+from service.sandbox.fake_panda import PANDA_1_1
+from service.store import outbox
+from service.store.db import Database, create_engine, migrate
 from tests.fixtures.panda import RunningPanda, start_fake_panda
 
 SOURCE = "bench"

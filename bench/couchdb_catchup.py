@@ -27,11 +27,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from catchup import check_rows, machine, reset, say
 
-from service import panda
 from service.config import DeliverySettings, SourceSettings
-from service.db import Database, migrate
-from service.delivery import Delivery
-from service.poller import Poller
+from service.delivery import panda
+from service.delivery.engine import Delivery
+from service.ingress.poller import Poller
+from service.store.db import Database, migrate
 from tests.fixtures.couchdb import CouchDatabase, start_pouchdb
 from tests.fixtures.panda import RunningPanda, start_fake_panda
 

@@ -10,13 +10,15 @@ import anyio
 import httpx
 from fastapi import FastAPI
 
-from service import api, panda
+from service import status
 from service.config import Settings
 from service.container import Service
-from service.db import Database
-from service.delivery import Delivery
-from service.poller import build_pollers
+from service.delivery import panda
+from service.delivery.engine import Delivery
+from service.ingress import webhooks
+from service.ingress.poller import build_pollers
 from service.runner import Runner
+from service.store.db import Database
 
 
 def datasets(settings: Settings) -> dict[str, panda.Dataset]:
@@ -55,7 +57,7 @@ def build(
 def create_app(settings: Settings, *, start_runner: bool = True) -> FastAPI:
     """The service as an ASGI app; its lifespan opens the store and runs the loops.
 
-    Raises `service.db.SchemaError` at startup when the database is not migrated.
+    Raises `service.store.db.SchemaError` at startup when the database is not migrated.
     """
 
     @asynccontextmanager
@@ -63,7 +65,7 @@ def create_app(settings: Settings, *, start_runner: bool = True) -> FastAPI:
         db = Database.open(settings.database_url)
         try:
             db.check_schema()
-            api.warn_about_unsigned_sources(settings)
+            webhooks.warn_about_unsigned_sources(settings)
             http = panda.make_http(
                 url=str(settings.panda.url),
                 timeout_s=settings.panda.timeout_s,
@@ -73,6 +75,7 @@ def create_app(settings: Settings, *, start_runner: bool = True) -> FastAPI:
             async with http, couchdb_http, anyio.create_task_group() as group:
                 service = build(settings, db, http, couchdb_http)
                 app.state.service = service
+                app.state.intake = webhooks.Intake(settings, db, service.delivery.notify)
                 if start_runner:
                     group.start_soon(service.runner.run)
                 yield
@@ -81,5 +84,6 @@ def create_app(settings: Settings, *, start_runner: bool = True) -> FastAPI:
             db.close()
 
     app = FastAPI(title="pandasync", lifespan=lifespan)
-    app.include_router(api.router)
+    app.include_router(status.router)
+    app.include_router(webhooks.router)
     return app

@@ -87,10 +87,10 @@ class Change:
     """The latest known state of one source document, as a PANDA row.
 
     `doc_id` is the source's own id; `external_id` is its PANDA-safe encoding
-    (see `service.external_ids`). `row` holds the column values in the dataset's
+    (see `service.sources.external_ids`). `row` holds the column values in the dataset's
     column order for an upsert and is `None` for a delete. `source_version` is the source's
     own version of the document, when it sends one: a change older than one already
-    accepted for the document is stale (see `service.outbox.enqueue`).
+    accepted for the document is stale (see `service.store.outbox.enqueue`).
     """
 
     source: str

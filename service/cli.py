@@ -21,12 +21,15 @@ from rich.table import Table
 from sqlmodel import Session
 
 from service import app as wiring
-from service import checkpoints, db, dead_letters, logs, mapping, outbox, panda, poller
+from service import logs
 from service.changes import Change
 from service.clock import utcnow
 from service.config import ConfigError, Settings, SourceSettings, config_path, load_settings
-from service.delivery import DeliveryStatus
-from service.sources import couchdb
+from service.delivery import panda
+from service.delivery.engine import DeliveryStatus
+from service.ingress import poller
+from service.sources import couchdb, mapping
+from service.store import checkpoints, db, dead_letters, outbox
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -292,7 +295,7 @@ def fake_panda(
     ] = None,
 ) -> None:
     """Run a PANDA-compatible server (rows in memory) to try pandasync against."""
-    from service.fake_panda import PROFILES, FakePandaOptions, serve
+    from service.sandbox.fake_panda import PROFILES, FakePandaOptions, serve
 
     if cost is not None and cost not in PROFILES:
         _fail(f"unknown cost {cost!r}; known: {', '.join(PROFILES)}")
@@ -310,7 +313,7 @@ def fake_panda(
 @cli.command()
 def demo() -> None:
     """Run everything end to end in a scratch folder and show changes arriving in PANDA."""
-    from service import demo as scenario
+    from service.sandbox import demo as scenario
 
     try:
         scenario.main()

@@ -4,10 +4,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from service.config import Settings
-from service.db import Database
-from service.delivery import Delivery
-from service.poller import Poller
+from service.delivery.engine import Delivery
+from service.ingress.poller import Poller
 from service.runner import Runner
+from service.store.db import Database
 
 
 @dataclass(frozen=True)

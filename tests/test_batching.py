@@ -7,9 +7,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from service.batching import BatchSizer, Bisection, Plan, plan
 from service.changes import Change, Op
-from service.outbox import Claim
+from service.delivery.batching import BatchSizer, Bisection, Plan, plan
+from service.store.outbox import Claim
 
 LEASE = datetime(2026, 1, 1, tzinfo=UTC)
 

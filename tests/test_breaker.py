@@ -3,7 +3,7 @@
 import random
 from datetime import UTC, datetime, timedelta
 
-from service.breaker import Breaker
+from service.delivery.breaker import Breaker
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
 

@@ -1,12 +1,12 @@
-"""`service.checkpoints`: seqs kept verbatim, per source, inside the caller's transaction."""
+"""`service.store.checkpoints`: seqs kept verbatim, per source, inside the caller's transaction."""
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from sqlmodel import Session
 
-from service import checkpoints
 from service.changes import Seq
-from service.db import Database
+from service.store import checkpoints
+from service.store.db import Database
 from tests import strategies
 
 

@@ -5,9 +5,9 @@ from pathlib import Path
 
 from typer.testing import CliRunner
 
-from service import holders, outbox
 from service.cli import cli
-from service.db import Database
+from service.store import holders, outbox
+from service.store.db import Database
 from tests.fixtures.configs import write_config
 
 runner = CliRunner()

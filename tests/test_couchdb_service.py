@@ -12,9 +12,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from service import checkpoints, dead_letters, external_ids, outbox
 from service.changes import Seq
-from service.db import Database
+from service.sources import external_ids
+from service.store import checkpoints, dead_letters, outbox
+from service.store.db import Database
 from tests.fixtures.couchdb import CouchDatabase
 from tests.fixtures.panda import RunningPanda, free_port
 from tests.fixtures.service import ROOT, serving, wait_until

@@ -19,9 +19,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from service import external_ids
 from service.changes import Change, Op, Seq, Unmapped
 from service.config import Column, DatasetSettings, SourceSettings
+from service.sources import external_ids
 from service.sources.couchdb import (
     End,
     FeedBrokenError,

@@ -1,4 +1,4 @@
-"""`service.db`: URLs, transactions, SQLite's setup and UTC datetimes, on SQLite and PostgreSQL."""
+"""`service.store.db`: URLs, transactions, SQLite's setup and UTC datetimes, on both stores."""
 
 from datetime import UTC, datetime, timedelta, timezone
 
@@ -9,10 +9,10 @@ from sqlalchemy.dialects import sqlite
 from sqlalchemy.exc import StatementError
 from sqlmodel import Session, select
 
-from service import checkpoints
 from service.changes import Seq
-from service.db import Database, DatabaseUrlError, database_url
-from service.tables import Checkpoint
+from service.store import checkpoints
+from service.store.db import Database, DatabaseUrlError, database_url
+from service.store.tables import Checkpoint
 
 
 def _save(session: Session, source: str, seq: Seq) -> None:

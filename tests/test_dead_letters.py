@@ -9,13 +9,14 @@ import pytest
 from sqlmodel import Session
 from typer.testing import CliRunner
 
-from service import dead_letters, outbox, panda
 from service.changes import Change, Op
 from service.cli import cli
 from service.config import DeliverySettings
-from service.db import Database
-from service.delivery import Delivery
-from service.tables import DeadLetter
+from service.delivery import panda
+from service.delivery.engine import Delivery
+from service.store import dead_letters, outbox
+from service.store.db import Database
+from service.store.tables import DeadLetter
 from tests.fixtures.configs import write_config
 from tests.fixtures.panda import RunningPanda
 

@@ -15,13 +15,14 @@ import pytest
 from pydantic import ValidationError
 from sqlmodel import Session, col, select, update
 
-from service import dead_letters, outbox, panda
 from service.changes import Change, Op
 from service.clock import Clock, utcnow
 from service.config import DeliverySettings
-from service.db import Database
-from service.delivery import Delivery
-from service.tables import DeliveryLease, OutboxEntry
+from service.delivery import panda
+from service.delivery.engine import Delivery
+from service.store import dead_letters, outbox
+from service.store.db import Database
+from service.store.tables import DeliveryLease, OutboxEntry
 from tests.fakes.clock import FakeClock
 from tests.fixtures.panda import RunningPanda
 from tests.waiting import eventually

@@ -17,12 +17,13 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule, run_state_machine_as_test
 from sqlmodel import Session, delete, select
 
-from service import outbox, panda
 from service.changes import Change, Op
 from service.config import DeliverySettings
-from service.db import Database
-from service.delivery import Delivery
-from service.tables import DeadLetter, DocState, OutboxEntry
+from service.delivery import panda
+from service.delivery.engine import Delivery
+from service.store import outbox
+from service.store.db import Database
+from service.store.tables import DeadLetter, DocState, OutboxEntry
 from tests.fakes.clock import FakeClock
 from tests.fixtures.panda import RunningPanda, local_client
 from tests.waiting import wait_until

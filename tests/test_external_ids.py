@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from service.external_ids import ExternalIdError, decode, encode
+from service.sources.external_ids import ExternalIdError, decode, encode
 
 # What PANDA's bulk PUT accepts, without `-` (panda-api.md §3.3.3 and §5).
 PANDA_SAFE = re.compile(r"[A-Za-z0-9_]+")

@@ -9,7 +9,7 @@ from typing import Any
 import httpx
 import pytest
 
-from service.fake_panda import PANDA_1_1
+from service.sandbox.fake_panda import PANDA_1_1
 from tests.fixtures.panda import RunningPanda, free_port, local_client, start_fake_panda
 from tests.waiting import wait_until
 

@@ -6,10 +6,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from service import external_ids
 from service.changes import Change, Op
 from service.config import Column, DatasetSettings, SourceSettings
-from service.mapping import MappingError, delete, field, text, upsert
+from service.sources import external_ids
+from service.sources.mapping import MappingError, delete, field, text, upsert
 
 SOURCE = SourceSettings(
     name="stories",

@@ -1,4 +1,4 @@
-"""`service.outbox`: the latest change per document, leased out once, never lost to a stale ack."""
+"""`service.store.outbox`: the latest change per document, leased out once, never lost."""
 
 import subprocess
 from collections.abc import Sequence
@@ -20,11 +20,11 @@ from hypothesis.stateful import (
 )
 from sqlmodel import Session, col, delete, select
 
-from service import dead_letters, holders, outbox
 from service.changes import Change, Op
-from service.db import Database
-from service.outbox import Answer, Claim
-from service.tables import DeadLetter, DeliveryLease, DocState, OutboxEntry
+from service.store import dead_letters, holders, outbox
+from service.store.db import Database
+from service.store.outbox import Answer, Claim
+from service.store.tables import DeadLetter, DeliveryLease, DocState, OutboxEntry
 from tests import strategies
 
 NOW = datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)

@@ -9,10 +9,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlmodel import Session, delete, text
 
-from service import outbox
 from service.changes import Change, Op
-from service.db import Database, create_engine
-from service.tables import DeliveryLease, DocState, OutboxEntry
+from service.store import outbox
+from service.store.db import Database, create_engine
+from service.store.tables import DeliveryLease, DocState, OutboxEntry
 from tests.fixtures.service import wait_until
 from tests.strategies import changes
 

@@ -1,4 +1,4 @@
-"""`service.outbox` with document states: stale changes are skipped, versions never go back."""
+"""`service.store.outbox` with document states: stale changes skipped, versions never go back."""
 
 from datetime import UTC, datetime
 from itertools import pairwise
@@ -11,11 +11,11 @@ from hypothesis import strategies as st
 from sqlalchemy import text
 from sqlmodel import Session, delete
 
-from service import dead_letters, outbox
 from service.changes import Change, Op, SourceVersion
-from service.db import Database, alembic_config, migrate
-from service.outbox import Answer, Claim, Enqueued
-from service.tables import DeadLetter, DeliveryLease, DocState, OutboxEntry
+from service.store import dead_letters, outbox
+from service.store.db import Database, alembic_config, migrate
+from service.store.outbox import Answer, Claim, Enqueued
+from service.store.tables import DeadLetter, DeliveryLease, DocState, OutboxEntry
 
 NOW = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
 REFUSED = Answer(status=400, detail="Invalid row")

@@ -12,7 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from service.changes import Change, Op
-from service.panda import (
+from service.delivery.panda import (
     BULK_LIMIT,
     DETAIL_LIMIT,
     Dataset,

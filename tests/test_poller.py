@@ -19,15 +19,17 @@ from sqlalchemy import text
 from sqlalchemy.exc import OperationalError
 from sqlmodel import Session, select
 
-from service import checkpoints, dead_letters, external_ids, outbox, panda
 from service.changes import Seq
-from service.checkpoints import reset as reset_checkpoint
 from service.config import CouchDBSettings, DeliverySettings, Settings, SourceSettings
-from service.db import Database
-from service.delivery import Delivery
-from service.poller import Poller, PollerStatus, build_pollers
+from service.delivery import panda
+from service.delivery.engine import Delivery
+from service.ingress.poller import Poller, PollerStatus, build_pollers
+from service.sources import external_ids
 from service.sources.couchdb import FeedBrokenError
-from service.tables import Checkpoint, OutboxEntry
+from service.store import checkpoints, dead_letters, outbox
+from service.store.checkpoints import reset as reset_checkpoint
+from service.store.db import Database
+from service.store.tables import Checkpoint, OutboxEntry
 from tests.fixtures.couchdb import CouchDatabase, silent_couchdb, start_pouchdb
 from tests.fixtures.panda import RunningPanda, free_port
 from tests.waiting import eventually
@@ -668,7 +670,7 @@ async def test_a_source_that_keeps_failing_is_retrying_and_warns_once_a_minute(
         url=f"http://127.0.0.1:{free_port()}", database="gone", retry_base_s=0.01, retry_cap_s=0.02
     )
     poller = Poller(source_of(settings, "stories"), store, http)
-    with caplog.at_level(logging.DEBUG, logger="service.poller"):
+    with caplog.at_level(logging.DEBUG, logger="service.ingress.poller"):
         async with running(poller):
             await eventually(lambda: poller.status().attempts >= 5, what="five attempts")
             status = poller.status()

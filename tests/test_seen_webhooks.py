@@ -1,4 +1,4 @@
-"""`service.seen_webhooks`: a webhook id counts once per source within its retention."""
+"""`service.store.seen_webhooks`: a webhook id counts once per source within its retention."""
 
 from datetime import UTC, datetime, timedelta
 
@@ -6,9 +6,9 @@ import anyio
 import pytest
 from sqlmodel import col, select
 
-from service import seen_webhooks
-from service.db import Database
-from service.tables import SeenWebhook
+from service.store import seen_webhooks
+from service.store.db import Database
+from service.store.tables import SeenWebhook
 
 NOW = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
 DAY_S = 24 * 3600.0

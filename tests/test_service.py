@@ -10,11 +10,11 @@ import httpx
 import pytest
 from sqlmodel import Session
 
-from service import dead_letters, holders, outbox
 from service.changes import Change, Op
 from service.clock import utcnow
-from service.db import Database
-from service.tables import DeliveryLease
+from service.store import dead_letters, holders, outbox
+from service.store.db import Database
+from service.store.tables import DeliveryLease
 from tests.fixtures.panda import RunningPanda, free_port
 from tests.fixtures.service import serving, wait_until
 

@@ -1,4 +1,4 @@
-"""`service.signatures`: Standard Webhooks, GitHub and generic HMAC checks on the raw body."""
+"""`service.ingress.signatures`: Standard Webhooks, GitHub and generic HMAC on the raw body."""
 
 import base64
 import hashlib
@@ -11,7 +11,7 @@ import pytest
 from standardwebhooks import Webhook
 
 from service.config import WebhookSettings
-from service.signatures import SignatureError, verify, webhook_id
+from service.ingress.signatures import SignatureError, verify, webhook_id
 
 NOW = datetime(2026, 3, 4, 5, 6, 7, tzinfo=UTC)
 BODY = b'{"changes": [{"op": "delete", "id": "caf\xc3\xa9"}]}'

@@ -7,9 +7,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from service import mapping
 from service.changes import Change, Op, SourceVersion
 from service.config import SourceSettings
+from service.sources import mapping
 from service.sources.webhook import (
     BodyError,
     FieldProblem,

@@ -26,13 +26,13 @@ from asgi_lifespan import LifespanManager
 from sqlmodel import Session, col, select
 from standardwebhooks import Webhook
 
-from service import dead_letters, outbox
 from service.app import create_app
 from service.changes import Change, Op, SourceVersion
 from service.config import Settings
 from service.container import Service
-from service.db import Database
-from service.tables import OutboxEntry
+from service.store import dead_letters, outbox
+from service.store.db import Database
+from service.store.tables import OutboxEntry
 from tests.fixtures.panda import RunningPanda
 from tests.waiting import eventually
 
@@ -295,10 +295,14 @@ async def test_an_unsigned_source_takes_webhooks_and_is_named_in_a_warning_at_st
     database: Database, caplog: pytest.LogCaptureFixture
 ) -> None:
     body = body_of(story("o1", "Open"))
-    with caplog.at_level(logging.WARNING, logger="service.api"):
+    with caplog.at_level(logging.WARNING, logger="service.ingress.webhooks"):
         async with serving(settings_for(database)) as (client, _):
             answer = await post(client, "open", body, JSON)
-    warnings = [record.getMessage() for record in caplog.records if record.name == "service.api"]
+    warnings = [
+        record.getMessage()
+        for record in caplog.records
+        if record.name == "service.ingress.webhooks"
+    ]
     assert answer.status_code == 202
     assert [("not authenticated" in line, "source=open" in line) for line in warnings] == [
         (True, True)

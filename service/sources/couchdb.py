@@ -19,9 +19,9 @@ import ijson
 import orjson
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from service import mapping
 from service.changes import Change, Seq, Unmapped
 from service.config import CouchDBFilter, CouchDBSettings, SourceSettings
+from service.sources import mapping
 
 log = logging.getLogger(__name__)
 

@@ -1,8 +1,9 @@
 """Webhook bodies to `Change`s, in the source's format: pandasync's own, CouchDB documents, or
 any JSON through a JMESPath mapping.
 
-Pure: reads the raw bytes and maps records through `service.mapping`; never touches the store
-(the api commits what this returns) and never checks signatures (`service.signatures` does).
+Pure: reads the raw bytes and maps records through `mapping`; never touches the store (the
+webhook route commits what this returns) and never checks signatures
+(`service.ingress.signatures` does).
 """
 
 import json
@@ -15,9 +16,9 @@ import jmespath
 import jmespath.exceptions
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from service import external_ids, mapping
 from service.changes import Change, Op, SourceVersion
 from service.config import SourceSettings, WebhookMapping, place
+from service.sources import external_ids, mapping
 
 DESIGN_PREFIX = "_design/"
 # A CouchDB revision: its generation, a dash, its hash (`3-917fa2381192822767f010b95b45325b`).

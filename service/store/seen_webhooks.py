@@ -8,8 +8,8 @@ from datetime import datetime, timedelta
 
 from sqlmodel import Session, col, delete
 
-from service.db import dialect_insert
-from service.tables import SeenWebhook
+from service.store.db import dialect_insert
+from service.store.tables import SeenWebhook
 
 
 def remember(

@@ -33,8 +33,8 @@ Test controls, without authentication, outside `/api/`:
 - `POST /_fake/reset` (204): no datasets, no faults, zero stats, random source re-seeded.
 """
 
-from service.fake_panda.app import create_app, serve
-from service.fake_panda.cost import PANDA_1_1, PROFILES, Cost
-from service.fake_panda.options import FakePandaOptions
+from service.sandbox.fake_panda.app import create_app, serve
+from service.sandbox.fake_panda.cost import PANDA_1_1, PROFILES, Cost
+from service.sandbox.fake_panda.options import FakePandaOptions
 
 __all__ = ["PANDA_1_1", "PROFILES", "Cost", "FakePandaOptions", "create_app", "serve"]

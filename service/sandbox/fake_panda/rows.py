@@ -8,13 +8,21 @@ import re
 from collections.abc import Collection
 from itertools import islice
 
-from service.fake_panda.request import Request, json_body, json_object
-from service.fake_panda.resources import window
-from service.fake_panda.responses import AbortError, Response, canned, empty, invalid, message, ok
-from service.fake_panda.routes import Kind, Route, resolve
-from service.fake_panda.schema import accepts_upserts
-from service.fake_panda.state import State
-from service.fake_panda.store import Dataset, JsonRow, StoredRow
+from service.sandbox.fake_panda.request import Request, json_body, json_object
+from service.sandbox.fake_panda.resources import window
+from service.sandbox.fake_panda.responses import (
+    AbortError,
+    Response,
+    canned,
+    empty,
+    invalid,
+    message,
+    ok,
+)
+from service.sandbox.fake_panda.routes import Kind, Route, resolve
+from service.sandbox.fake_panda.schema import accepts_upserts
+from service.sandbox.fake_panda.state import State
+from service.sandbox.fake_panda.store import Dataset, JsonRow, StoredRow
 
 DATA_REQUIRED = "The data field is required."
 MUST_BE_STRING = "external_id must be a string."

@@ -6,8 +6,8 @@ Pure functions from store values to JSON-ready dicts (panda-api.md §3.1, §3.2)
 from dataclasses import dataclass
 from urllib.parse import urlencode
 
-from service.fake_panda.responses import AbortError, canned
-from service.fake_panda.store import Dataset
+from service.sandbox.fake_panda.responses import AbortError, canned
+from service.sandbox.fake_panda.store import Dataset
 
 DEFAULT_LIMIT = 20
 MAX_LIMIT = 1000

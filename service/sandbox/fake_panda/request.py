@@ -10,7 +10,7 @@ from urllib.parse import parse_qsl, quote, urljoin
 
 import orjson
 
-from service.fake_panda.responses import AbortError, canned
+from service.sandbox.fake_panda.responses import AbortError, canned
 
 # orjson turns integers beyond 64 bits into floats; PANDA's simplejson keeps them exact, so a
 # body with a long run of digits (maybe only inside a string) goes to the stdlib parser.

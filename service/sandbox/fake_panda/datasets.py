@@ -4,13 +4,21 @@ Each handler takes the state, the request and its route, and returns a `Response
 `AbortError`; checks run in PANDA's order, so a failure after a save leaves what PANDA leaves.
 """
 
-from service.fake_panda.request import Request, json_object
-from service.fake_panda.resources import window
-from service.fake_panda.responses import AbortError, Response, canned, empty, invalid, message, ok
-from service.fake_panda.routes import DATASET_URI, Route
-from service.fake_panda.schema import make_column_schema
-from service.fake_panda.state import State
-from service.fake_panda.store import Dataset
+from service.sandbox.fake_panda.request import Request, json_object
+from service.sandbox.fake_panda.resources import window
+from service.sandbox.fake_panda.responses import (
+    AbortError,
+    Response,
+    canned,
+    empty,
+    invalid,
+    message,
+    ok,
+)
+from service.sandbox.fake_panda.routes import DATASET_URI, Route
+from service.sandbox.fake_panda.schema import make_column_schema
+from service.sandbox.fake_panda.state import State
+from service.sandbox.fake_panda.store import Dataset
 
 NAME_REQUIRED = {"dataset": {"name": ["This field is required."]}}
 MULTIPLE = "More than one resource is found at this URI."

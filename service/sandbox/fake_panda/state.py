@@ -2,10 +2,10 @@
 
 from dataclasses import dataclass
 
-from service.fake_panda.control import Control
-from service.fake_panda.options import FakePandaOptions
-from service.fake_panda.resources import dataset_json, user_json
-from service.fake_panda.store import Clock, Dataset, Store, utc_now
+from service.sandbox.fake_panda.control import Control
+from service.sandbox.fake_panda.options import FakePandaOptions
+from service.sandbox.fake_panda.resources import dataset_json, user_json
+from service.sandbox.fake_panda.store import Clock, Dataset, Store, utc_now
 
 
 @dataclass(frozen=True)

@@ -10,10 +10,10 @@ from collections.abc import Callable
 
 import orjson
 
-from service.fake_panda.cost import Cost
-from service.fake_panda.faults import Faults, FaultsError, updated
-from service.fake_panda.request import Request
-from service.fake_panda.responses import Response, control, empty, nginx_unavailable
+from service.sandbox.fake_panda.cost import Cost
+from service.sandbox.fake_panda.faults import Faults, FaultsError, updated
+from service.sandbox.fake_panda.request import Request
+from service.sandbox.fake_panda.responses import Response, control, empty, nginx_unavailable
 
 
 class Control:

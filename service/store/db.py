@@ -40,7 +40,7 @@ P = ParamSpec("P")
 T = TypeVar("T")
 
 # The repository's `alembic/` folder, next to `service/`.
-ALEMBIC_DIR = Path(__file__).resolve().parent.parent / "alembic"
+ALEMBIC_DIR = Path(__file__).resolve().parents[2] / "alembic"
 # How long an SQLite writer waits for another one's transaction before failing.
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 _SUPPORTED = ("sqlite:///path/to/pandasync.db", "postgresql://user@host/database")

@@ -17,12 +17,13 @@ import anyio
 import httpx
 from sqlmodel import Session
 
-from service import backoff, checkpoints, dead_letters, outbox
+from service import backoff
 from service.changes import Seq
 from service.clock import Clock, utcnow
 from service.config import Settings, SourceSettings
-from service.db import Database
 from service.sources import couchdb
+from service.store import checkpoints, dead_letters, outbox
+from service.store.db import Database
 
 log = logging.getLogger(__name__)
 

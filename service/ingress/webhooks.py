@@ -1,10 +1,12 @@
-"""HTTP routes of the service: webhooks in, and health, readiness and status.
+"""Webhook routes: changes in over HTTP, answered 202 only once they are in the outbox.
 
-A webhook is answered 202 only once its changes are committed to the outbox. Routes read
-the shared `Service` and the store; they never call PANDA.
+They read the settings and the store, and wake delivery when changes were committed; they
+never call PANDA.
 """
 
 import logging
+from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Annotated, Any
 
@@ -13,108 +15,33 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from sqlmodel import Session
 
-from service import checkpoints, dead_letters, outbox, seen_webhooks, signatures
 from service.clock import utcnow
 from service.config import IngressSettings, Settings, SourceSettings, WebhookSettings
-from service.container import Service
-from service.delivery import DeliveryStatus
-from service.poller import PollerStatus
-from service.runner import LoopHealth
+from service.ingress import signatures
 from service.sources import webhook
+from service.store import outbox, seen_webhooks
+from service.store.db import Database
 
 log = logging.getLogger(__name__)
 
 
-def _service(request: Request) -> Service:
-    service: Service = request.app.state.service
-    return service
+@dataclass(frozen=True)
+class Intake:
+    """What the webhook routes need: the settings, the store, and a way to wake delivery."""
+
+    settings: Settings
+    db: Database
+    notify: Callable[[], None]
 
 
-ServiceDep = Annotated[Service, Depends(_service)]
+def _intake(request: Request) -> Intake:
+    intake: Intake = request.app.state.intake
+    return intake
+
+
+IntakeDep = Annotated[Intake, Depends(_intake)]
 
 router = APIRouter()
-
-
-@router.get("/healthz")
-async def healthz() -> dict[str, str]:
-    """The process answers."""
-    return {"status": "ok"}
-
-
-@router.get("/readyz")
-async def readyz(service: ServiceDep, response: Response) -> dict[str, Any]:
-    """200 when every loop runs and delivery is not paused; 503 with the reasons otherwise."""
-    problems = [
-        f"loop {name} is not running: {health.last_crash or 'stopped'}"
-        for name, health in service.runner.health().items()
-        if not health.running
-    ]
-    problems += [
-        f"source {name} stopped: {poller.status().reason}"
-        for name, poller in service.pollers.items()
-        if poller.status().reason
-    ]
-    paused = service.delivery.status().paused
-    if paused:
-        problems.append(paused)
-    if problems:
-        response.status_code = 503
-    return {"ready": not problems, "problems": problems}
-
-
-class SourceStatus(BaseModel):
-    """One source: what the store holds for it, and for a CouchDB source its feed's state."""
-
-    checkpoint: Any = Field(
-        description="The saved seq, the JSON value CouchDB gave, verbatim; null before one."
-    )
-    pending: int = Field(description="Outbox entries waiting for delivery.")
-    dead_letters: int = Field(description="Changes PANDA refused, or documents not mapped.")
-    lease_until: str | None = Field(
-        description="When the source's delivery lease runs out unrenewed (ISO 8601, UTC);"
-        " null when no delivery holds it."
-    )
-    lease_holder: str | None = Field(description="Who holds the lease: `host pid N`.")
-    feed: PollerStatus | None = Field(
-        default=None,
-        description="A CouchDB source's feed: `state` is one of starting, catching_up, live,"
-        " retrying, paused, stopped (see PollerStatus).",
-    )
-
-
-class StatusAnswer(BaseModel):
-    """Per-source progress, the delivery state and the service's loops."""
-
-    delivery: DeliveryStatus
-    sources: dict[str, SourceStatus]
-    loops: dict[str, LoopHealth]
-
-
-@router.get("/status")
-async def status(service: ServiceDep) -> StatusAnswer:
-    """Per-source progress and the delivery state; never a secret or a document body."""
-    names = [source.name for source in service.settings.sources]
-    sources = await service.db.run(_source_status, names)
-    for name, poller in service.pollers.items():
-        sources[name].feed = poller.status()
-    return StatusAnswer(
-        delivery=service.delivery.status(), sources=sources, loops=service.runner.health()
-    )
-
-
-def _source_status(session: Session, names: list[str]) -> dict[str, SourceStatus]:
-    report: dict[str, SourceStatus] = {}
-    for name in names:
-        seq = checkpoints.load(session, name)
-        until, holder = outbox.lease_held(session, name, utcnow())
-        report[name] = SourceStatus(
-            checkpoint=None if seq is None else seq.value(),
-            pending=outbox.pending(session, name),
-            dead_letters=dead_letters.count(session, name),
-            lease_until=None if until is None else until.isoformat(),
-            lease_holder=holder,
-        )
-    return report
 
 
 class WebhookAnswer(BaseModel):
@@ -198,7 +125,7 @@ generation of `_rev` orders), or `jmespath` (any JSON, read through the source's
         }
     },
 )
-async def receive_webhook(source: str, request: Request, service: ServiceDep) -> Response:
+async def receive_webhook(source: str, request: Request, intake: IntakeDep) -> Response:
     """Take in a source's webhook: 202 once its changes are committed to the outbox.
 
     Checks, in order: the source (404), the content type (415), the size (413), the signature
@@ -207,7 +134,7 @@ async def receive_webhook(source: str, request: Request, service: ServiceDep) ->
     refused webhook writes nothing.
     """
     try:
-        answer = await _take_in(service, source, request)
+        answer = await _take_in(intake, source, request)
     except _RefusedError as refused:
         return refused.response()
     return JSONResponse(answer.model_dump(), status_code=202)
@@ -232,11 +159,11 @@ def warn_about_unsigned_sources(settings: Settings) -> None:
         )
 
 
-async def _take_in(service: Service, name: str, request: Request) -> WebhookAnswer:
-    source, settings = _webhook_source(service.settings, name)
+async def _take_in(intake: Intake, name: str, request: Request) -> WebhookAnswer:
+    source, settings = _webhook_source(intake.settings, name)
     if not _is_json(request.headers.get("content-type")):
         raise _RefusedError(415, "the body must be JSON: send Content-Type: application/json")
-    ingress = service.settings.ingress
+    ingress = intake.settings.ingress
     body = await _read(request, ingress.max_body_bytes)
     now = utcnow()
     try:
@@ -246,7 +173,7 @@ async def _take_in(service: Service, name: str, request: Request) -> WebhookAnsw
         raise _RefusedError(401, "unauthorized") from None
     parsed = _parse(source, settings, body)
     try:
-        answer = await service.db.run(
+        answer = await intake.db.run(
             _commit,
             name,
             parsed,
@@ -260,7 +187,7 @@ async def _take_in(service: Service, name: str, request: Request) -> WebhookAnsw
         retry = {"Retry-After": str(ingress.retry_after_s)}
         raise _RefusedError(503, "the outbox is full: retry later", headers=retry) from None
     if answer.accepted:
-        service.delivery.notify()
+        intake.notify()
     return answer
 
 

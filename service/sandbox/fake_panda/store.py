@@ -14,7 +14,7 @@ from typing import NamedTuple
 from urllib.parse import quote
 from uuid import uuid4
 
-from service.fake_panda.schema import Column
+from service.sandbox.fake_panda.schema import Column
 
 Clock = Callable[[], str]
 JsonRow = dict[str, object]

@@ -21,10 +21,10 @@ import sqlalchemy
 from sqlalchemy import CursorResult, Table, bindparam, inspect
 from sqlmodel import Session, SQLModel, col, delete, func, select, update
 
-from service import holders
 from service.changes import Change, Op, SourceVersion
-from service.db import dialect_insert, in_integers
-from service.tables import DeadLetter, DeliveryLease, DocState, OutboxEntry, UTCDateTime
+from service.store import holders
+from service.store.db import dialect_insert, in_integers
+from service.store.tables import DeadLetter, DeliveryLease, DocState, OutboxEntry, UTCDateTime
 
 log = logging.getLogger(__name__)
 

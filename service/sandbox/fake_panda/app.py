@@ -11,13 +11,13 @@ from typing import Any
 import uvicorn
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from service.fake_panda import api
-from service.fake_panda.control import answer_control
-from service.fake_panda.cost import Cost
-from service.fake_panda.options import FakePandaOptions
-from service.fake_panda.request import Request, parse_query
-from service.fake_panda.responses import Response, empty, nginx_unavailable
-from service.fake_panda.state import State, new_state
+from service.sandbox.fake_panda import api
+from service.sandbox.fake_panda.control import answer_control
+from service.sandbox.fake_panda.cost import Cost
+from service.sandbox.fake_panda.options import FakePandaOptions
+from service.sandbox.fake_panda.request import Request, parse_query
+from service.sandbox.fake_panda.responses import Response, empty, nginx_unavailable
+from service.sandbox.fake_panda.state import State, new_state
 
 
 async def _read(scope: Scope, receive: Receive) -> Request:

@@ -3,7 +3,7 @@ and whether it takes as long as real PANDA."""
 
 from dataclasses import dataclass
 
-from service.fake_panda.cost import Cost
+from service.sandbox.fake_panda.cost import Cost
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ import httpx
 from rich.console import Console
 from rich.table import Table
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 POUCHDB_SERVER = ROOT / "node_modules" / ".bin" / "pouchdb-server"
 EMAIL = "demo@example.com"
 API_KEY = "pandasync-demo-key"

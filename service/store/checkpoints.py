@@ -8,8 +8,8 @@ from sqlmodel import Session
 
 from service.changes import Seq
 from service.clock import utcnow
-from service.db import dialect_insert
-from service.tables import Checkpoint
+from service.store.db import dialect_insert
+from service.store.tables import Checkpoint
 
 
 def load(session: Session, source: str) -> Seq | None:

@@ -19,14 +19,12 @@ from operator import attrgetter
 import anyio
 from sqlmodel import Session
 
-from service import outbox
-from service.batching import BatchSizer, Bisection, plan
-from service.breaker import Breaker
 from service.clock import Clock, utcnow
 from service.config import DeliverySettings
-from service.db import Database
-from service.panda import Dataset as PandaDataset
-from service.panda import (
+from service.delivery.batching import BatchSizer, Bisection, plan
+from service.delivery.breaker import Breaker
+from service.delivery.panda import Dataset as PandaDataset
+from service.delivery.panda import (
     DatasetMismatchError,
     DatasetMissingError,
     PandaClient,
@@ -34,6 +32,8 @@ from service.panda import (
     RetryableError,
     TargetError,
 )
+from service.store import outbox
+from service.store.db import Database
 
 log = logging.getLogger(__name__)
 

@@ -8,9 +8,9 @@ import json
 import math
 from collections.abc import Mapping, Sequence
 
-from service import external_ids
 from service.changes import Change, Op
 from service.config import SourceSettings
+from service.sources import external_ids
 
 _MISSING = object()
 

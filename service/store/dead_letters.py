@@ -14,9 +14,9 @@ from datetime import datetime
 
 from sqlmodel import Session, col, func, select
 
-from service import outbox
 from service.changes import Change, Unmapped
-from service.tables import DeadLetter, DocState, OutboxEntry
+from service.store import outbox
+from service.store.tables import DeadLetter, DocState, OutboxEntry
 
 log = logging.getLogger(__name__)
 

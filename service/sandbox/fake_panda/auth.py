@@ -5,8 +5,8 @@ Pure: reads the request's headers and query; knows one user, the one in the opti
 
 from urllib.parse import unquote
 
-from service.fake_panda.options import FakePandaOptions
-from service.fake_panda.request import Request
+from service.sandbox.fake_panda.options import FakePandaOptions
+from service.sandbox.fake_panda.request import Request
 
 
 def _credential(request: Request, *, underscored: bytes, dashed: bytes, parameter: str) -> str:

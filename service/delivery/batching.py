@@ -8,7 +8,7 @@ from operator import attrgetter
 from typing import Generic, TypeVar
 
 from service.changes import Op
-from service.outbox import Claim
+from service.store.outbox import Claim
 
 A = TypeVar("A")
 _EXTERNAL_ID = attrgetter("external_id")

@@ -8,12 +8,19 @@ import logging
 from collections.abc import Callable
 from urllib.parse import quote
 
-from service.fake_panda import datasets, rows
-from service.fake_panda.auth import authenticated
-from service.fake_panda.request import Request
-from service.fake_panda.responses import AbortError, Response, allows, canned, empty, redirect
-from service.fake_panda.routes import Kind, Route, resolve
-from service.fake_panda.state import State
+from service.sandbox.fake_panda import datasets, rows
+from service.sandbox.fake_panda.auth import authenticated
+from service.sandbox.fake_panda.request import Request
+from service.sandbox.fake_panda.responses import (
+    AbortError,
+    Response,
+    allows,
+    canned,
+    empty,
+    redirect,
+)
+from service.sandbox.fake_panda.routes import Kind, Route, resolve
+from service.sandbox.fake_panda.state import State
 
 logger = logging.getLogger(__name__)
 

@@ -1,0 +1,113 @@
+"""The service's own HTTP routes: health, readiness and status, over the running `Service`.
+
+They read the service's parts and the store; they never call PANDA. Webhooks come in through
+`service.ingress.webhooks`.
+"""
+
+import logging
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Request, Response
+from pydantic import BaseModel, Field
+from sqlmodel import Session
+
+from service.clock import utcnow
+from service.container import Service
+from service.delivery.engine import DeliveryStatus
+from service.ingress.poller import PollerStatus
+from service.runner import LoopHealth
+from service.store import checkpoints, dead_letters, outbox
+
+log = logging.getLogger(__name__)
+
+
+def _service(request: Request) -> Service:
+    service: Service = request.app.state.service
+    return service
+
+
+ServiceDep = Annotated[Service, Depends(_service)]
+
+router = APIRouter()
+
+
+@router.get("/healthz")
+async def healthz() -> dict[str, str]:
+    """The process answers."""
+    return {"status": "ok"}
+
+
+@router.get("/readyz")
+async def readyz(service: ServiceDep, response: Response) -> dict[str, Any]:
+    """200 when every loop runs and delivery is not paused; 503 with the reasons otherwise."""
+    problems = [
+        f"loop {name} is not running: {health.last_crash or 'stopped'}"
+        for name, health in service.runner.health().items()
+        if not health.running
+    ]
+    problems += [
+        f"source {name} stopped: {poller.status().reason}"
+        for name, poller in service.pollers.items()
+        if poller.status().reason
+    ]
+    paused = service.delivery.status().paused
+    if paused:
+        problems.append(paused)
+    if problems:
+        response.status_code = 503
+    return {"ready": not problems, "problems": problems}
+
+
+class SourceStatus(BaseModel):
+    """One source: what the store holds for it, and for a CouchDB source its feed's state."""
+
+    checkpoint: Any = Field(
+        description="The saved seq, the JSON value CouchDB gave, verbatim; null before one."
+    )
+    pending: int = Field(description="Outbox entries waiting for delivery.")
+    dead_letters: int = Field(description="Changes PANDA refused, or documents not mapped.")
+    lease_until: str | None = Field(
+        description="When the source's delivery lease runs out unrenewed (ISO 8601, UTC);"
+        " null when no delivery holds it."
+    )
+    lease_holder: str | None = Field(description="Who holds the lease: `host pid N`.")
+    feed: PollerStatus | None = Field(
+        default=None,
+        description="A CouchDB source's feed: `state` is one of starting, catching_up, live,"
+        " retrying, paused, stopped (see PollerStatus).",
+    )
+
+
+class StatusAnswer(BaseModel):
+    """Per-source progress, the delivery state and the service's loops."""
+
+    delivery: DeliveryStatus
+    sources: dict[str, SourceStatus]
+    loops: dict[str, LoopHealth]
+
+
+@router.get("/status")
+async def status(service: ServiceDep) -> StatusAnswer:
+    """Per-source progress and the delivery state; never a secret or a document body."""
+    names = [source.name for source in service.settings.sources]
+    sources = await service.db.run(_source_status, names)
+    for name, poller in service.pollers.items():
+        sources[name].feed = poller.status()
+    return StatusAnswer(
+        delivery=service.delivery.status(), sources=sources, loops=service.runner.health()
+    )
+
+
+def _source_status(session: Session, names: list[str]) -> dict[str, SourceStatus]:
+    report: dict[str, SourceStatus] = {}
+    for name in names:
+        seq = checkpoints.load(session, name)
+        until, holder = outbox.lease_held(session, name, utcnow())
+        report[name] = SourceStatus(
+            checkpoint=None if seq is None else seq.value(),
+            pending=outbox.pending(session, name),
+            dead_letters=dead_letters.count(session, name),
+            lease_until=None if until is None else until.isoformat(),
+            lease_holder=holder,
+        )
+    return report
