@@ -23,15 +23,17 @@ fmt: install
 lint: install
 	$(BIN)/ruff format --check $(SOURCES)
 	$(BIN)/ruff check $(SOURCES)
+	$(BIN)/lint-imports
 
 typecheck: install
 	$(BIN)/mypy
 
 test: lint typecheck postgres
-	$(BIN)/pytest -q
+	$(BIN)/coverage run -m pytest -q
+	$(BIN)/coverage report
 
-cov: install postgres
-	$(BIN)/coverage run -m pytest -q && $(BIN)/coverage report
+cov: install
+	$(BIN)/coverage report --no-skip-covered
 
 check: test
 
