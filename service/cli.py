@@ -29,7 +29,7 @@ from service.delivery import panda
 from service.delivery.engine import DeliveryStatus
 from service.ingress import poller
 from service.sources import couchdb, mapping
-from service.store import checkpoints, db, dead_letters, outbox
+from service.store import checkpoints, db, dead_letters, leases, outbox
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -226,7 +226,7 @@ def status(config: ConfigOption = None) -> None:
     try:
         for source in settings.sources:
             seq = database.run_sync(checkpoints.load, source.name)
-            until, holder = database.run_sync(outbox.lease_held, source.name, utcnow())
+            until, holder = database.run_sync(leases.held_by, source.name, utcnow())
             table.add_row(
                 source.name,
                 source.dataset.slug,

@@ -16,7 +16,7 @@ from service.container import Service
 from service.delivery.engine import DeliveryStatus
 from service.ingress.poller import PollerStatus
 from service.runner import LoopHealth
-from service.store import checkpoints, dead_letters, outbox
+from service.store import checkpoints, dead_letters, leases, outbox
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +102,7 @@ def _source_status(session: Session, names: list[str]) -> dict[str, SourceStatus
     report: dict[str, SourceStatus] = {}
     for name in names:
         seq = checkpoints.load(session, name)
-        until, holder = outbox.lease_held(session, name, utcnow())
+        until, holder = leases.held_by(session, name, utcnow())
         report[name] = SourceStatus(
             checkpoint=None if seq is None else seq.value(),
             pending=outbox.pending(session, name),

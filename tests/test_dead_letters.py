@@ -14,7 +14,7 @@ from service.cli import cli
 from service.config import DeliverySettings
 from service.delivery import panda
 from service.delivery.engine import Delivery
-from service.store import dead_letters, outbox
+from service.store import dead_letters, leases, outbox
 from service.store.db import Database
 from service.store.tables import DeadLetter
 from tests.fixtures.configs import write_config
@@ -40,7 +40,7 @@ def claim(database: Database, *, now: datetime = NOW, lease_s: float = 60) -> li
             outbox.claim_many, source=source, now=now, lease_s=lease_s, limit=100
         )
         if taken:
-            database.run_sync(outbox.end_lease, source, taken[0].lease)
+            database.run_sync(leases.end, source, taken[0].lease)
         claims += taken
     return claims
 

@@ -21,7 +21,7 @@ from hypothesis.stateful import (
 from sqlmodel import Session, col, delete, select
 
 from service.changes import Change, Op
-from service.store import dead_letters, holders, outbox
+from service.store import dead_letters, holders, leases, outbox
 from service.store.db import Database
 from service.store.outbox import Answer, Claim
 from service.store.tables import DeadLetter, DeliveryLease, DocState, OutboxEntry
@@ -60,7 +60,7 @@ def _claim(
 
 
 def _end(database: Database, held: Claim) -> None:
-    database.run_sync(outbox.end_lease, held.source, held.lease)
+    database.run_sync(leases.end, held.source, held.lease)
 
 
 def _changes(claims: Sequence[Claim]) -> list[Change]:
@@ -192,7 +192,7 @@ def test_an_expired_lease_is_taken_over_and_its_entries_claimed_again(database: 
 def test_a_kept_lease_holds_the_source_until_it_expires(database: Database) -> None:
     _enqueue(database, _upsert("d", "v"))
     [held] = _claim(database)
-    database.run_sync(outbox.end_lease, held.source, held.lease, keep=True)
+    database.run_sync(leases.end, held.source, held.lease, keep=True)
     assert _claim(database, now=LEASED_UNTIL - timedelta(microseconds=1)) == []
     assert _changes(_claim(database, now=LEASED_UNTIL)) == [_upsert("d", "v")]
 
@@ -413,7 +413,7 @@ class _Replication(RuleBasedStateMachine):
     @rule()
     def end_lease(self) -> None:
         assert self.lease is not None
-        self.database.run_sync(outbox.end_lease, "a", self.lease)
+        self.database.run_sync(leases.end, "a", self.lease)
         self.lease = None
 
     @rule()
@@ -483,7 +483,7 @@ def test_a_lease_whose_holder_process_has_ended_is_taken_over_at_once(database: 
     [first] = _claim(database)
     dead = _ended_process()
     _held_by(database, dead)
-    assert database.run_sync(outbox.lease_held, "a", LATER) == (
+    assert database.run_sync(leases.held_by, "a", LATER) == (
         LEASED_UNTIL,
         f"{dead.describe()} (a process that has ended: taken over at the next claim)",
     )
@@ -496,7 +496,7 @@ def test_a_lease_held_by_a_live_process_or_another_machine_is_waited_for(
 ) -> None:
     _enqueue(database, _upsert("d", "v"))
     _claim(database)
-    assert database.run_sync(outbox.lease_held, "a", LATER) == (
+    assert database.run_sync(leases.held_by, "a", LATER) == (
         LEASED_UNTIL,
         holders.me().describe(),
     )

@@ -12,7 +12,7 @@ from sqlalchemy import text
 from sqlmodel import Session, delete
 
 from service.changes import Change, Op, SourceVersion
-from service.store import dead_letters, outbox
+from service.store import dead_letters, leases, outbox
 from service.store.db import Database, alembic_config, migrate
 from service.store.outbox import Answer, Claim, Enqueued
 from service.store.tables import DeadLetter, DeliveryLease, DocState, OutboxEntry
@@ -45,7 +45,7 @@ def deliver(database: Database) -> list[tuple[Change, int]]:
     claims = claim(database)
     database.run_sync(outbox.ack_many, claims)
     if claims:
-        database.run_sync(outbox.end_lease, "a", claims[0].lease)
+        database.run_sync(leases.end, "a", claims[0].lease)
     return [(held.change, held.version) for held in claims]
 
 

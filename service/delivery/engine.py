@@ -32,7 +32,7 @@ from service.delivery.panda import (
     RetryableError,
     TargetError,
 )
-from service.store import outbox
+from service.store import leases, outbox
 from service.store.db import Database
 
 log = logging.getLogger(__name__)
@@ -355,7 +355,7 @@ class Delivery:
             started, now = anyio.current_time(), self._clock()
             try:
                 held = await self._db.run(
-                    outbox.renew_lease,
+                    leases.renew,
                     dataset.source,
                     batch.lease,
                     now=now,
@@ -600,5 +600,5 @@ def _settle(session: Session, batch: _Batch, *, source: str, now: datetime) -> t
             source,
             len(batch.in_doubt),
         )
-    outbox.end_lease(session, source, batch.lease, keep=bool(batch.in_doubt))
+    leases.end(session, source, batch.lease, keep=bool(batch.in_doubt))
     return delivered, dead

@@ -18,13 +18,13 @@ from typing import Any
 
 import orjson
 import sqlalchemy
-from sqlalchemy import CursorResult, Table, bindparam, inspect
-from sqlmodel import Session, SQLModel, col, delete, func, select, update
+from sqlalchemy import CursorResult, Table, bindparam
+from sqlmodel import Session, col, delete, func, select, update
 
 from service.changes import Change, Op, SourceVersion
-from service.store import holders
+from service.store import leases
 from service.store.db import dialect_insert, in_integers
-from service.store.tables import DeadLetter, DeliveryLease, DocState, OutboxEntry, UTCDateTime
+from service.store.tables import DeadLetter, DocState, OutboxEntry, UTCDateTime, table_of
 
 log = logging.getLogger(__name__)
 
@@ -237,7 +237,7 @@ def _write(
     # Rows in key order, so concurrent enqueues lock them in one order and cannot deadlock.
     ordered = sorted(latest.items())
     versions = {key: states[key].version + 1 for key, _ in ordered}
-    entries = _table(OutboxEntry)
+    entries = table_of(OutboxEntry)
     entry_ids = _append(
         session, entries, [_entry_values(change, versions[key], now) for key, change in ordered]
     )
@@ -246,7 +246,7 @@ def _write(
         session.execute(
             delete(entries).where(in_integers(session, entries.c.id, "ids")), {"ids": older}
         )
-    table = _table(DocState)
+    table = table_of(DocState)
     session.connection().execute(
         update(table)
         .where(table.c.source == bindparam("key_source"))
@@ -347,19 +347,6 @@ def _with_answer(answers: str, answer: Answer, now: datetime) -> list[dict[str, 
     return [*json.loads(answers), recorded]
 
 
-def _holds(session: Session, source: str, lease: int) -> bool:
-    """Whether `lease` is still `source`'s lease (locked until the transaction ends); logs
-    when another delivery has taken it over."""
-    leases = _table(DeliveryLease).c
-    held = session.execute(
-        sqlalchemy.select(leases.lease_id).where(leases.source == source).with_for_update()
-    ).scalar_one_or_none()
-    if held == lease:
-        return True
-    log.warning("delivery lease lost, another delivery took the source over: source=%s", source)
-    return False
-
-
 def retry_later(
     session: Session, claim: Claim, *, at: datetime, answer: Answer, now: datetime
 ) -> None:
@@ -376,7 +363,7 @@ def retry_many(
     session: Session, claims: Sequence[Claim], *, at: datetime, answer: Answer, now: datetime
 ) -> None:
     """`retry_later` for claims that failed together (one request's), in a few statements."""
-    table = _table(OutboxEntry)
+    table = table_of(OutboxEntry)
     for group in _held_leases(session, claims):
         answers = session.execute(
             sqlalchemy.select(table.c.id, table.c.answers).where(
@@ -417,9 +404,9 @@ def dead_letter(session: Session, claim: Claim, *, answer: Answer, now: datetime
     one committed while this runs), nothing is dead-lettered (False): the newer change goes
     out as it came. A lost lease: no-op (False).
     """
-    if not _holds(session, claim.source, claim.lease):
+    if not leases.holds(session, claim.source, claim.lease):
         return False
-    table = _table(OutboxEntry)
+    table = table_of(OutboxEntry)
     # Taken out in one statement, so an enqueue deleting it at the same time cannot leave
     # a dead letter of a change it replaced.
     entry = session.execute(
@@ -445,73 +432,12 @@ def dead_letter(session: Session, claim: Claim, *, answer: Answer, now: datetime
     return True
 
 
-def end_lease(session: Session, source: str, lease: int, *, keep: bool = False) -> None:
-    """End `source`'s lease `lease` so that the next delivery may claim at once.
-
-    With `keep`, the lease runs on until it expires instead: for a request cut off in flight,
-    which PANDA may still apply, so no delivery sends a newer change of its rows before then.
-    A lease another delivery has taken over is left alone.
-    """
-    if keep or not _holds(session, source, lease):
-        return
-    leases = _table(DeliveryLease)
-    session.execute(
-        update(leases).where(leases.c.source == source).values(until=None, claimed_to=None)
-    )
-
-
-def renew_lease(
-    session: Session, source: str, lease: int, *, now: datetime, until: datetime
-) -> bool:
-    """Hold `source`'s lease `lease` on until `until` (the heartbeat of a delivery holding
-    it); False when it is no longer held: ended, run out at `now`, or taken over."""
-    leases = _table(DeliveryLease)
-    renewed = session.execute(
-        update(leases)
-        .where(leases.c.source == source, leases.c.lease_id == lease, leases.c.until > now)
-        .values(until=until)
-    )
-    assert isinstance(renewed, CursorResult)
-    return renewed.rowcount == 1
-
-
-def lease_until(session: Session, source: str, now: datetime) -> datetime | None:
-    """When `source`'s lease runs out, if a delivery holds it at `now`; None when it is free.
-
-    After a request cut off at shutdown, or a crash on another machine, the lease stays until
-    then and the source's entries wait for it (a crashed process's lease on this machine is
-    taken over at once)."""
-    return lease_held(session, source, now)[0]
-
-
-def lease_held(session: Session, source: str, now: datetime) -> tuple[datetime | None, str | None]:
-    """`lease_until`, and who holds the lease (`host pid N`, "a process that has ended" when
-    provably gone, None when free or unknown)."""
-    leases = _table(DeliveryLease).c
-    row = session.execute(
-        sqlalchemy.select(leases.until, leases.holder).where(leases.source == source)
-    ).one_or_none()
-    if row is None or row.until is None or row.until <= now:
-        return None, None
-    holder = holders.Holder.of(row.holder)
-    if holder is None:
-        return row.until, None
-    ended = " (a process that has ended: taken over at the next claim)"
-    return row.until, holder.describe() + (ended if holders.gone(holder) else "")
-
-
 def pending(session: Session, source: str | None = None) -> int:
     """How many entries wait for delivery (due, delayed or in flight), for one source or all."""
     query = select(func.count()).select_from(OutboxEntry)
     if source is not None:
         query = query.where(col(OutboxEntry.source) == source)
     return session.exec(query).one()
-
-
-def _table(model: type[SQLModel]) -> Table:
-    table = inspect(model).local_table
-    assert isinstance(table, Table)
-    return table
 
 
 def _row_of(text: str) -> tuple[str, ...]:
@@ -542,16 +468,16 @@ def claim_many(
     is taken then) or when `lease` was lost. Concurrent claims on PostgreSQL wait on the
     lease's row (FOR UPDATE); SQLite serialises writers instead (BEGIN IMMEDIATE).
     """
-    started = _start_claim(session, source, now, lease)
+    started = leases.start_claim(session, source, now, lease)
     if started is None:
         return []
     lease, after = started
-    columns = _table(OutboxEntry).c
+    columns = table_of(OutboxEntry).c
     selected = _due(_claim_select(columns), columns, source, after, now, limit)
     due = session.execute(selected).all()
     if not due:
         return []
-    until = _renew(session, source, lease, now + timedelta(seconds=lease_s), due[-1][0])
+    until = leases.hold(session, source, lease, now + timedelta(seconds=lease_s), due[-1][0])
     return _claims(due, source, lease, until)
 
 
@@ -598,94 +524,6 @@ def _claims(due: Sequence[Sequence[Any]], source: str, lease: int, until: dateti
     ]
 
 
-def _start_claim(
-    session: Session, source: str, now: datetime, lease: int | None
-) -> tuple[int, int] | None:
-    """The lease a claim goes under and the entry id it claims after; None when it may not
-    claim (another delivery holds the source, or `lease` was lost or has ended)."""
-    held = _locked_lease(session, source)
-    if lease is None:
-        if held.until is not None and held.until > now and not _holder_gone(source, held):
-            _log_waiting(source, held)
-            return None  # another delivery holds the source
-        return held.lease_id + 1, 0
-    if held.lease_id != lease or held.until is None:
-        log.warning("delivery lease lost or ended, nothing claimed under it: source=%s", source)
-        return None
-    return lease, held.claimed_to or 0
-
-
-def _renew(session: Session, source: str, lease: int, until: datetime, claimed_to: int) -> datetime:
-    """Hold `source`'s lease `lease` until `until`, entries up to `claimed_to` claimed."""
-    leases = _table(DeliveryLease)
-    session.execute(
-        update(leases)
-        .where(leases.c.source == source)
-        .values(lease_id=lease, until=until, claimed_to=claimed_to, holder=holders.me().text())
-    )
-    return until
-
-
-@dataclass(frozen=True)
-class _Lease:
-    lease_id: int
-    until: datetime | None
-    claimed_to: int | None
-    holder: str | None
-
-
-def _holder_gone(source: str, held: _Lease) -> bool:
-    """Whether the process holding `held` has provably ended (a crash on this machine): then
-    its lease is taken over at once instead of waiting until it runs out. The dead process's
-    requests ended with it (PANDA applies a request it had begun under its dataset lock, which
-    holds off the next writer: panda-api.md §3.3.7)."""
-    holder = holders.Holder.of(held.holder)
-    if holder is None or not holders.gone(holder):
-        return False
-    log.warning(
-        "delivery lease of a process that has ended taken over: source=%s holder=%s until=%s",
-        source,
-        holder.describe(),
-        held.until.isoformat(timespec="seconds") if held.until else None,
-    )
-    return True
-
-
-# The lease each source's claims last found held by another process, so that waiting for
-# one lease is logged once (its holder renews it every few seconds).
-_waited_for: dict[str, int] = {}
-
-
-def _log_waiting(source: str, held: _Lease) -> None:
-    if _waited_for.get(source) == held.lease_id:
-        return
-    _waited_for[source] = held.lease_id
-    holder = holders.Holder.of(held.holder)
-    log.info(
-        "delivery waits, another process holds the source's lease and renews it: source=%s"
-        " holder=%s until=%s",
-        source,
-        holder.describe() if holder else "unknown",
-        held.until.isoformat(timespec="seconds") if held.until else None,
-    )
-
-
-def _locked_lease(session: Session, source: str) -> _Lease:
-    """`source`'s lease row, created (lease 0, ended) when missing, locked until the
-    transaction ends."""
-    insert = dialect_insert(session, DeliveryLease)
-    session.execute(
-        insert.values(source=source, lease_id=0).on_conflict_do_nothing(index_elements=["source"])
-    )
-    leases = insert.table.c
-    row = session.execute(
-        sqlalchemy.select(leases.lease_id, leases.until, leases.claimed_to, leases.holder)
-        .where(leases.source == source)
-        .with_for_update()
-    ).one()
-    return _Lease(row.lease_id, row.until, row.claimed_to, row.holder)
-
-
 def ack_many(session: Session, claims: Sequence[Claim]) -> int:
     """Settle delivered claims: their entries are removed; returns how many were.
 
@@ -693,7 +531,7 @@ def ack_many(session: Session, claims: Sequence[Claim]) -> int:
     next). Claims whose lease was lost change nothing.
     """
     removed = 0
-    table = _table(OutboxEntry)
+    table = table_of(OutboxEntry)
     for group in _held_leases(session, claims):
         deleted = session.execute(
             delete(table).where(in_integers(session, table.c.id, "ids")),
@@ -705,9 +543,11 @@ def ack_many(session: Session, claims: Sequence[Claim]) -> int:
 
 
 def _held_leases(session: Session, claims: Sequence[Claim]) -> list[list[Claim]]:
-    """`claims` in groups of one lease each, less the groups whose lease is lost (`_holds`
+    """`claims` in groups of one lease each, less the groups whose lease is lost (`leases.holds`
     checked once a group)."""
     groups: dict[tuple[str, int], list[Claim]] = {}
     for claim in claims:
         groups.setdefault((claim.source, claim.lease), []).append(claim)
-    return [group for (source, lease), group in groups.items() if _holds(session, source, lease)]
+    return [
+        group for (source, lease), group in groups.items() if leases.holds(session, source, lease)
+    ]

@@ -13,8 +13,10 @@ from sqlalchemy import (
     Dialect,
     Index,
     MetaData,
+    Table,
     Text,
     TypeDecorator,
+    inspect,
 )
 from sqlalchemy.orm import registry
 from sqlmodel import Field, SQLModel
@@ -176,3 +178,10 @@ class SeenWebhook(_Table, table=True):
     source: str = Field(sa_type=Text, primary_key=True)
     webhook_id: str = Field(sa_type=Text, primary_key=True)
     seen_at: datetime = Field(sa_type=UTCDateTime)
+
+
+def table_of(model: type[SQLModel]) -> Table:
+    """The SQLAlchemy table of one of these models, for Core statements."""
+    table = inspect(model).local_table
+    assert isinstance(table, Table)
+    return table

@@ -1,0 +1,185 @@
+"""Delivery leases: which delivery may send a source's outbox entries, one at a time.
+
+A source's lease is one row (`DeliveryLease`): each lease taken gets the next `lease_id`, runs
+until `until` unless renewed, and names its holder (`holders.Holder`). A claim takes the lease
+when it is free, has run out, or its holder has provably ended (a crash on this machine); the
+holding delivery renews it while a batch is out and ends it when the batch is settled.
+Functions run inside the caller's transaction; the row is locked (FOR UPDATE) where it decides.
+"""
+
+import logging
+from dataclasses import dataclass
+from datetime import datetime
+
+import sqlalchemy
+from sqlalchemy import CursorResult
+from sqlmodel import Session, update
+
+from service.store import holders
+from service.store.db import dialect_insert
+from service.store.tables import DeliveryLease, table_of
+
+log = logging.getLogger(__name__)
+
+
+def holds(session: Session, source: str, lease: int) -> bool:
+    """Whether `lease` is still `source`'s lease (locked until the transaction ends); logs
+    when another delivery has taken it over."""
+    leases = table_of(DeliveryLease).c
+    held = session.execute(
+        sqlalchemy.select(leases.lease_id).where(leases.source == source).with_for_update()
+    ).scalar_one_or_none()
+    if held == lease:
+        return True
+    log.warning("delivery lease lost, another delivery took the source over: source=%s", source)
+    return False
+
+
+def end(session: Session, source: str, lease: int, *, keep: bool = False) -> None:
+    """End `source`'s lease `lease` so that the next delivery may claim at once.
+
+    With `keep`, the lease runs on until it expires instead: for a request cut off in flight,
+    which PANDA may still apply, so no delivery sends a newer change of its rows before then.
+    A lease another delivery has taken over is left alone.
+    """
+    if keep or not holds(session, source, lease):
+        return
+    leases = table_of(DeliveryLease)
+    session.execute(
+        update(leases).where(leases.c.source == source).values(until=None, claimed_to=None)
+    )
+
+
+def renew(session: Session, source: str, lease: int, *, now: datetime, until: datetime) -> bool:
+    """Hold `source`'s lease `lease` on until `until` (the heartbeat of a delivery holding
+    it); False when it is no longer held: ended, run out at `now`, or taken over."""
+    leases = table_of(DeliveryLease)
+    renewed = session.execute(
+        update(leases)
+        .where(leases.c.source == source, leases.c.lease_id == lease, leases.c.until > now)
+        .values(until=until)
+    )
+    assert isinstance(renewed, CursorResult)
+    return renewed.rowcount == 1
+
+
+def until(session: Session, source: str, now: datetime) -> datetime | None:
+    """When `source`'s lease runs out, if a delivery holds it at `now`; None when it is free.
+
+    After a request cut off at shutdown, or a crash on another machine, the lease stays until
+    then and the source's entries wait for it (a crashed process's lease on this machine is
+    taken over at once)."""
+    return held_by(session, source, now)[0]
+
+
+def held_by(session: Session, source: str, now: datetime) -> tuple[datetime | None, str | None]:
+    """`until`, and who holds the lease (`host pid N`, "a process that has ended" when
+    provably gone, None when free or unknown)."""
+    leases = table_of(DeliveryLease).c
+    row = session.execute(
+        sqlalchemy.select(leases.until, leases.holder).where(leases.source == source)
+    ).one_or_none()
+    if row is None or row.until is None or row.until <= now:
+        return None, None
+    holder = holders.Holder.of(row.holder)
+    if holder is None:
+        return row.until, None
+    ended = " (a process that has ended: taken over at the next claim)"
+    return row.until, holder.describe() + (ended if holders.gone(holder) else "")
+
+
+def start_claim(
+    session: Session, source: str, now: datetime, lease: int | None
+) -> tuple[int, int] | None:
+    """The lease a claim goes under and the entry id it claims after; None when it may not
+    claim (another delivery holds the source, or `lease` was lost or has ended)."""
+    held = _locked_lease(session, source)
+    if lease is None:
+        if held.until is not None and held.until > now and not _holder_gone(source, held):
+            _log_waiting(source, held)
+            return None  # another delivery holds the source
+        return held.lease_id + 1, 0
+    if held.lease_id != lease or held.until is None:
+        log.warning("delivery lease lost or ended, nothing claimed under it: source=%s", source)
+        return None
+    return lease, held.claimed_to or 0
+
+
+def hold(session: Session, source: str, lease: int, until: datetime, claimed_to: int) -> datetime:
+    """Hold `source`'s lease `lease` until `until`, entries up to `claimed_to` claimed."""
+    leases = table_of(DeliveryLease)
+    session.execute(
+        update(leases)
+        .where(leases.c.source == source)
+        .values(lease_id=lease, until=until, claimed_to=claimed_to, holder=holders.me().text())
+    )
+    return until
+
+
+@dataclass(frozen=True)
+class _Lease:
+    lease_id: int
+    until: datetime | None
+    claimed_to: int | None
+    holder: str | None
+
+
+def _holder_gone(source: str, held: _Lease) -> bool:
+    """Whether the process holding `held` has provably ended (a crash on this machine): then
+    its lease is taken over at once instead of waiting until it runs out. The dead process's
+    requests ended with it (PANDA applies a request it had begun under its dataset lock, which
+    holds off the next writer: panda-api.md §3.3.7)."""
+    holder = holders.Holder.of(held.holder)
+    if holder is None or not holders.gone(holder):
+        return False
+    log.warning(
+        "delivery lease of a process that has ended taken over: source=%s holder=%s until=%s",
+        source,
+        holder.describe(),
+        held.until.isoformat(timespec="seconds") if held.until else None,
+    )
+    return True
+
+
+# The lease each source's claims last found held by another process, so that waiting for
+# one lease is logged once (its holder renews it every few seconds).
+_waited_for: dict[str, int] = {}
+
+
+def _log_waiting(source: str, held: _Lease) -> None:
+    if _waited_for.get(source) == held.lease_id:
+        return
+    _waited_for[source] = held.lease_id
+    holder = holders.Holder.of(held.holder)
+    until = held.until.isoformat(timespec="seconds") if held.until else None
+    if holder == holders.me():
+        log.info(
+            "delivery waits for its source's lease to run out, kept for a request cut off"
+            " that PANDA may still apply: source=%s until=%s",
+            source,
+            until,
+        )
+        return
+    log.info(
+        "delivery waits, another process holds the source's lease and renews it: source=%s"
+        " holder=%s until=%s",
+        source,
+        holder.describe() if holder else "unknown",
+        until,
+    )
+
+
+def _locked_lease(session: Session, source: str) -> _Lease:
+    """`source`'s lease row, created (lease 0, ended) when missing, locked until the
+    transaction ends."""
+    insert = dialect_insert(session, DeliveryLease)
+    session.execute(
+        insert.values(source=source, lease_id=0).on_conflict_do_nothing(index_elements=["source"])
+    )
+    leases = insert.table.c
+    row = session.execute(
+        sqlalchemy.select(leases.lease_id, leases.until, leases.claimed_to, leases.holder)
+        .where(leases.source == source)
+        .with_for_update()
+    ).one()
+    return _Lease(row.lease_id, row.until, row.claimed_to, row.holder)
