@@ -4,50 +4,69 @@ Each command loads settings, builds what it needs through `service.app`, and rep
 as one clear message with a non-zero exit code. No logic lives here.
 """
 
+from __future__ import annotations
+
 import json
 import logging
 import math
 from collections.abc import Callable
 from datetime import datetime
+from importlib.metadata import version
 from pathlib import Path
-from typing import Annotated, Concatenate, NoReturn, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Annotated, Concatenate, NoReturn, ParamSpec, TypeVar
 
-import anyio
-import httpx
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.table import Table
-from sqlmodel import Session
 
-from service import app as wiring
-from service import logs
-from service.changes import Change
-from service.clock import utcnow
-from service.config import ConfigError, Settings, SourceSettings, config_path, load_settings
-from service.delivery import panda
-from service.delivery.engine import DeliveryStatus
-from service.ingress import poller
-from service.sources import couchdb, mapping
-from service.store import checkpoints, db, dead_letters, leases, outbox
+# The service's parts are imported by the commands that use them, so that `pandasync --help`
+# and a mistyped command answer at once (tests/test_cli.py checks what `--help` loads).
+if TYPE_CHECKING:
+    from sqlmodel import Session
+
+    from service.changes import Change
+    from service.config import Settings, SourceSettings
+    from service.delivery.engine import DeliveryStatus
+    from service.store import db, dead_letters, outbox
 
 P = ParamSpec("P")
 T = TypeVar("T")
 
+# Plain help (click's): typer's rich panels show a `<bool>` placeholder on every flag.
 cli = typer.Typer(
     help="Replicate changes from CouchDB feeds and webhooks into PANDA.",
     no_args_is_help=True,
     add_completion=False,
+    rich_markup_mode=None,
 )
 err = Console(stderr=True)
 out = Console()
+
+
+def _show_version(shown: bool) -> None:
+    if shown:
+        out.print(f"pandasync {version('pandasync')}", highlight=False)
+        raise typer.Exit
+
+
+@cli.callback()
+def _options(
+    show_version: Annotated[
+        bool,
+        typer.Option(
+            "--version", help="Show the version and exit.", callback=_show_version, is_eager=True
+        ),
+    ] = False,
+) -> None:
+    """Replicate changes from CouchDB feeds and webhooks into PANDA."""
+
 
 ConfigOption = Annotated[
     Path | None,
     typer.Option(
         "--config",
         "-c",
-        help="TOML config file (default: $PANDASYNC_CONFIG).",
+        help="TOML config file (default: $PANDASYNC_CONFIG, else ./pandasync.toml).",
         dir_okay=False,
     ),
 ]
@@ -59,6 +78,8 @@ def _fail(message: str) -> NoReturn:
 
 
 def _settings(config: Path | None) -> Settings:
+    from service.config import ConfigError, config_path, load_settings
+
     try:
         return load_settings(config_path(config))
     except ConfigError as error:
@@ -66,6 +87,8 @@ def _settings(config: Path | None) -> Settings:
 
 
 def _open(settings: Settings) -> db.Database:
+    from service.store import db
+
     database = db.Database.open(settings.database_url)
     try:
         database.check_schema()
@@ -99,14 +122,22 @@ def _source(settings: Settings, name: str) -> SourceSettings:
 
 @cli.command("check-config")
 def check_config(config: ConfigOption = None) -> None:
-    """Validate the config; print every problem with its place and fix."""
+    """Check the config.
+
+    Prints every problem with its place and its fix.
+    """
     settings = _settings(config)
     out.print(f"config ok: {len(settings.sources)} source(s), PANDA at {settings.panda.url}")
 
 
 @cli.command()
 def migrate(config: ConfigOption = None) -> None:
-    """Create or upgrade the local database schema (run before `serve`)."""
+    """Create or upgrade the store's schema.
+
+    Run it before `serve`, and after each upgrade of pandasync.
+    """
+    from service.store import db
+
     settings = _settings(config)
     db.migrate(settings.database_url)
     out.print("database migrated")
@@ -117,8 +148,14 @@ def serve(
     config: ConfigOption = None,
     log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING or ERROR.")] = "INFO",
 ) -> None:
-    """Run the service: HTTP routes plus delivery to PANDA, until SIGTERM or Ctrl-C."""
+    """Run the service until SIGTERM or Ctrl-C.
+
+    Webhooks in, CouchDB feeds followed, delivery to PANDA, /status and /readyz.
+    """
     import uvicorn
+
+    from service import app as wiring
+    from service import logs
 
     settings = _settings(config)
     logs.configure(log_level)
@@ -141,7 +178,14 @@ def push(
     delete: Annotated[str | None, typer.Option(help="Delete the row of this source id.")] = None,
     config: ConfigOption = None,
 ) -> None:
-    """Put one change into the outbox by hand, mapped like the source's own changes."""
+    """Queue one change by hand.
+
+    The record is mapped like the source's own changes.
+    """
+    from service.clock import utcnow
+    from service.sources import mapping
+    from service.store import outbox
+
     settings = _settings(config)
     spec = _source(settings, source)
     if (record is None) == (delete is None):
@@ -155,6 +199,8 @@ def push(
 
 
 def _upsert(spec: SourceSettings, record: str | None) -> Change:
+    from service.sources import mapping
+
     try:
         document = json.loads(record or "")
     except json.JSONDecodeError as error:
@@ -169,7 +215,14 @@ def sync(
     once: Annotated[bool, typer.Option("--once", help="Deliver what is due, then exit.")] = False,
     config: ConfigOption = None,
 ) -> None:
-    """Read CouchDB feeds up to now and deliver the outbox to PANDA, then exit (`--once`)."""
+    """Read the feeds and deliver once, then exit.
+
+    Reads CouchDB feeds up to now and delivers the outbox to PANDA (`--once`).
+    """
+    import anyio
+
+    from service import logs
+
     if not once:
         _fail("only `pandasync sync --once` exists; use `pandasync serve` to run continuously")
     settings = _settings(config)
@@ -185,6 +238,11 @@ def sync(
 
 
 async def _drain(settings: Settings, database: db.Database) -> DeliveryStatus:
+    import httpx
+
+    from service import app as wiring
+    from service.delivery import panda
+
     http = panda.make_http(
         url=str(settings.panda.url),
         timeout_s=settings.panda.timeout_s,
@@ -203,10 +261,14 @@ def reset_checkpoint(
     source: Annotated[str, typer.Argument(help="The CouchDB source to read again from its start.")],
     config: ConfigOption = None,
 ) -> None:
-    """Forget a source's checkpoint: its feed is read again from `since` (a repeat is harmless).
+    """Forget a source's checkpoint.
+
+    Its feed is read again from `since` (a repeat is harmless).
 
     For a database that was recreated or restored, when CouchDB refuses the stored checkpoint.
     """
+    from service.store import checkpoints
+
     settings = _settings(config)
     _source(settings, source)
     old = _in_store(settings, checkpoints.reset, source)
@@ -216,7 +278,16 @@ def reset_checkpoint(
 
 @cli.command()
 def status(config: ConfigOption = None) -> None:
-    """Show each source's checkpoint, pending outbox entries, dead letters and delivery lease."""
+    """Show each source's state and progress.
+
+    Its state in the running service, checkpoint, pending outbox entries, dead letters and
+    delivery lease.
+    """
+    from rich.table import Table
+
+    from service.clock import utcnow
+    from service.store import checkpoints, dead_letters, leases, outbox
+
     settings = _settings(config)
     database = _open(settings)
     states = _states(settings)
@@ -251,6 +322,8 @@ def _lease_text(until: datetime | None, holder: str | None) -> str:
 def _states(settings: Settings) -> dict[str, str]:
     """Each CouchDB source's state as the running service shows it in `/status` (by name);
     "not running" for all when no service answers at the configured address."""
+    import httpx
+
     host = "127.0.0.1" if settings.server.host in ("0.0.0.0", "::") else settings.server.host
     try:
         answer = httpx.get(f"http://{host}:{settings.server.port}/status", timeout=2).json()
@@ -294,7 +367,10 @@ def fake_panda(
         typer.Option(help="Take as long as a real PANDA, one request at a time: panda-1.1."),
     ] = None,
 ) -> None:
-    """Run a PANDA-compatible server (rows in memory) to try pandasync against."""
+    """Run a PANDA-compatible server to try against.
+
+    Rows are kept in memory; `--cost panda-1.1` makes it as slow as PANDA 1.1.
+    """
     from service.sandbox.fake_panda import PROFILES, FakePandaOptions, serve
 
     if cost is not None and cost not in PROFILES:
@@ -312,7 +388,10 @@ def fake_panda(
 
 @cli.command()
 def demo() -> None:
-    """Run everything end to end in a scratch folder and show changes arriving in PANDA."""
+    """Run the demo end to end.
+
+    In a scratch folder: changes from CouchDB and a webhook arriving in PANDA.
+    """
     from service.sandbox import demo as scenario
 
     try:
@@ -322,8 +401,9 @@ def demo() -> None:
 
 
 dead_letters_cli = typer.Typer(
-    help="List, show, replay or discard the changes PANDA refused for good.",
+    help="Changes PANDA refused, and documents not mapped.",
     no_args_is_help=True,
+    rich_markup_mode=None,
 )
 cli.add_typer(dead_letters_cli, name="dead-letters")
 
@@ -342,7 +422,14 @@ def list_dead_letters(
     source: Annotated[str | None, typer.Option(help="Only this source's dead letters.")] = None,
     config: ConfigOption = None,
 ) -> None:
-    """List the dead letters, oldest first, with PANDA's last answer to each."""
+    """List the dead letters, oldest first.
+
+    Each with PANDA's last answer to it (or why its document could not be mapped).
+    """
+    from rich.table import Table
+
+    from service.store import dead_letters
+
     settings = _settings(config)
     if source is not None:
         _source(settings, source)
@@ -367,7 +454,14 @@ def show_dead_letter(
     letter_id: Annotated[int, typer.Argument(help="The dead letter's id (see `list`).")],
     config: ConfigOption = None,
 ) -> None:
-    """Show one dead letter: the change, and every answer PANDA gave to it."""
+    """Show one dead letter.
+
+    The change, and every answer PANDA gave to it.
+    """
+    from rich.table import Table
+
+    from service.store import dead_letters
+
     settings = _settings(config)
     letter = _in_store(settings, dead_letters.show, letter_id)
     if letter is None:
@@ -410,6 +504,12 @@ def replay_dead_letters(
     one superseded by a newer change is left alone (discard it). A document that could not
     become a row is read again from CouchDB and mapped with the config as it is now.
     """
+    import anyio
+
+    from service.clock import utcnow
+    from service.sources import couchdb
+    from service.store import dead_letters
+
     by_ids = bool(letter_ids) and source is None and not every
     by_source = not letter_ids and source is not None and every
     if not (by_ids or by_source):
@@ -451,6 +551,8 @@ def discard_dead_letters(
     config: ConfigOption = None,
 ) -> None:
     """Delete dead letters for good; their changes are not sent."""
+    from service.store import dead_letters
+
     settings = _settings(config)
     discarded = _in_store(settings, dead_letters.discard, letter_ids)
     out.print(f"discarded {len(discarded)}: {_ids(discarded)}", highlight=False)
@@ -462,6 +564,11 @@ def discard_dead_letters(
 async def _replay_unmapped(
     settings: Settings, database: db.Database, letter_ids: list[int]
 ) -> dead_letters.Replay:
+    import httpx
+
+    from service.clock import utcnow
+    from service.ingress import poller
+
     sources = {source.name: source for source in settings.sources}
     async with httpx.AsyncClient() as http:
         return await poller.replay_unmapped(database, http, sources, letter_ids, now=utcnow())
@@ -469,6 +576,8 @@ async def _replay_unmapped(
 
 def _merged(done: dead_letters.Replay, unmapped: dead_letters.Replay) -> dead_letters.Replay:
     """The replay of the store's dead letters with that of the unmapped documents."""
+    from service.store import dead_letters
+
     return dead_letters.Replay(
         replayed=sorted(done.replayed + unmapped.replayed),
         superseded=done.superseded,

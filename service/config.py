@@ -435,12 +435,19 @@ _FIXES = {
 }
 
 
+# The config file read when neither --config nor $PANDASYNC_CONFIG names one.
+DEFAULT_CONFIG = Path("pandasync.toml")
+
+
 def config_path(explicit: Path | None) -> Path | None:
-    """The config file to read: `--config`, else `$PANDASYNC_CONFIG`, else none."""
+    """The config file to read: `--config`, else `$PANDASYNC_CONFIG`, else `./pandasync.toml`
+    when it exists, else none (the environment alone)."""
     if explicit is not None:
         return explicit
     from_env = os.environ.get(CONFIG_ENV)
-    return Path(from_env) if from_env else None
+    if from_env:
+        return Path(from_env)
+    return DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None
 
 
 def load_settings(path: Path | None = None) -> Settings:

@@ -1,8 +1,11 @@
 """The `pandasync` command as a user runs it: config problems, migrations, pushing changes."""
 
+import subprocess
+import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from service.cli import cli
@@ -35,6 +38,41 @@ def test_the_config_file_can_come_from_the_environment(tmp_path: Path) -> None:
     env = {"PANDASYNC_CONFIG": str(write_config(tmp_path))}
     result = runner.invoke(cli, ["check-config"], env=env)
     assert result.exit_code == 0
+
+
+def test_the_config_file_is_found_in_the_current_folder_by_default(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    write_config(tmp_path).rename(tmp_path / "pandasync.toml")
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(cli, ["check-config"])
+    assert (result.exit_code, "config ok: 1 source(s)" in result.stdout) == (0, True)
+
+
+# What the service's commands need, and `--help` must not load.
+HEAVY = ("fastapi", "starlette", "sqlalchemy", "sqlmodel", "alembic", "httpx", "uvicorn", "anyio")
+
+
+def test_help_and_version_load_none_of_the_services_heavy_packages() -> None:
+    probe = (
+        "import sys\n"
+        "from service.cli import main\n"
+        "sys.argv = ['pandasync', sys.argv[1]]\n"
+        "try:\n"
+        "    main()\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        f"print('loaded:', sorted(set({HEAVY!r}) & {{m.partition('.')[0] for m in sys.modules}}))\n"
+    )
+    for flag in ("--help", "--version"):
+        done = subprocess.run(
+            [sys.executable, "-c", probe, flag], capture_output=True, text=True, check=True
+        )
+        assert "loaded: []" in done.stdout, (flag, done.stdout)
+    version = subprocess.run(
+        [sys.executable, "-m", "service.cli", "--version"], capture_output=True, text=True
+    )
+    assert version.stdout.startswith("pandasync 0."), version.stdout
 
 
 def test_commands_refuse_an_unmigrated_store_and_say_what_to_run(tmp_path: Path) -> None:
