@@ -17,6 +17,7 @@ from service.delivery import panda
 from service.delivery.engine import Delivery
 from service.ingress import webhooks
 from service.ingress.poller import build_pollers
+from service.metrics import Metrics
 from service.runner import Runner
 from service.store.db import Database
 
@@ -41,17 +42,26 @@ def build(
     client = panda.PandaClient(
         http, email=settings.panda.email, api_key=settings.panda.api_key.get_secret_value()
     )
+    metrics = Metrics()
     delivery = Delivery(
         db,
         client,
         datasets(settings),
         settings.delivery,
         request_timeout_s=settings.panda.timeout_s,
+        metrics=metrics,
     )
-    pollers = build_pollers(settings, db, couchdb_http, on_commit=delivery.notify)
+    pollers = build_pollers(settings, db, couchdb_http, on_commit=delivery.notify, metrics=metrics)
     feeds = {f"couchdb:{name}": poller for name, poller in pollers.items()}
     runner = Runner({"delivery": delivery, **feeds})
-    return Service(settings=settings, db=db, delivery=delivery, pollers=pollers, runner=runner)
+    return Service(
+        settings=settings,
+        db=db,
+        delivery=delivery,
+        pollers=pollers,
+        runner=runner,
+        metrics=metrics,
+    )
 
 
 def create_app(settings: Settings, *, start_runner: bool = True) -> FastAPI:
@@ -75,7 +85,9 @@ def create_app(settings: Settings, *, start_runner: bool = True) -> FastAPI:
             async with http, couchdb_http, anyio.create_task_group() as group:
                 service = build(settings, db, http, couchdb_http)
                 app.state.service = service
-                app.state.intake = webhooks.Intake(settings, db, service.delivery.notify)
+                app.state.intake = webhooks.Intake(
+                    settings, db, service.delivery.notify, service.metrics
+                )
                 if start_runner:
                     group.start_soon(service.runner.run)
                 yield

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from service.config import Settings
 from service.delivery.engine import Delivery
 from service.ingress.poller import Poller
+from service.metrics import Metrics
 from service.runner import Runner
 from service.store.db import Database
 
@@ -13,10 +14,11 @@ from service.store.db import Database
 @dataclass(frozen=True)
 class Service:
     """Everything the routes need: the settings, the store, delivery, the CouchDB feeds'
-    pollers and the runner supervising their loops."""
+    pollers, the runner supervising their loops, and the metrics they all count into."""
 
     settings: Settings
     db: Database
     delivery: Delivery
     pollers: Mapping[str, Poller]
     runner: Runner
+    metrics: Metrics

@@ -5,16 +5,17 @@ They read the service's parts and the store; they never call PANDA. Webhooks com
 """
 
 import logging
-from typing import Annotated, Any
+from typing import Annotated, Any, get_args
 
 from fastapi import APIRouter, Depends, Request, Response
+from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, Field
 from sqlmodel import Session
 
 from service.clock import utcnow
 from service.container import Service
 from service.delivery.engine import DeliveryStatus
-from service.ingress.poller import PollerStatus
+from service.ingress.poller import PollerStatus, State
 from service.runner import LoopHealth
 from service.store import checkpoints, dead_letters, leases, outbox
 
@@ -96,6 +97,24 @@ async def status(service: ServiceDep) -> StatusAnswer:
     return StatusAnswer(
         delivery=service.delivery.status(), sources=sources, loops=service.runner.health()
     )
+
+
+@router.get("/metrics", response_class=Response)
+async def metrics(service: ServiceDep) -> Response:
+    """Prometheus metrics (text format): changes in and out, freshness, PANDA's answer times,
+    webhook answers, the outbox and each source's state."""
+    depth = await service.db.run(outbox.depth)
+    now = utcnow()
+    gauges = service.metrics
+    for source in service.settings.sources:
+        count, oldest = depth.get(source.name, (0, now))
+        gauges.outbox_entries.labels(source.name).set(count)
+        gauges.outbox_oldest.labels(source.name).set(max(0.0, (now - oldest).total_seconds()))
+    for name, poller in service.pollers.items():
+        state = poller.status().state
+        for each in get_args(State):
+            gauges.source_state.labels(name, each).set(1 if each == state else 0)
+    return Response(gauges.text(), media_type=CONTENT_TYPE_LATEST)
 
 
 def _source_status(session: Session, names: list[str]) -> dict[str, SourceStatus]:

@@ -271,7 +271,11 @@ def test_status_shows_the_state_of_each_source_of_the_running_service(
             what="the source to be live",
         )
         shown = run_cli("status", "--config", str(service.config))
+        metrics = service.get("/metrics").text
     assert "live" in shown.stdout
+    assert 'pandasync_source_state{source="stories",state="live"} 1.0' in metrics
+    assert 'pandasync_source_state{source="stories",state="retrying"} 0.0' in metrics
+    assert 'pandasync_changes_received_total{source="stories"} 3.0' in metrics
 
 
 def test_a_service_restarted_after_sigkill_does_not_wait_for_the_dead_processs_lease(

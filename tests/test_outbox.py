@@ -86,6 +86,7 @@ def test_an_enqueued_change_is_claimed_with_a_lease(database: Database) -> None:
         attempts=0,
         claimed_until=LEASED_UNTIL,
         lease=1,
+        accepted_at=NOW,
     )
 
 

@@ -23,6 +23,7 @@ import anyio.to_thread
 import httpx
 import pytest
 from asgi_lifespan import LifespanManager
+from prometheus_client.parser import text_string_to_metric_families
 from sqlmodel import Session, col, select
 from standardwebhooks import Webhook
 
@@ -567,3 +568,48 @@ async def test_a_thousand_webhooks_taken_in_while_panda_is_down_arrive_once_it_i
     assert isinstance(writes, int)
     assert writes <= len(expected)
     assert await database.run(dead_letters.stored) == []
+
+
+def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample of a /metrics answer by (name, sorted labels)."""
+    found: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            found[sample.name, tuple(sorted(sample.labels.items()))] = sample.value
+    return found
+
+
+async def test_metrics_count_changes_in_and_out_webhook_answers_and_panda_requests(
+    panda: RunningPanda, database: Database
+) -> None:
+    body = body_of(story("s1", "Flood"), story("s2", "Fire"))
+    async with serving(settings_for(database, panda.url)) as (client, service):
+        await post(client, "stories", body, signed(body))
+        await post(client, "stories", body, {**JSON})  # unsigned: 401
+        await post(client, "no-such-source", body, signed(body))  # 404
+        waiting = samples((await client.get("/metrics")).text)
+        await service.delivery.run_once()
+        answer = await client.get("/metrics")
+    assert answer.headers["content-type"].startswith("text/plain")
+    after = samples(answer.text)
+    stories = (("source", "stories"),)
+    assert waiting["pandasync_outbox_entries", stories] == 2
+    assert waiting["pandasync_outbox_oldest_entry_age_seconds", stories] >= 0
+    assert after["pandasync_changes_received_total", stories] == 2
+    assert after["pandasync_outbox_entries", stories] == 0
+    assert after["pandasync_changes_delivered_total", (("dataset", "stories"), *stories)] == 2
+    assert after["pandasync_freshness_seconds_count", stories] == 2
+    answers = {
+        labels: value
+        for (name, labels), value in after.items()
+        if name == "pandasync_webhook_answers_total"
+    }
+    assert answers == {
+        (("source", "stories"), ("status", "202")): 1,
+        (("source", "stories"), ("status", "401")): 1,
+        (("source", "(unknown)"), ("status", "404")): 1,
+    }
+    bulk = (("dataset", "stories"), ("kind", "bulk"), ("outcome", "ok"))
+    assert after["pandasync_panda_request_seconds_count", bulk] == 1
+    assert "s1" not in answer.text, "no document id in a label"
+    assert "no-such-source" not in answer.text, "no name from outside in a label"

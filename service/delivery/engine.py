@@ -32,6 +32,7 @@ from service.delivery.panda import (
     RetryableError,
     TargetError,
 )
+from service.metrics import Metrics
 from service.store import leases, outbox
 from service.store.db import Database
 
@@ -153,6 +154,7 @@ class Delivery:
         clock: Clock = utcnow,
         rng: random.Random | None = None,
         timer: Timer = time.monotonic,
+        metrics: Metrics | None = None,
     ) -> None:
         self._db = db
         self._panda = panda
@@ -160,6 +162,7 @@ class Delivery:
         self._request_timeout_s = request_timeout_s
         self._clock = clock
         self._timer = timer
+        self._metrics = metrics or Metrics()
         rng = rng or random.Random()
         self._datasets = {
             source: _Dataset(
@@ -339,9 +342,23 @@ class Delivery:
                     )
                 self._delivered += delivered
                 self._dead_lettered += dead
+                self._count(dataset, batch, delivered, dead)
             if batch.fence.cancelled_caught:
                 self._lost_lease(dataset, batch)
             return batch
+
+    def _count(self, dataset: _Dataset, batch: _Batch, delivered: int, dead: int) -> None:
+        """The batch's outcome in the metrics: counts, and each delivered change's freshness."""
+        labels = (dataset.source, dataset.target.slug)
+        self._metrics.delivered.labels(*labels).inc(delivered)
+        self._metrics.dead_lettered.labels(*labels).inc(dead)
+        if batch.retry_as is not None:
+            self._metrics.retried.labels(*labels).inc(len(batch.retry))
+        now = self._clock()
+        freshness = self._metrics.freshness.labels(dataset.source)
+        for claim in batch.delivered:
+            if claim.accepted_at is not None:
+                freshness.observe(max(0.0, (now - claim.accepted_at).total_seconds()))
 
     async def _keep_lease(self, dataset: _Dataset, batch: _Batch) -> None:
         """Renew the batch's lease every third of `lease_s`. After each renewal its fence
@@ -411,7 +428,7 @@ class Delivery:
         if dataset.ensured:
             return
         refusal = await self._request(
-            dataset, batch, [], lambda: self._panda.ensure_dataset(dataset.target)
+            dataset, batch, [], "dataset", lambda: self._panda.ensure_dataset(dataset.target)
         )
         if refusal is not None:
             self._stop_source(
@@ -470,6 +487,7 @@ class Delivery:
             dataset,
             batch,
             claims,
+            "bulk",
             lambda: self._panda.put_rows_json(dataset.target.slug, external_ids, rows),
         )
         if refusal is None or refusal.status is not None:  # PANDA answered
@@ -483,6 +501,7 @@ class Delivery:
             dataset,
             batch,
             [claim],
+            "row",
             lambda: self._panda.apply(dataset.target.slug, claim.change),
         )
         if refusal is None:
@@ -495,17 +514,19 @@ class Delivery:
         dataset: _Dataset,
         batch: _Batch,
         claims: Sequence[outbox.Claim],
+        kind: str,
         call: Callable[[], Awaitable[None]],
     ) -> PermanentError | None:
-        """Make one PANDA request for `claims`: None when PANDA took it, its refusal when it
-        refused it for good. Raises `_StopBatchError` when the batch cannot go on (lease
-        not renewed, retry later, paused target, stopped source), after recording why.
+        """Make one PANDA request (`kind`: bulk, row or dataset) for `claims`: None when PANDA
+        took it, its refusal when it refused it for good. Raises `_StopBatchError` when the
+        batch cannot go on (lease not renewed, retry later, paused target, stopped source),
+        after recording why.
         """
         if batch.fence.cancel_called or anyio.current_time() >= batch.fence.deadline:
             raise _StopBatchError  # checked here too: a process woken late runs I/O first
         batch.in_doubt = claims
         try:
-            await self._timed(call)
+            await self._timed(call, dataset, kind)
         except TargetError as error:
             batch.in_doubt = ()
             self._pause(str(error))
@@ -526,12 +547,31 @@ class Delivery:
         self._answers_again(dataset)
         return None
 
-    async def _timed(self, call: Callable[[], Awaitable[None]]) -> None:
-        # httpx's own timeouts bound each read and write, not the whole exchange.
-        with anyio.move_on_after(self._request_timeout_s) as scope:
-            await call()
-        if scope.cancelled_caught:
-            raise RetryableError(f"no answer from PANDA within {self._request_timeout_s:g} s")
+    async def _timed(
+        self, call: Callable[[], Awaitable[None]], dataset: _Dataset, kind: str
+    ) -> None:
+        """`call()` within the request timeout, its time and outcome in the metrics."""
+        outcome, started = "cut_off", self._timer()
+        try:
+            # httpx's own timeouts bound each read and write, not the whole exchange.
+            with anyio.move_on_after(self._request_timeout_s) as scope:
+                await call()
+            if scope.cancelled_caught:
+                raise RetryableError(f"no answer from PANDA within {self._request_timeout_s:g} s")
+            outcome = "ok"
+        except PermanentError:
+            outcome = "refused"
+            raise
+        except RetryableError:
+            outcome = "retry"
+            raise
+        except (TargetError, DatasetMismatchError):
+            outcome = "error"
+            raise
+        finally:
+            self._metrics.panda_requests.labels(dataset.target.slug, kind, outcome).observe(
+                self._timer() - started
+            )
 
     def _failed(self, dataset: _Dataset, batch: _Batch, error: RetryableError) -> None:
         if isinstance(error, DatasetMissingError):

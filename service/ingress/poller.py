@@ -21,6 +21,7 @@ from service import backoff
 from service.changes import Seq
 from service.clock import Clock, utcnow
 from service.config import Settings, SourceSettings
+from service.metrics import Metrics
 from service.sources import couchdb
 from service.store import checkpoints, dead_letters, outbox
 from service.store.db import Database
@@ -62,15 +63,17 @@ class PollerStatus:
     next_attempt_at: datetime | None = None
 
 
-def commit(session: Session, source: str, page: couchdb.Page, *, now: datetime) -> int:
+def commit(
+    session: Session, source: str, page: couchdb.Page, *, now: datetime
+) -> tuple[outbox.Enqueued, int]:
     """Enqueue the page's changes, keep its unmapped documents as dead letters and save its
-    seq as `source`'s checkpoint, in the caller's transaction (so all or nothing). Returns the
-    source's pending outbox entries."""
-    outbox.enqueue(session, page.changes, now=now)
+    seq as `source`'s checkpoint, in the caller's transaction (so all or nothing). Returns what
+    the enqueue did and the source's pending outbox entries."""
+    enqueued = outbox.enqueue(session, page.changes, now=now)
     dead_letters.keep_unmapped(session, source, page.unmapped, now=now)
     if page.seq is not None:
         checkpoints.save(session, source, page.seq)
-    return outbox.pending(session, source)
+    return enqueued, outbox.pending(session, source)
 
 
 async def replay_unmapped(
@@ -128,8 +131,10 @@ class Poller:
         high_water: int | None = None,
         clock: Clock = utcnow,
         rng: random.Random | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self._source = source
+        self._metrics = metrics or Metrics()
         self._high_water = high_water
         self._settings = couchdb.settings_of(source)
         self._db = db
@@ -361,7 +366,12 @@ class Poller:
     async def _commit(self, page: couchdb.Page) -> None:
         # Shielded so that stop() never leaves a commit's bookkeeping half done.
         with anyio.CancelScope(shield=True):
-            self._pending = await self._db.run(commit, self.name, page, now=self._clock())
+            enqueued, self._pending = await self._db.run(commit, self.name, page, now=self._clock())
+        self._metrics.received.labels(self.name).inc(enqueued.accepted)
+        self._metrics.stale.labels(self.name).inc(enqueued.stale)
+        self._metrics.dead_lettered.labels(self.name, self._source.dataset.slug).inc(
+            len(page.unmapped)
+        )
         self._seen += page.rows
         self._skipped += page.skipped
         self._couchdb_pending = page.pending
@@ -445,6 +455,7 @@ def build_pollers(
     http: httpx.AsyncClient,
     *,
     on_commit: Callable[[], None] | None = None,
+    metrics: Metrics | None = None,
 ) -> dict[str, Poller]:
     """A poller for every CouchDB source, by source name (webhook sources have none).
 
@@ -453,7 +464,9 @@ def build_pollers(
     """
     high_water = settings.ingress.outbox_high_water
     return {
-        source.name: Poller(source, db, http, on_commit=on_commit, high_water=high_water)
+        source.name: Poller(
+            source, db, http, on_commit=on_commit, high_water=high_water, metrics=metrics
+        )
         for source in settings.sources
         if source.kind == "couchdb"
     }

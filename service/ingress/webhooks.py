@@ -18,6 +18,7 @@ from sqlmodel import Session
 from service.clock import utcnow
 from service.config import IngressSettings, Settings, SourceSettings, WebhookSettings
 from service.ingress import signatures
+from service.metrics import UNKNOWN_SOURCE, Metrics
 from service.sources import webhook
 from service.store import outbox, seen_webhooks
 from service.store.db import Database
@@ -27,11 +28,13 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Intake:
-    """What the webhook routes need: the settings, the store, and a way to wake delivery."""
+    """What the webhook routes need: the settings, the store, a way to wake delivery, and the
+    metrics they count into."""
 
     settings: Settings
     db: Database
     notify: Callable[[], None]
+    metrics: Metrics
 
 
 def _intake(request: Request) -> Intake:
@@ -133,10 +136,16 @@ async def receive_webhook(source: str, request: Request, intake: IntakeDep) -> R
     Retry-After). A redelivered webhook id is answered 202 without applying it again. A
     refused webhook writes nothing.
     """
+    known = any(s.name == source and s.kind == "webhook" for s in intake.settings.sources)
+    label = source if known else UNKNOWN_SOURCE
     try:
         answer = await _take_in(intake, source, request)
     except _RefusedError as refused:
+        intake.metrics.webhooks.labels(label, str(refused.status)).inc()
         return refused.response()
+    intake.metrics.webhooks.labels(label, "202").inc()
+    intake.metrics.received.labels(source).inc(answer.accepted)
+    intake.metrics.stale.labels(source).inc(answer.stale)
     return JSONResponse(answer.model_dump(), status_code=202)
 
 

@@ -12,7 +12,7 @@ import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from operator import attrgetter
 from typing import Any
 
@@ -64,6 +64,8 @@ class Claim:
     attempts: int
     lease: int
     claimed_until: datetime
+    # When the change was taken in (its entry created), for freshness; None when not known.
+    accepted_at: datetime | None = None
 
     @classmethod
     def holding(
@@ -75,6 +77,7 @@ class Claim:
         attempts: int,
         claimed_until: datetime,
         lease: int = 1,
+        accepted_at: datetime | None = None,
     ) -> "Claim":
         """A claim of `change`, stored as `enqueue` stores it."""
         return cls(
@@ -89,6 +92,7 @@ class Claim:
             attempts=attempts,
             lease=lease,
             claimed_until=claimed_until,
+            accepted_at=accepted_at,
         )
 
     @property
@@ -432,6 +436,24 @@ def dead_letter(session: Session, claim: Claim, *, answer: Answer, now: datetime
     return True
 
 
+def depth(session: Session) -> dict[str, tuple[int, datetime]]:
+    """Per source with entries: how many wait for delivery, and when the oldest was taken in."""
+    columns = table_of(OutboxEntry).c
+    rows = session.execute(
+        sqlalchemy.select(columns.source, func.count(), func.min(columns.created_at)).group_by(
+            columns.source
+        )
+    ).all()
+    return {source: (count, _aware(oldest)) for source, count, oldest in rows}
+
+
+def _aware(value: datetime | str) -> datetime:
+    """A UTC datetime read back through an aggregate (SQLite hands its stored text back)."""
+    if isinstance(value, str):
+        value = datetime.fromisoformat(value)
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+
+
 def pending(session: Session, source: str | None = None) -> int:
     """How many entries wait for delivery (due, delayed or in flight), for one source or all."""
     query = select(func.count()).select_from(OutboxEntry)
@@ -511,6 +533,7 @@ def _claim_select(columns: Any) -> sqlalchemy.Select[Any]:
         columns.row,
         columns.source_version,
         columns.attempts,
+        columns.created_at,
     )
 
 
@@ -518,9 +541,20 @@ def _claims(due: Sequence[Sequence[Any]], source: str, lease: int, until: dateti
     """Claims of the entries `due` read as `_claim_select` reads them."""
     return [
         Claim(
-            entry_id, version, source, doc_id, external_id, _OPS[op], row, text, tries, lease, until
+            entry_id,
+            version,
+            source,
+            doc_id,
+            external_id,
+            _OPS[op],
+            row,
+            text,
+            tries,
+            lease,
+            until,
+            accepted_at,
         )
-        for entry_id, version, doc_id, external_id, op, row, text, tries in due
+        for entry_id, version, doc_id, external_id, op, row, text, tries, accepted_at in due
     ]
 
 
