@@ -316,7 +316,8 @@ def test_an_op_that_is_not_upsert_or_delete_is_named(kind: object, described: st
 
 def test_a_mapped_version_that_is_null_means_no_version() -> None:
     versioned = source("jmespath", mapping={"version": "updated"})
-    assert read(versioned, [{"_id": "a", "updated": None}]).changes == (upsert("a", "a", "", ""),)
+    item = {"_id": "a", "title": "t", "updated": None}
+    assert read(versioned, [item]).changes == (upsert("a", "a", "t", ""),)
 
 
 def test_an_expression_that_fails_on_an_item_is_named() -> None:
@@ -326,3 +327,25 @@ def test_an_expression_that_fails_on_an_item_is_named() -> None:
             "items[0].columns.Headline", "`length(title)` fails on this item (JMESPathTypeError)"
         )
     ]
+
+
+def test_a_row_with_none_of_the_columns_fields_is_refused_naming_what_it_has() -> None:
+    body = {"changes": [{"op": "upsert", "id": "a", "row": {"headline": "x", "words": 3}}]}
+    assert problems(PANDASYNC, body) == [
+        FieldProblem(
+            "changes[0].row",
+            "holds none of the columns' fields: it has `headline`, `words`; the columns of"
+            " source stories read `title`, `author.name`",
+        )
+    ]
+
+
+def test_a_row_with_some_of_the_columns_fields_is_taken_with_the_others_empty() -> None:
+    item = {"op": "upsert", "id": "a", "row": {"title": "x", "words": 3}}
+    assert changes(item) == (upsert("a", "a", "x", ""),)
+
+
+def test_a_mapped_item_with_none_of_the_columns_fields_is_refused() -> None:
+    mapped = source("jmespath", mapping={})
+    (problem,) = problems(mapped, [{"_id": "a", "headline": "x"}])
+    assert (problem.field, "it has `_id`, `headline`" in problem.message) == ("items[0]", True)

@@ -32,6 +32,16 @@ def field(record: object, path: str) -> object:
     return value
 
 
+def has_field(record: object, path: str) -> bool:
+    """Whether every step of the dotted path is there (its value may be null)."""
+    value: object = record
+    for step in path.split("."):
+        value = _step(value, step)
+        if value is _MISSING:
+            return False
+    return True
+
+
 def _step(value: object, step: str) -> object:
     if isinstance(value, Mapping):
         return value.get(step, _MISSING)

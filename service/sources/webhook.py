@@ -212,6 +212,7 @@ def _own_change(source: SourceSettings, where: str, item: WebhookChange) -> Chan
     if item.row is None:
         return _change(source, identifier, None, version)
     if isinstance(item.row, dict):
+        _some_column(source, item.row, f"{where}.row", [column.field for column in source.columns])
         return _change(source, identifier, _row_of(source, item.row), version)
     if len(item.row) != len(source.columns):
         raise BodyError(
@@ -223,6 +224,30 @@ def _own_change(source: SourceSettings, where: str, item: WebhookChange) -> Chan
             ]
         )
     return _change(source, identifier, tuple(mapping.text(value) for value in item.row), version)
+
+
+# How many of a record's field names a refusal lists.
+_NAMES_SHOWN = 10
+
+
+def _some_column(source: SourceSettings, record: object, where: str, fields: Sequence[str]) -> None:
+    """Refuse a record that holds none of the fields the source's columns read: it would
+    become a row of empty text (a partial match is fine)."""
+    if any(mapping.has_field(record, path) for path in fields):
+        return
+    names = list(record) if isinstance(record, dict) else []
+    shown = ", ".join(f"`{str(name)[:40]}`" for name in names[:_NAMES_SHOWN]) or "no fields"
+    more = f" and {len(names) - _NAMES_SHOWN} more" if len(names) > _NAMES_SHOWN else ""
+    expected = ", ".join(f"`{path}`" for path in fields)
+    raise BodyError(
+        [
+            FieldProblem(
+                where,
+                f"holds none of the columns' fields: it has {shown}{more}; the columns of"
+                f" source {source.name} read {expected}",
+            )
+        ]
+    )
 
 
 def _row_of(source: SourceSettings, record: Mapping[str, object]) -> tuple[str, ...]:
@@ -321,6 +346,8 @@ def _item(source: SourceSettings, rules: WebhookMapping, where: str, item: objec
     version = None if rules.version is None else _version(rules.version, item, where)
     if op is Op.DELETE:
         return _change(source, identifier, None, version)
+    if not any(column.name in rules.columns for column in source.columns):
+        _some_column(source, record, where, [column.field for column in source.columns])
     row = tuple(
         mapping.text(
             _search(rules.columns[column.name], item, f"{where}.columns.{column.name}")
