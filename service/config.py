@@ -36,6 +36,8 @@ from standardwebhooks import Webhook
 from standardwebhooks.webhooks import EmptyWebhookSecretError
 
 CONFIG_ENV = "PANDASYNC_CONFIG"
+# Environment variables override the file: PANDASYNC_SERVER__PORT sets server.port.
+ENV_PREFIX = "PANDASYNC_"
 EXAMPLE = "pandasync.example.toml"
 _NAME = re.compile(r"[a-z0-9][a-z0-9_-]*")
 # PANDA routes a slug with `[\w\d_-]+`; `schema` is taken by /dataset/schema/ (panda-api.md §3).
@@ -389,7 +391,7 @@ class Settings(BaseSettings):
     """Everything pandasync needs to run; see pandasync.example.toml."""
 
     model_config = SettingsConfigDict(
-        env_prefix="PANDASYNC_", env_nested_delimiter="__", extra="forbid", frozen=True
+        env_prefix=ENV_PREFIX, env_nested_delimiter="__", extra="forbid", frozen=True
     )
 
     panda: PandaSettings
@@ -426,7 +428,7 @@ _FIXES = {
     "missing": "add it (see pandasync.example.toml)",
     "extra_forbidden": "remove it or correct its spelling (see pandasync.example.toml)",
     "literal_error": "use one of the values named",
-    "url_parsing": "write a full URL such as http://panda.example.org",
+    "url_parsing": "write a full URL such as http://host.example.org",
     "url_scheme": "use an http:// or https:// URL",
     "too_short": "give at least one",
     "greater_than": "use a larger number",
@@ -496,14 +498,33 @@ def _settings_class(path: Path | None) -> type[Settings]:
     return FileSettings
 
 
+# A URL setting's example, by the section it is in.
+_URL_EXAMPLES = {"couchdb": "http://couchdb.example.org:5984", "panda": "http://panda.example.org"}
+
+
 def _problem(detail: Any) -> Problem:
     where = place(detail["loc"])
     message = str(detail["msg"]).removeprefix("Value error, ")
     fix = _FIXES.get(detail["type"], "correct the value (see pandasync.example.toml)")
+    if detail["type"] == "url_parsing":
+        section = next((part for part in detail["loc"] if part in _URL_EXAMPLES), None)
+        example = _URL_EXAMPLES.get(str(section), "http://host.example.org")
+        fix = f"write a full URL such as {example}"
+    variable = _variable_of(detail["loc"])
+    if variable is not None:
+        where = f"{where} (from the environment, {variable})"
     if detail["type"] == "value_error":
         message, _, fix = message.partition(": ")
         fix = fix or "correct the value"
     return Problem(where or "(top level)", message, fix)
+
+
+def _variable_of(loc: Sequence[int | str]) -> str | None:
+    """The `PANDASYNC_*` variable that set the value at `loc`, if one is set."""
+    if not loc or not all(isinstance(part, str) for part in loc):
+        return None
+    name = ENV_PREFIX + "__".join(str(part) for part in loc).upper()
+    return name if name in os.environ else None
 
 
 def place(loc: Iterable[int | str]) -> str:

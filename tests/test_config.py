@@ -308,3 +308,23 @@ def test_a_webhook_secret_named_but_not_in_the_environment_is_refused(
         "sources[0].webhook",
         "secrets_env names the environment variable HOOK_SECRET, which is not set",
     )
+
+
+def test_a_bad_couchdb_url_gets_a_couchdb_example(tmp_path: Path) -> None:
+    text = MINIMAL + SOURCE.format(name="s", slug="s").replace(
+        'kind = "webhook"', 'kind = "couchdb"'
+    )
+    text += '[sources.couchdb]\nurl = "not a url"\ndatabase = "d"\n'
+    (problem,) = problems(write(tmp_path, text))
+    assert (problem.where, problem.fix) == (
+        "sources[0].couchdb.url",
+        "write a full URL such as http://couchdb.example.org:5984",
+    )
+
+
+def test_a_bad_environment_override_is_named_as_such(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PANDASYNC_SERVER__PORT", "abc")
+    (problem,) = problems(write(tmp_path, MINIMAL))
+    assert problem.where == "server.port (from the environment, PANDASYNC_SERVER__PORT)"

@@ -97,11 +97,25 @@ def test_a_migrated_database_passes_the_schema_check(database: Database) -> None
 
 def test_an_unmigrated_database_is_told_to_run_migrate(database_url: str) -> None:
     database = Database.open(database_url)
+    sqlite_file = database.engine.url.database if database_url.startswith("sqlite") else None
+    if sqlite_file is not None:
+        Path(sqlite_file).touch()  # an empty file: a SQLite database without tables
     message = _schema_error(database)
     database.close()
     assert message == (
         f"database {database.describe()} has no pandasync schema: run `pandasync migrate`"
     )
+
+
+def test_a_missing_sqlite_file_is_told_to_run_migrate_and_not_created(tmp_path: Path) -> None:
+    path = tmp_path / "none.db"
+    database = Database.open(f"sqlite:///{path}")
+    message = _schema_error(database)
+    database.close()
+    assert message == (
+        f"database {database.describe()} does not exist yet: run `pandasync migrate` to create it"
+    )
+    assert not path.exists()
 
 
 def test_an_older_schema_is_told_to_run_migrate(migrated_database_url: str, tmp_path: Path) -> None:

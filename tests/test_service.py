@@ -137,6 +137,7 @@ def test_serve_refuses_an_unmigrated_store_and_says_what_to_run(tmp_path: Path) 
         check=False,
     )
     assert (done.returncode, "pandasync migrate" in done.stderr) == (1, True)
+    assert not (tmp_path / "fresh.db").exists(), "no empty store left behind"
 
 
 def test_a_wrong_api_key_makes_readyz_say_so_and_keeps_the_changes(

@@ -214,12 +214,25 @@ class Database:
         with Session(self._engine, expire_on_commit=False) as session, session.begin():
             return fn(session, *args, **kwargs)
 
+    def _missing_file(self) -> bool:
+        """Whether this is a SQLite database whose file does not exist."""
+        url = self._engine.url
+        if url.get_backend_name() != "sqlite" or url.database in (None, "", ":memory:"):
+            return False
+        return not url.query.get("uri") and not Path(url.database).exists()
+
     def check_schema(self) -> None:
         """Raise `SchemaError` unless the database is migrated to exactly this code's head.
 
         The message names the database (password hidden) and what to do: run
         `pandasync migrate` (no schema, or an older one), or upgrade pandasync (a newer one).
         """
+        if self._missing_file():
+            # Connecting would create an empty file, and leave it behind.
+            raise SchemaError(
+                f"database {self.describe()} does not exist yet: run `pandasync migrate`"
+                " to create it"
+            )
         script = ScriptDirectory.from_config(alembic_config(migrations=self._migrations))
         heads = set(script.get_heads())
         with self._engine.connect() as connection:
