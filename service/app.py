@@ -8,9 +8,12 @@ from contextlib import asynccontextmanager
 
 import anyio
 import httpx
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse
+from pydantic import SecretStr
 
-from service import status
+from service import access, admin, status
 from service.config import Settings
 from service.container import Service
 from service.delivery import panda
@@ -95,7 +98,27 @@ def create_app(settings: Settings, *, start_runner: bool = True) -> FastAPI:
         finally:
             db.close()
 
-    app = FastAPI(title="pandasync", lifespan=lifespan)
+    token = settings.server.admin_token
+    if token is None:
+        app = FastAPI(title="pandasync", lifespan=lifespan)
+    else:  # the API docs want the admin token too
+        app = FastAPI(title="pandasync", lifespan=lifespan, docs_url=None, openapi_url=None)
+        _docs_behind(app, token)
     app.include_router(status.router)
     app.include_router(webhooks.router)
+    app.include_router(admin.router)
     return app
+
+
+def _docs_behind(app: FastAPI, token: SecretStr) -> None:
+    """Serve /openapi.json and /docs to callers with `token` only."""
+
+    @app.get("/openapi.json", include_in_schema=False)
+    async def openapi(request: Request) -> JSONResponse:
+        access.require(request, token)
+        return JSONResponse(app.openapi())
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs(request: Request) -> HTMLResponse:
+        access.require(request, token)
+        return get_swagger_ui_html(openapi_url="/openapi.json", title="pandasync API")

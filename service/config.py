@@ -385,6 +385,10 @@ class ServerSettings(_Strict):
 
     host: str = "127.0.0.1"
     port: int = Field(default=8080, ge=1, le=65535)
+    # Turns the admin API on, and puts /status, /metrics and the API docs behind it.
+    admin_token: SecretStr | None = None
+    # Lets a scraper read /metrics with a token of its own (the admin token works too).
+    metrics_token: SecretStr | None = None
 
 
 class Settings(BaseSettings):

@@ -12,6 +12,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, Field
 from sqlmodel import Session
 
+from service import access
 from service.clock import utcnow
 from service.container import Service
 from service.delivery.engine import DeliveryStatus
@@ -29,6 +30,25 @@ def _service(request: Request) -> Service:
 
 ServiceDep = Annotated[Service, Depends(_service)]
 
+
+def _reader(request: Request) -> Service:
+    """The service, for a caller with the admin token when one is configured."""
+    service = _service(request)
+    access.require(request, service.settings.server.admin_token)
+    return service
+
+
+def _scraper(request: Request) -> Service:
+    """The service, for a caller with the metrics or admin token when one is configured."""
+    service = _service(request)
+    server = service.settings.server
+    access.require(request, server.metrics_token, server.admin_token)
+    return service
+
+
+ReaderDep = Annotated[Service, Depends(_reader)]
+ScraperDep = Annotated[Service, Depends(_scraper)]
+
 router = APIRouter()
 
 
@@ -39,8 +59,9 @@ async def healthz() -> dict[str, str]:
 
 
 @router.get("/readyz")
-async def readyz(service: ServiceDep, response: Response) -> dict[str, Any]:
-    """200 when every loop runs and delivery is not paused; 503 with the reasons otherwise."""
+async def readyz(service: ServiceDep, request: Request, response: Response) -> dict[str, Any]:
+    """200 when every loop runs and delivery is not paused; 503 with the reasons otherwise
+    (the reasons only for a caller with the admin token, when one is configured)."""
     problems = [
         f"loop {name} is not running: {health.last_crash or 'stopped'}"
         for name, health in service.runner.health().items()
@@ -56,6 +77,9 @@ async def readyz(service: ServiceDep, response: Response) -> dict[str, Any]:
         problems.append(paused)
     if problems:
         response.status_code = 503
+    token = service.settings.server.admin_token
+    if token is not None and not access.presented(request, token):
+        return {"ready": not problems}
     return {"ready": not problems, "problems": problems}
 
 
@@ -88,7 +112,7 @@ class StatusAnswer(BaseModel):
 
 
 @router.get("/status")
-async def status(service: ServiceDep) -> StatusAnswer:
+async def status(service: ReaderDep) -> StatusAnswer:
     """Per-source progress and the delivery state; never a secret or a document body."""
     names = [source.name for source in service.settings.sources]
     sources = await service.db.run(_source_status, names)
@@ -100,7 +124,7 @@ async def status(service: ServiceDep) -> StatusAnswer:
 
 
 @router.get("/metrics", response_class=Response)
-async def metrics(service: ServiceDep) -> Response:
+async def metrics(service: ScraperDep) -> Response:
     """Prometheus metrics (text format): changes in and out, freshness, PANDA's answer times,
     webhook answers, the outbox and each source's state."""
     depth = await service.db.run(outbox.depth)

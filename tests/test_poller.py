@@ -275,6 +275,22 @@ async def test_live_changes_are_followed_and_each_commit_wakes_delivery(
     assert poller.status().state == "stopped"
 
 
+async def test_a_held_source_closes_its_feed_and_reads_on_from_its_checkpoint_when_released(
+    couchdb: CouchDatabase, store: Database, http: httpx.AsyncClient
+) -> None:
+    poller = Poller(source_for(couchdb), store, http)
+    async with running(poller):
+        await eventually(lambda: poller.status().state == "live", what="the feed")
+        poller.hold()
+        await eventually(lambda: poller.status().state == "paused", what="the pause")
+        couchdb.put("during", title="Written while paused")
+        held = poller.status()
+        poller.release()
+        await eventually(lambda: poller.status().changes_seen == 1, what="the change after it")
+    assert (held.held, held.changes_seen) == (True, 0)
+    assert await store.run(queued) == {"during": ("upsert", ["Written while paused", ""])}
+
+
 async def test_a_first_start_from_now_skips_existing_documents_and_pins_its_start(
     couchdb: CouchDatabase, store: Database, http: httpx.AsyncClient
 ) -> None:

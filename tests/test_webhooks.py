@@ -391,10 +391,14 @@ async def test_json_media_types_with_a_suffix_or_utf8_charset_are_taken(
 
 
 @pytest.mark.parametrize("name", ["nope", "feed"])
-async def test_a_name_that_is_no_webhook_source_is_404(database: Database, name: str) -> None:
+async def test_a_name_that_is_no_webhook_source_gets_the_answer_of_a_bad_signature(
+    database: Database, name: str
+) -> None:
     async with serving(settings_for(database)) as (client, _):
-        answer = await post(client, name, body_of(), JSON)
-    assert (answer.status_code, answer.json()["error"]) == (404, "no webhook source of this name")
+        unknown = await post(client, name, body_of(), JSON)
+        unsigned = await post(client, "stories", body_of(), JSON)
+    assert (unknown.status_code, unknown.json()) == (401, {"error": "unauthorized", "problems": []})
+    assert (unknown.status_code, unknown.content) == (unsigned.status_code, unsigned.content)
 
 
 async def test_above_the_high_water_mark_webhooks_get_503_and_nothing_is_written(
@@ -464,7 +468,7 @@ async def test_the_openapi_spec_documents_the_webhook_body_and_answers(
     change = schema["properties"]["changes"]["items"]
     assert (sorted(change["properties"]), sorted(operation["responses"])) == (
         ["id", "op", "row", "version"],
-        ["202", "400", "401", "404", "413", "415", "422", "503"],
+        ["202", "400", "401", "413", "415", "422", "503"],
     )
 
 
@@ -586,7 +590,7 @@ async def test_metrics_count_changes_in_and_out_webhook_answers_and_panda_reques
     async with serving(settings_for(database, panda.url)) as (client, service):
         await post(client, "stories", body, signed(body))
         await post(client, "stories", body, {**JSON})  # unsigned: 401
-        await post(client, "no-such-source", body, signed(body))  # 404
+        await post(client, "no-such-source", body, signed(body))  # 401, as unsigned
         waiting = samples((await client.get("/metrics")).text)
         await service.delivery.run_once()
         answer = await client.get("/metrics")
@@ -607,7 +611,7 @@ async def test_metrics_count_changes_in_and_out_webhook_answers_and_panda_reques
     assert answers == {
         (("source", "stories"), ("status", "202")): 1,
         (("source", "stories"), ("status", "401")): 1,
-        (("source", "(unknown)"), ("status", "404")): 1,
+        (("source", "(unknown)"), ("status", "401")): 1,
     }
     bulk = (("dataset", "stories"), ("kind", "bulk"), ("outcome", "ok"))
     assert after["pandasync_panda_request_seconds_count", bulk] == 1

@@ -54,6 +54,7 @@ class DatasetDelivery:
     failures: int
     breaker_open: bool
     retry_at: datetime | None
+    paused: bool = False
 
 
 @dataclass(frozen=True)
@@ -81,6 +82,8 @@ class _Dataset:
     wake: anyio.Event = field(default_factory=anyio.Event)
     ensured: bool = False
     stopped: str | None = None
+    # Paused by an operator (`Delivery.hold`): nothing more is sent until `release`.
+    held: bool = False
 
 
 @dataclass(eq=False)
@@ -211,10 +214,23 @@ class Delivery:
                     failures=dataset.breaker.failures,
                     breaker_open=dataset.breaker.open,
                     retry_at=dataset.breaker.retry_at,
+                    paused=dataset.held,
                 )
                 for dataset in datasets
             },
         )
+
+    def hold(self, source: str) -> None:
+        """Pause the source's delivery: the batch in flight finishes, no other is claimed."""
+        self._datasets[source].held = True
+        log.info("delivery paused by an operator: source=%s", source)
+
+    def release(self, source: str) -> None:
+        """Resume the source's delivery after `hold`."""
+        dataset = self._datasets[source]
+        dataset.held = False
+        dataset.wake.set()
+        log.info("delivery resumed by an operator: source=%s", source)
 
     def notify(self) -> None:
         """Wake the loop: new entries were committed to the outbox."""
@@ -294,6 +310,7 @@ class Delivery:
             not self._stopping
             and self._paused is None
             and dataset.stopped is None
+            and not dataset.held
             and dataset.breaker.ready(self._clock())
         )
 

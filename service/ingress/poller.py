@@ -43,8 +43,9 @@ class PollerStatus:
     says how many where CouchDB gives it); `live` (caught up, following new changes);
     `retrying` since `retrying_since` (CouchDB could not be read: `attempts` so far, the
     `last_error`, the next attempt at `next_attempt_at`); `paused` (the outbox is at its
-    high-water mark); `stopped` with a `reason` when CouchDB refused the source for good (the
-    reason says what to fix), without one after `stop()`. `checkpoint` is the saved seq as
+    high-water mark, or `held`: an operator paused it); `stopped` with a `reason` when
+    CouchDB refused the source for good (the reason says what to fix), without one after
+    `stop()`. `checkpoint` is the saved seq as
     JSON text; `changes_seen` counts feed rows read since start, `skipped` those that could
     not become a change (dead letters); `pending` is the source's outbox entries as of the
     last commit.
@@ -61,6 +62,7 @@ class PollerStatus:
     retrying_since: datetime | None = None
     attempts: int = 0
     next_attempt_at: datetime | None = None
+    held: bool = False
 
 
 def commit(
@@ -157,6 +159,9 @@ class Poller:
         self._caught_up = False
         self._stopping = False
         self._scope: anyio.CancelScope | None = None
+        # Paused by an operator (`hold`), and the connection that `hold` cuts.
+        self._held = False
+        self._reading: anyio.CancelScope | None = None
 
     @property
     def name(self) -> str:
@@ -177,7 +182,21 @@ class Poller:
             retrying_since=self._retrying_since,
             attempts=self._failures,
             next_attempt_at=self._next_attempt_at,
+            held=self._held,
         )
+
+    def hold(self) -> None:
+        """Pause reading: the feed is closed (a commit in progress finishes) and opened again
+        from the checkpoint on `release`; nothing is skipped."""
+        self._held = True
+        if self._reading is not None:
+            self._reading.cancel()
+        log.info("source paused by an operator: source=%s", self.name)
+
+    def release(self) -> None:
+        """Resume reading after `hold`."""
+        self._held = False
+        log.info("source resumed by an operator: source=%s", self.name)
 
     def stop(self) -> None:
         """Stop reading; a commit in progress finishes, then `run()` returns."""
@@ -233,7 +252,10 @@ class Poller:
                 self._scope.cancel()
             while self._stopped is None:
                 await self._wait_for_room()
-                await self._connection()
+                with anyio.CancelScope() as self._reading:
+                    if not self._held:
+                        await self._connection()
+                self._reading = None
             await anyio.sleep_forever()
         self._scope = None
         self._state = "stopped"
@@ -304,7 +326,11 @@ class Poller:
         The feed is closed meanwhile and reopened from the checkpoint, so nothing is skipped;
         CouchDB keeps the changes, the store does not grow without bound while PANDA is away.
         """
-        while self._full():
+        while self._full() or self._held:
+            if self._held:
+                self._state = "paused"
+                await anyio.sleep(ROOM_POLL_S)
+                continue
             if self._state != "paused":
                 log.warning(
                     "outbox at its high-water mark, pausing the feed: source=%s pending=%s",

@@ -102,8 +102,11 @@ class _OverloadedError(Exception):
 
 _REFUSALS: dict[int | str, dict[str, Any]] = {
     400: {"model": WebhookRefusal, "description": "The body is not JSON (or not UTF-8)."},
-    401: {"model": WebhookRefusal, "description": "Bad or missing signature, or stale time."},
-    404: {"model": WebhookRefusal, "description": "No webhook source of this name."},
+    401: {
+        "model": WebhookRefusal,
+        "description": "Bad or missing signature, stale time, or no webhook source of this name"
+        " (the same answer, so that names cannot be guessed).",
+    },
     413: {"model": WebhookRefusal, "description": "The body is over ingress.max_body_bytes."},
     415: {"model": WebhookRefusal, "description": "The body is not declared as JSON."},
     422: {"model": WebhookRefusal, "description": "JSON, but not the source's format."},
@@ -131,10 +134,10 @@ generation of `_rev` orders), or `jmespath` (any JSON, read through the source's
 async def receive_webhook(source: str, request: Request, intake: IntakeDep) -> Response:
     """Take in a source's webhook: 202 once its changes are committed to the outbox.
 
-    Checks, in order: the source (404), the content type (415), the size (413), the signature
-    on the raw body (401), the body (400, 422), the outbox's high-water mark (503 with
-    Retry-After). A redelivered webhook id is answered 202 without applying it again. A
-    refused webhook writes nothing.
+    Checks, in order: the source (401, the answer to a bad signature), the content type
+    (415), the size (413), the signature on the raw body (401), the body (400, 422), the
+    outbox's high-water mark (503 with Retry-After). A redelivered webhook id is answered
+    202 without applying it again. A refused webhook writes nothing.
     """
     known = any(s.name == source and s.kind == "webhook" for s in intake.settings.sources)
     label = source if known else UNKNOWN_SOURCE
@@ -204,7 +207,8 @@ def _webhook_source(settings: Settings, name: str) -> tuple[SourceSettings, Webh
     for source in settings.sources:
         if source.name == name and source.kind == "webhook" and source.webhook is not None:
             return source, source.webhook
-    raise _RefusedError(404, "no webhook source of this name")
+    log.warning("webhook refused, no webhook source of this name: source=%r", name[:100])
+    raise _RefusedError(401, "unauthorized")
 
 
 def _is_json(content_type: str | None) -> bool:

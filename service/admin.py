@@ -1,0 +1,167 @@
+"""The admin API: act on the running service without reading its store by hand.
+
+Every route needs `Authorization: Bearer <server.admin_token>` (compared in constant time);
+without a configured token the admin API is off (404 on every route). Pause and resume a
+source, and list, show, replay and discard dead letters, as the CLI's commands do.
+"""
+
+from datetime import datetime
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, HTTPException, Request
+from pydantic import BaseModel, Field
+
+from service import access
+from service.clock import utcnow
+from service.container import Service
+from service.store import dead_letters
+
+router = APIRouter(prefix="/admin", tags=["admin"])
+
+
+def _service(request: Request) -> Service:
+    service: Service = request.app.state.service
+    return service
+
+
+def _admin(request: Request) -> Service:
+    service = _service(request)
+    token = service.settings.server.admin_token
+    if token is None:
+        raise HTTPException(404, "the admin API is off: set server.admin_token to turn it on")
+    access.require(request, token)
+    return service
+
+
+AdminDep = Annotated[Service, Depends(_admin)]
+
+
+class SourceAction(BaseModel):
+    """What a pause or resume did."""
+
+    source: str
+    paused: bool = Field(description="Whether the source's reading and delivery are paused.")
+
+
+class LetterView(BaseModel):
+    """One dead letter, as `pandasync dead-letters show` shows it."""
+
+    id: int
+    source: str
+    doc_id: str
+    op: str
+    external_id: str | None
+    row: list[str] | None
+    version: int
+    attempts: int
+    created_at: datetime
+    answers: list[dict[str, Any]]
+
+
+class LetterIds(BaseModel):
+    """Dead letters to act on."""
+
+    ids: list[int] = Field(min_length=1, max_length=10_000)
+
+
+class ReplayAnswer(BaseModel):
+    """What a replay did, by dead letter id."""
+
+    replayed: list[int]
+    superseded: list[int]
+    missing: list[int]
+    unmapped: list[int] = Field(
+        description="Documents that could not become rows: replay them with"
+        " `pandasync dead-letters replay`, which reads them again from CouchDB."
+    )
+
+
+class DiscardAnswer(BaseModel):
+    """What a discard did."""
+
+    discarded: list[int]
+    missing: list[int]
+
+
+def _known(service: Service, name: str) -> None:
+    if all(source.name != name for source in service.settings.sources):
+        raise HTTPException(404, f"no source named {name!r}")
+
+
+@router.post("/sources/{name}/pause")
+async def pause_source(name: str, service: AdminDep) -> SourceAction:
+    """Pause a source: a CouchDB source stops reading its feed, and the source's changes are
+    not delivered (a webhook source still takes changes in and queues them)."""
+    _known(service, name)
+    service.delivery.hold(name)
+    if name in service.pollers:
+        service.pollers[name].hold()
+    return SourceAction(source=name, paused=True)
+
+
+@router.post("/sources/{name}/resume")
+async def resume_source(name: str, service: AdminDep) -> SourceAction:
+    """Resume a paused source: reading (from its checkpoint) and delivery go on."""
+    _known(service, name)
+    service.delivery.release(name)
+    if name in service.pollers:
+        service.pollers[name].release()
+    return SourceAction(source=name, paused=False)
+
+
+def _view(letter: dead_letters.Letter) -> LetterView:
+    change = letter.change
+    return LetterView(
+        id=letter.id,
+        source=letter.source,
+        doc_id=letter.doc_id,
+        op=letter.op,
+        external_id=None if change is None else change.external_id,
+        row=None if change is None or change.row is None else list(change.row),
+        version=letter.version,
+        attempts=letter.attempts,
+        created_at=letter.created_at,
+        answers=[
+            {"at": at.isoformat(), "status": answer.status, "detail": answer.detail}
+            for at, answer in letter.answers
+        ],
+    )
+
+
+@router.get("/dead-letters")
+async def list_dead_letters(service: AdminDep, source: str | None = None) -> list[LetterView]:
+    """The dead letters, oldest first, of one source or all."""
+    if source is not None:
+        _known(service, source)
+    letters = await service.db.run(dead_letters.find, source)
+    return [_view(letter) for letter in letters]
+
+
+@router.get("/dead-letters/{letter_id}")
+async def show_dead_letter(letter_id: int, service: AdminDep) -> LetterView:
+    """One dead letter with every answer PANDA gave to it."""
+    letter = await service.db.run(dead_letters.show, letter_id)
+    if letter is None:
+        raise HTTPException(404, f"no dead letter {letter_id}")
+    return _view(letter)
+
+
+@router.post("/dead-letters/replay")
+async def replay_dead_letters(ids: LetterIds, service: AdminDep) -> ReplayAnswer:
+    """Put dead letters back into the outbox while each is its document's newest change."""
+    done = await service.db.run(dead_letters.replay, ids.ids, now=utcnow())
+    if done.replayed:
+        service.delivery.notify()
+    return ReplayAnswer(
+        replayed=done.replayed,
+        superseded=done.superseded,
+        missing=done.missing,
+        unmapped=done.unmapped,
+    )
+
+
+@router.post("/dead-letters/discard")
+async def discard_dead_letters(ids: LetterIds, service: AdminDep) -> DiscardAnswer:
+    """Delete dead letters for good; their changes are not sent."""
+    discarded = await service.db.run(dead_letters.discard, ids.ids)
+    return DiscardAnswer(discarded=discarded, missing=sorted(set(ids.ids) - set(discarded)))
