@@ -158,13 +158,15 @@ def serve(
     from service import logs
 
     settings = _settings(config)
-    logs.configure(log_level)
+    logs.configure(log_level, settings.logging.format)
     _open(settings).close()
     uvicorn.run(
         wiring.create_app(settings),
         host=settings.server.host,
         port=settings.server.port,
         log_level=log_level.lower(),
+        # uvicorn's own lines go through the same handler (and format) as pandasync's.
+        log_config=None,
         timeout_graceful_shutdown=math.ceil(settings.delivery.shutdown_grace_s),
     )
 
@@ -226,7 +228,7 @@ def sync(
     if not once:
         _fail("only `pandasync sync --once` exists; use `pandasync serve` to run continuously")
     settings = _settings(config)
-    logs.configure("INFO")
+    logs.configure("INFO", settings.logging.format)
     database = _open(settings)
     try:
         status = anyio.run(_drain, settings, database)

@@ -380,6 +380,12 @@ class IngressSettings(_Strict):
     retry_after_s: int = Field(default=30, ge=1)
 
 
+class LoggingSettings(_Strict):
+    """How the service logs: `text` lines, or one JSON object a line for log shippers."""
+
+    format: Literal["text", "json"] = "text"
+
+
 class ServerSettings(_Strict):
     """Where the HTTP service listens."""
 
@@ -401,6 +407,7 @@ class Settings(BaseSettings):
     panda: PandaSettings
     database_url: str = "sqlite:///pandasync.db"
     server: ServerSettings = ServerSettings()
+    logging: LoggingSettings = LoggingSettings()
     delivery: DeliverySettings = DeliverySettings()
     ingress: IngressSettings = IngressSettings()
     sources: list[SourceSettings] = []

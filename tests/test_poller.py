@@ -291,6 +291,23 @@ async def test_a_held_source_closes_its_feed_and_reads_on_from_its_checkpoint_wh
     assert await store.run(queued) == {"during": ("upsert", ["Written while paused", ""])}
 
 
+async def test_a_catch_up_logs_its_start_and_its_end_not_a_line_per_page(
+    couchdb: CouchDatabase,
+    store: Database,
+    http: httpx.AsyncClient,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    couchdb.bulk([{"_id": f"d{n:02}", "title": "t"} for n in range(32)])
+    poller = Poller(source_for(couchdb, batch_size=5), store, http)
+    with caplog.at_level(logging.INFO, logger="service.ingress.poller"):
+        async with running(poller):
+            await eventually(lambda: poller.status().state == "live", what="the catch-up")
+    lines = [record.getMessage() for record in caplog.records]
+    assert [line.split(":")[0] for line in lines if "catching up" in line] == ["catching up"]
+    (caught_up,) = [line for line in lines if line.startswith("caught up")]
+    assert caught_up.startswith("caught up: source=stories read=")
+
+
 async def test_a_first_start_from_now_skips_existing_documents_and_pins_its_start(
     couchdb: CouchDatabase, store: Database, http: httpx.AsyncClient
 ) -> None:

@@ -33,6 +33,8 @@ State = Literal["starting", "catching_up", "live", "retrying", "paused", "stoppe
 ROOM_POLL_S = 1.0
 # A source that keeps failing says so in one warning line per this many seconds.
 WARN_EVERY_S = 60.0
+# A source catching up says how far it is in one line per this many seconds.
+PROGRESS_EVERY_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -162,6 +164,9 @@ class Poller:
         # Paused by an operator (`hold`), and the connection that `hold` cuts.
         self._held = False
         self._reading: anyio.CancelScope | None = None
+        # When the current catch-up began (monotonic) and the rows seen then; last progress line.
+        self._catch_up = (0.0, 0)
+        self._progress_at = 0.0
 
     @property
     def name(self) -> str:
@@ -401,11 +406,11 @@ class Poller:
         self._seen += page.rows
         self._skipped += page.skipped
         self._couchdb_pending = page.pending
-        if self._state != "stopped":
-            full = page.rows >= self._settings.batch_size and page.pending != 0
-            self._state = "catching_up" if full and not page.caught_up else "live"
         if page.seq is not None:
             self._checkpoint = page.seq.json_text
+        if self._state != "stopped":
+            full = page.rows >= self._settings.batch_size and page.pending != 0
+            self._progress("catching_up" if full and not page.caught_up else "live")
         log.debug(
             "page committed: source=%s rows=%d changes=%d seq=%s",
             self.name,
@@ -447,6 +452,32 @@ class Poller:
             error,
         )
         await anyio.sleep(wait_s)
+
+    def _progress(self, state: State) -> None:
+        """Enter `state` after a commit; log the start and end of a catch-up, and how far it
+        is once every `PROGRESS_EVERY_S`, without a line per page."""
+        was, self._state = self._state, state
+        now = time.monotonic()
+        if state == "catching_up":
+            if was != "catching_up":
+                self._catch_up = (now, self._seen)
+                self._progress_at = now
+                log.info("catching up: source=%s checkpoint=%s", self.name, self._checkpoint)
+            elif now - self._progress_at >= PROGRESS_EVERY_S:
+                self._progress_at = now
+                about = self._couchdb_pending
+                total = "" if about is None else f" of about {self._seen + about}"
+                log.info("catching up: source=%s read=%d%s", self.name, self._seen, total)
+        elif was == "catching_up":
+            started, seen = self._catch_up
+            log.info(
+                "caught up: source=%s read=%d in %.1f s",
+                self.name,
+                self._seen - seen,
+                now - started,
+            )
+        elif was != state:
+            log.info("source %s: source=%s checkpoint=%s", state, self.name, self._checkpoint)
 
     def _recovered(self) -> None:
         """The feed reads again: forget the failures (and say so, if they were warned of)."""
