@@ -386,13 +386,30 @@ class Poller:
         The commit always finishes (it is shielded); a failed read raises once it has.
         """
         following: list[couchdb.Page] = []
+        committed, quiet = anyio.Event(), anyio.CancelScope()
+
+        async def commit() -> None:
+            await self._commit(page)
+            committed.set()
+
         try:
             async with anyio.create_task_group() as group:
-                group.start_soon(self._commit, page)
+                group.start_soon(commit)
+                group.start_soon(self._live_when_quiet, committed, quiet)
                 following.append(await reading)
+                quiet.cancel()
         except BaseExceptionGroup as error:
             raise _sole(error) from None
         return following[0]
+
+    async def _live_when_quiet(self, committed: anyio.Event, quiet: anyio.CancelScope) -> None:
+        """A full page followed by no row for a heartbeat's time: the feed has caught up
+        (the continuous feed gives no `pending` to tell), so the source is live."""
+        with quiet:
+            await committed.wait()
+            await anyio.sleep(self._settings.heartbeat_s)
+            if self._state == "catching_up":
+                self._progress("live")
 
     async def _commit(self, page: couchdb.Page) -> None:
         # Shielded so that stop() never leaves a commit's bookkeeping half done.
