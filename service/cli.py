@@ -22,6 +22,7 @@ from rich.markup import escape
 # The service's parts are imported by the commands that use them, so that `pandasync --help`
 # and a mistyped command answer at once (tests/test_cli.py checks what `--help` loads).
 if TYPE_CHECKING:
+    from rich.progress import Progress
     from sqlmodel import Session
 
     from service.changes import Change
@@ -240,10 +241,12 @@ def sync(
 
 
 async def _drain(settings: Settings, database: db.Database) -> DeliveryStatus:
+    import anyio
     import httpx
 
     from service import app as wiring
     from service.delivery import panda
+    from service.store import outbox
 
     http = panda.make_http(
         url=str(settings.panda.url),
@@ -252,10 +255,57 @@ async def _drain(settings: Settings, database: db.Database) -> DeliveryStatus:
     )
     async with http, httpx.AsyncClient() as couchdb_http:
         service = wiring.build(settings, database, http, couchdb_http)
-        for poller in service.pollers.values():
-            await poller.run_once()
-        await service.delivery.run_once()
+        with _progress() as progress:
+            reading = progress.add_task("reading CouchDB feeds", total=None)
+            sending = progress.add_task("delivering to PANDA", total=None)
+
+            def refresh() -> None:
+                read = sum(poller.status().changes_seen for poller in service.pollers.values())
+                sent = service.delivery.status()
+                progress.update(reading, completed=read)
+                progress.update(sending, completed=sent.delivered + sent.dead_lettered)
+
+            async with anyio.create_task_group() as group:
+                group.start_soon(_every, 0.2, refresh)
+                for poller in service.pollers.values():
+                    await poller.run_once()
+                progress.update(sending, total=await database.run(outbox.pending, None))
+                await service.delivery.run_once()
+                refresh()
+                group.cancel_scope.cancel()
         return service.delivery.status()
+
+
+def _progress() -> Progress:
+    """Progress on stderr while `sync --once` works; gone when it ends (and never drawn when
+    stderr is not a terminal)."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        SpinnerColumn,
+        TextColumn,
+        TimeElapsedColumn,
+    )
+
+    return Progress(
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=err,
+        transient=True,
+    )
+
+
+async def _every(interval_s: float, action: Callable[[], None]) -> None:
+    """`action()` every `interval_s` until cancelled (a display's refresh)."""
+    import anyio
+
+    while True:
+        action()
+        await anyio.sleep(interval_s)
 
 
 @cli.command("reset-checkpoint")
