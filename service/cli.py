@@ -462,6 +462,19 @@ cli.add_typer(dead_letters_cli, name="dead-letters")
 LetterIds = Annotated[list[int] | None, typer.Argument(help="Dead letter ids (see `list`).")]
 
 
+def _cut(text: str, width: int) -> str:
+    """`text` on one line, cut to `width` characters with an ellipsis."""
+    line = " ".join(text.split())
+    return line if len(line) <= width else line[: max(0, width - 1)] + "…"
+
+
+def _plain_answer(answer: outbox.Answer | None) -> str:
+    if answer is None:
+        return "-"
+    status = "no answer" if answer.status is None else str(answer.status)
+    return f"{status}: {answer.detail}"
+
+
 def _answer_text(answer: outbox.Answer | None) -> str:
     if answer is None:
         return "-"
@@ -478,27 +491,34 @@ def list_dead_letters(
 
     Each with PANDA's last answer to it (or why its document could not be mapped).
     """
-    from rich.table import Table
-
     from service.store import dead_letters
 
     settings = _settings(config)
     if source is not None:
         _source(settings, source)
     letters = _in_store(settings, dead_letters.find, source)
-    table = Table("id", "source", "doc id", "op", "version", "attempts", "since", "last answer")
-    for letter in letters:
-        table.add_row(
+    # One line a letter, cut to the terminal's width (`show` gives a letter whole).
+    rows = [
+        (
             str(letter.id),
-            escape(letter.source),
-            escape(letter.doc_id),
+            letter.source,
+            letter.doc_id,
             letter.op,
-            str(letter.version),
             str(letter.attempts),
-            letter.created_at.isoformat(timespec="seconds"),
-            _answer_text(letter.last_answer),
+            f"{letter.created_at:%m-%d %H:%M}",
+            _plain_answer(letter.last_answer),
         )
-    out.print(table)
+        for letter in letters
+    ]
+    header = ("id", "source", "doc id", "op", "tries", "since UTC", "last answer")
+    caps = (8, 12, 24, 8, 5, 11, None)
+    widths = [
+        min(cap or 10**6, max(len(row[index]) for row in [header, *rows]))
+        for index, cap in enumerate(caps)
+    ]
+    for row in [header, *rows]:
+        cells = [_cut(value, width).ljust(width) for value, width in zip(row, widths, strict=True)]
+        out.print(escape(_cut("  ".join(cells).rstrip(), out.width)), highlight=False)
 
 
 @dead_letters_cli.command("show")

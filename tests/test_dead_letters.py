@@ -244,6 +244,22 @@ def test_the_cli_lists_dead_letters_with_pandas_answer(
     assert "400" in listed
 
 
+def test_the_cli_lists_one_line_a_dead_letter_within_80_columns(
+    config: Path, sqlite_database: Database
+) -> None:
+    refuse(sqlite_database, upsert("a-very-long-document-id-" * 3, "A"))
+    refuse(sqlite_database, upsert("short", "B"))
+    result = runner.invoke(
+        cli, ["dead-letters", "list", "--config", str(config)], env={"COLUMNS": "80"}
+    )
+    lines = result.stdout.splitlines()
+    assert max(map(len, lines)) <= 80
+    rows = [line for line in lines if "upsert" in line]
+    assert len(rows) == 2, result.stdout
+    assert [row.split()[0] for row in rows] == ["1", "2"], "each line starts with its id"
+    assert all("400: " in row for row in rows), result.stdout
+
+
 def test_the_cli_shows_the_change_and_every_answer(config: Path, sqlite_database: Database) -> None:
     (letter_id,) = refuse(sqlite_database, upsert("a", "Flood"))
     code, shown, _ = invoke(config, "show", str(letter_id))
