@@ -24,22 +24,23 @@ def field(record: object, path: str) -> object:
 
     A step into a list takes a decimal index; a step into anything else is missing.
     """
-    value: object = record
-    for step in path.split("."):
-        value = _step(value, step)
-        if value is _MISSING:
-            return None
-    return value
+    value = _walk(record, path)
+    return None if value is _MISSING else value
 
 
 def has_field(record: object, path: str) -> bool:
     """Whether every step of the dotted path is there (its value may be null)."""
+    return _walk(record, path) is not _MISSING
+
+
+def _walk(record: object, path: str) -> object:
+    """The value at the dotted path, or `_MISSING` from the first step that is not there."""
     value: object = record
     for step in path.split("."):
         value = _step(value, step)
         if value is _MISSING:
-            return False
-    return True
+            return _MISSING
+    return value
 
 
 def _step(value: object, step: str) -> object:
