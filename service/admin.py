@@ -14,6 +14,7 @@ from pydantic import BaseModel, Field
 from service import access
 from service.clock import utcnow
 from service.container import Service
+from service.sources import couchdb
 from service.store import dead_letters
 
 router = APIRouter(prefix="/admin", tags=["admin"])
@@ -107,6 +108,44 @@ async def resume_source(name: str, service: AdminDep) -> SourceAction:
     if name in service.pollers:
         service.pollers[name].release()
     return SourceAction(source=name, paused=False)
+
+
+class CheckpointSet(BaseModel):
+    """Where a CouchDB source reads on from."""
+
+    to: Any = Field(
+        description='"0" (every change again), "now" (CouchDB\'s current seq: changes from now'
+        " on) or a seq CouchDB gave, verbatim (any JSON value)."
+    )
+
+
+class CheckpointAnswer(BaseModel):
+    """What a checkpoint change did (seqs as their JSON text)."""
+
+    source: str
+    was: str | None
+    now: str
+
+
+@router.post("/sources/{name}/checkpoint")
+async def set_checkpoint(name: str, body: CheckpointSet, service: AdminDep) -> CheckpointAnswer:
+    """Set a CouchDB source's checkpoint: its feed is closed, the checkpoint written, and the
+    feed read on from there (a paused source stays paused)."""
+    _known(service, name)
+    poller = service.pollers.get(name)
+    if poller is None:
+        raise HTTPException(409, f"source {name!r} is not a CouchDB source: it has no checkpoint")
+    try:
+        loop = service.runner.health().get(f"couchdb:{name}")
+        running = loop is not None and loop.running
+        was, now = await poller.set_checkpoint(body.to, running=running)
+    except TimeoutError:
+        raise HTTPException(503, "the source's feed did not close in time: try again") from None
+    except couchdb.FeedBrokenError as error:
+        raise HTTPException(502, f"CouchDB could not be read: {error}") from None
+    return CheckpointAnswer(
+        source=name, was=None if was is None else was.json_text, now=now.json_text
+    )
 
 
 def _view(letter: dead_letters.Letter) -> LetterView:

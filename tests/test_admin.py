@@ -18,6 +18,7 @@ BEARER = {"authorization": f"Bearer {TOKEN}"}
 ADMIN_ROUTES = [
     ("POST", "/admin/sources/stories/pause", None),
     ("POST", "/admin/sources/stories/resume", None),
+    ("POST", "/admin/sources/feed/checkpoint", {"to": "0"}),
     ("GET", "/admin/dead-letters", None),
     ("GET", "/admin/dead-letters/1", None),
     ("POST", "/admin/dead-letters/replay", {"ids": [1]}),
@@ -134,3 +135,11 @@ async def test_dead_letters_are_listed_shown_replayed_and_discarded(
     assert missing.status_code == 404
     assert await anyio.to_thread.run_sync(panda.rows, "stories") == {"s1": ["Flood", ""]}
     assert await database.run(dead_letters.stored, None) == []
+
+
+async def test_a_webhook_source_has_no_checkpoint_to_set(database: Database) -> None:
+    async with serving(with_token(settings_for(database))) as (client, _):
+        url = "/admin/sources/stories/checkpoint"
+        answer = await client.post(url, json={"to": "0"}, headers=BEARER)
+    assert answer.status_code == 409
+    assert "not a CouchDB source" in answer.json()["detail"]

@@ -8,6 +8,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -318,3 +319,39 @@ def test_a_service_restarted_after_sigkill_does_not_wait_for_the_dead_processs_l
         )
     finally:
         database.close()
+
+
+def test_the_admin_api_sets_a_running_sources_checkpoint_and_its_feed_reads_on_from_it(
+    service: Service, couchdb: CouchDatabase, tmp_path: Path
+) -> None:
+    text = service.config.read_text(encoding="utf-8")
+    service.config.write_text(
+        text.replace("[server]\n", '[server]\nadmin_token = "t0ken"\n'), encoding="utf-8"
+    )
+    couchdb.bulk([{"_id": f"s{n}", "title": "t"} for n in range(3)])
+    auth = {"authorization": "Bearer t0ken"}
+
+    def feed() -> dict[str, Any]:
+        answer = httpx.get(f"http://127.0.0.1:{service.port}/status", headers=auth, timeout=2)
+        report: dict[str, Any] = answer.json()["sources"]["stories"]["feed"]
+        return report
+
+    def set_to(to: object) -> dict[str, Any]:
+        url = f"http://127.0.0.1:{service.port}/admin/sources/stories/checkpoint"
+        answer = httpx.post(url, json={"to": to}, headers=auth, timeout=30)
+        assert answer.status_code == 200, answer.text
+        body: dict[str, Any] = answer.json()
+        return body
+
+    with serving(service.config, tmp_path / "serve.log"):
+        wait_until(lambda: service.answers("/healthz", 200), what="the service")
+        wait_until(lambda: feed()["state"] == "live", what="the source to be live")
+        before = feed()
+        seen = before["changes_seen"]
+        now = set_to("now")
+        assert now["was"] == before["checkpoint"]
+        assert feed()["checkpoint"] == now["now"]
+        again = set_to("0")
+        assert again["now"] == '"0"'
+        wait_until(lambda: feed()["changes_seen"] >= seen + 3, what="the feed read again")
+        assert feed()["state"] == "live"

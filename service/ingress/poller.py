@@ -164,6 +164,8 @@ class Poller:
         # Paused by an operator (`hold`), and the connection that `hold` cuts.
         self._held = False
         self._reading: anyio.CancelScope | None = None
+        # Set while a held source waits with its feed closed (no read, no commit under way).
+        self._parked = anyio.Event()
         # When the current catch-up began (monotonic) and the rows seen then; last progress line.
         self._catch_up = (0.0, 0)
         self._progress_at = 0.0
@@ -201,7 +203,39 @@ class Poller:
     def release(self) -> None:
         """Resume reading after `hold`."""
         self._held = False
+        self._parked = anyio.Event()
         log.info("source resumed by an operator: source=%s", self.name)
+
+    async def set_checkpoint(self, to: object, *, running: bool) -> tuple[Seq | None, Seq]:
+        """Set the checkpoint to `to`: "0" (read every change again), "now" (CouchDB's
+        current seq: only changes from now on) or a seq CouchDB gave, verbatim. A `running`
+        source is paused first, until its feed is closed, and resumed after (unless it was
+        paused already). Returns the checkpoint before and after."""
+        was_held = self._held
+        if running:
+            self.hold()
+            with anyio.fail_after(self._settings.timeout_s + ROOM_POLL_S):
+                await self._parked.wait()
+        try:
+            if to == "now":
+                now = await couchdb.read_page(self._http, self._source, Seq.of("now"), limit=1)
+                assert now.seq is not None  # a `feed=normal` answer always has its last_seq
+                seq = now.seq
+            else:
+                seq = Seq.of(to)
+            old = await self._db.run(checkpoints.load, self.name)
+            await self._db.run(checkpoints.save, self.name, seq)
+        finally:
+            if running and not was_held:
+                self.release()
+        self._checkpoint = seq.json_text
+        log.warning(
+            "checkpoint set by an operator: source=%s was=%s now=%s",
+            self.name,
+            None if old is None else old.json_text,
+            seq.json_text,
+        )
+        return old, seq
 
     def stop(self) -> None:
         """Stop reading; a commit in progress finishes, then `run()` returns."""
@@ -334,6 +368,7 @@ class Poller:
         while self._full() or self._held:
             if self._held:
                 self._state = "paused"
+                self._parked.set()
                 await anyio.sleep(ROOM_POLL_S)
                 continue
             if self._state != "paused":
