@@ -1,5 +1,7 @@
 """Delivery from the outbox into the PANDA-compatible server over real sockets, on both stores."""
 
+import itertools
+import logging
 import math
 import random
 import socket
@@ -879,3 +881,21 @@ async def test_after_a_cut_off_the_next_batch_too_waits_for_the_lease(
     )
     assert claimed_now == [], "the cut-off batch's lease holds the source"
     assert await claimed_after_the_lease(database) == [("s1", 0), ("s2", 0)]
+
+
+async def test_a_busy_delivery_says_how_it_goes_in_a_line_every_ten_seconds(
+    panda: RunningPanda, database: Database, clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    ticks = itertools.count(0.0, 1.0)  # every look at the timer is a second later
+    await enqueue(database, clock, *[upsert(f"r{index:02}", "x", "1") for index in range(30)])
+    settings = SETTINGS.model_copy(update={"batch_size": 2, "max_batch_size": 2})
+    with caplog.at_level(logging.INFO, logger="service.delivery.engine"):
+        async with delivery_with(
+            panda, database, clock, settings, timer=lambda: next(ticks)
+        ) as delivery:
+            assert await delivery.run_once() == 30
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("delivering:")]
+    assert all(line.startswith("delivering: source=stories delivered=") for line in lines)
+    assert 1 <= len(lines) < statuses(panda)["202"], "a line a period, not one a batch"
+    periods = [float(line.split(" in ")[1].split(" s ")[0]) for line in lines]
+    assert min(periods) >= 10, periods

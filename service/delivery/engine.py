@@ -41,6 +41,8 @@ log = logging.getLogger(__name__)
 Timer = Callable[[], float]
 # PANDA answers 403 only while another process holds the dataset's lock (panda-api.md §3.3.7).
 LOCKED = 403
+# While a source's changes go out, one line says how it goes per this many seconds.
+SUMMARY_EVERY_S = 10.0
 _EXTERNAL_ID = attrgetter("external_id")
 _ROW_JSON = attrgetter("row_json")
 
@@ -84,6 +86,9 @@ class _Dataset:
     stopped: str | None = None
     # Paused by an operator (`Delivery.hold`): nothing more is sent until `release`.
     held: bool = False
+    # Delivered and dead-lettered since the last summary line, and when that was (timer).
+    since_summary: tuple[int, int] = (0, 0)
+    summary_at: float | None = None
 
 
 @dataclass(eq=False)
@@ -365,7 +370,24 @@ class Delivery:
             return batch
 
     def _count(self, dataset: _Dataset, batch: _Batch, delivered: int, dead: int) -> None:
-        """The batch's outcome in the metrics: counts, and each delivered change's freshness."""
+        """The batch's outcome in the metrics (counts, each delivered change's freshness) and,
+        once every `SUMMARY_EVERY_S` while changes go out, in one log line."""
+        done, refused = dataset.since_summary
+        dataset.since_summary = (done + delivered, refused + dead)
+        now_s = self._timer()
+        if dataset.summary_at is None:
+            dataset.summary_at = now_s
+        elif now_s - dataset.summary_at >= SUMMARY_EVERY_S:
+            done, refused = dataset.since_summary
+            log.info(
+                "delivering: source=%s delivered=%d dead_lettered=%d in %.0f s batch_size=%d",
+                dataset.source,
+                done,
+                refused,
+                now_s - dataset.summary_at,
+                dataset.sizer.size,
+            )
+            dataset.since_summary, dataset.summary_at = (0, 0), now_s
         labels = (dataset.source, dataset.target.slug)
         self._metrics.delivered.labels(*labels).inc(delivered)
         self._metrics.dead_lettered.labels(*labels).inc(dead)
