@@ -58,6 +58,16 @@ class PandaSettings(_Strict):
     timeout_s: float = Field(default=30.0, gt=0)
     max_connections: int = Field(default=10, ge=1)
 
+    @field_validator("url")
+    @classmethod
+    def _no_credentials_in_url(cls, value: AnyHttpUrl) -> AnyHttpUrl:
+        if value.username or value.password:
+            raise ValueError(
+                "the URL holds credentials, which would end up in logs: remove them; pandasync"
+                " signs in to PANDA with email and api_key"
+            )
+        return value
+
     @field_validator("api_key")
     @classmethod
     def _key_not_empty(cls, value: SecretStr) -> SecretStr:

@@ -328,3 +328,10 @@ def test_a_bad_environment_override_is_named_as_such(
     monkeypatch.setenv("PANDASYNC_SERVER__PORT", "abc")
     (problem,) = problems(write(tmp_path, MINIMAL))
     assert problem.where == "server.port (from the environment, PANDASYNC_SERVER__PORT)"
+
+
+def test_credentials_in_the_panda_url_are_refused_and_never_printed(tmp_path: Path) -> None:
+    text = MINIMAL.replace("http://panda.example.org", "http://panda:s3cr3t@panda.example.org")
+    (problem,) = problems(write(tmp_path, text))
+    assert (problem.where, "credentials" in problem.what) == ("panda.url", True)
+    assert "s3cr3t" not in str(problem)

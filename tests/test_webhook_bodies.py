@@ -170,11 +170,11 @@ def test_a_body_that_is_not_json_says_where_it_breaks(body: bytes, message: str)
     assert str(raised.value).startswith(message)
 
 
-def test_lone_surrogates_and_integers_past_64_bits_are_read_exactly() -> None:
-    row = b'["\\ud800", 123456789012345678901234567890]'
+def test_integers_past_64_bits_are_read_exactly() -> None:
+    row = b'["\\u00e9", 123456789012345678901234567890]'
     body = b'{"changes": [{"op": "upsert", "id": "a", "row": ' + row + b"}]}"
     assert parse(PANDASYNC, body).changes == (
-        upsert("a", "a", "\ud800", "123456789012345678901234567890"),
+        upsert("a", "a", "\u00e9", "123456789012345678901234567890"),
     )
 
 
@@ -202,6 +202,10 @@ def test_a_list_of_couchdb_documents_deletes_the_deleted_and_ignores_design_docu
     assert read(COUCHDB, documents) == Parsed(
         (upsert("s1", "s1", "Flood", "Ana"), delete("s2", "s2", 4)), ignored=1
     )
+
+
+def test_a_design_document_alone_is_ignored_as_in_a_list() -> None:
+    assert read(COUCHDB, {"_id": "_design/x", "views": {}}) == Parsed((), ignored=1)
 
 
 def test_a_bulk_docs_body_is_read_like_a_list() -> None:
@@ -349,3 +353,19 @@ def test_a_mapped_item_with_none_of_the_columns_fields_is_refused() -> None:
     mapped = source("jmespath", mapping={})
     (problem,) = problems(mapped, [{"_id": "a", "headline": "x"}])
     assert (problem.field, "it has `_id`, `headline`" in problem.message) == ("items[0]", True)
+
+
+def test_a_row_value_with_a_lone_surrogate_is_refused_at_the_door() -> None:
+    body = '{"changes": [{"op": "upsert", "id": "a", "row": {"title": "x\\ud800y"}}]}'
+    with pytest.raises(BodyError) as raised:
+        parse(PANDASYNC, body.encode())
+    (problem,) = raised.value.problems
+    assert (problem.field, "lone surrogate" in problem.message) == ("changes[0].row", True)
+
+
+def test_a_couchdb_document_with_a_lone_surrogate_is_refused_at_the_door() -> None:
+    body = '{"_id": "a", "title": "x\\udfffy"}'
+    with pytest.raises(BodyError) as raised:
+        parse(COUCHDB, body.encode())
+    (problem,) = raised.value.problems
+    assert (problem.field, "lone surrogate" in problem.message) == ("(body)", True)

@@ -210,10 +210,10 @@ def _own_change(source: SourceSettings, where: str, item: WebhookChange) -> Chan
     identifier = _identifier(source, item.id, f"{where}.id")
     version = None if item.version is None else SourceVersion.of(item.version)
     if item.row is None:
-        return _change(source, identifier, None, version)
+        return _change(source, identifier, None, version, where)
     if isinstance(item.row, dict):
         _some_column(source, item.row, f"{where}.row", [column.field for column in source.columns])
-        return _change(source, identifier, _row_of(source, item.row), version)
+        return _change(source, identifier, _row_of(source, item.row), version, f"{where}.row")
     if len(item.row) != len(source.columns):
         raise BodyError(
             [
@@ -223,7 +223,8 @@ def _own_change(source: SourceSettings, where: str, item: WebhookChange) -> Chan
                 )
             ]
         )
-    return _change(source, identifier, tuple(mapping.text(value) for value in item.row), version)
+    row = tuple(mapping.text(value) for value in item.row)
+    return _change(source, identifier, row, version, f"{where}.row")
 
 
 # How many of a record's field names a refusal lists.
@@ -259,7 +260,20 @@ def _change(
     identifier: str,
     row: tuple[str, ...] | None,
     version: SourceVersion | None,
+    where: str,
 ) -> Change:
+    """The change, refused when a row value could never be written (a lone surrogate, from a
+    JSON `\\ud800` escape with no pair: no database column takes it)."""
+    if row is not None and not all(map(mapping.is_unicode, row)):
+        raise BodyError(
+            [
+                FieldProblem(
+                    where or "(body)",
+                    "a value holds a lone surrogate (an unpaired \\ud800-style escape), which"
+                    " PANDA cannot store: send valid Unicode",
+                )
+            ]
+        )
     op = Op.DELETE if row is None else Op.UPSERT
     encoded = external_ids.encode(identifier)
     return Change(source.name, identifier, encoded, op, row, source_version=version)
@@ -285,6 +299,8 @@ def _couchdb(source: SourceSettings, document: object) -> Parsed:
         documents, prefix = document["docs"], "docs"
         if not isinstance(documents, list):
             raise BodyError([FieldProblem("docs", "a _bulk_docs body holds a list of documents")])
+    elif _is_design(document):
+        return Parsed((), ignored=1)  # a design document alone, ignored as in a list
     else:
         return Parsed(tuple(_collect([document], lambda _, doc: _document(source, "", doc))))
     designs = [_is_design(doc) for doc in documents]
@@ -309,7 +325,7 @@ def _document(source: SourceSettings, where: str, doc: object) -> Change:
         raise BodyError([FieldProblem(inside + source.id_field, _BAD_ID)]) from None
     version = _revision(doc.get("_rev"), inside + "_rev")
     row = None if doc.get("_deleted") is True else _row_of(source, doc)
-    return _change(source, identifier, row, version)
+    return _change(source, identifier, row, version, where)
 
 
 def _revision(rev: object, where: str) -> SourceVersion | None:
@@ -345,7 +361,7 @@ def _item(source: SourceSettings, rules: WebhookMapping, where: str, item: objec
     identifier = _identifier(source, raw_id, f"{where}.id")
     version = None if rules.version is None else _version(rules.version, item, where)
     if op is Op.DELETE:
-        return _change(source, identifier, None, version)
+        return _change(source, identifier, None, version, where)
     if not any(column.name in rules.columns for column in source.columns):
         _some_column(source, record, where, [column.field for column in source.columns])
     row = tuple(
@@ -356,7 +372,7 @@ def _item(source: SourceSettings, rules: WebhookMapping, where: str, item: objec
         )
         for column in source.columns
     )
-    return _change(source, identifier, row, version)
+    return _change(source, identifier, row, version, where)
 
 
 def _op(expression: str, item: object, where: str) -> Op:
