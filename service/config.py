@@ -49,6 +49,16 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def _without_credentials(url: AnyHttpUrl, fix: str) -> AnyHttpUrl:
+    """`url`, refused when it holds credentials (which would end up in logs); `fix` says how
+    to give them instead."""
+    if url.username or url.password:
+        raise ValueError(
+            f"the URL holds credentials, which would end up in logs: remove them from it; {fix}"
+        )
+    return url
+
+
 class PandaSettings(_Strict):
     """The PANDA instance rows are replicated to."""
 
@@ -61,12 +71,7 @@ class PandaSettings(_Strict):
     @field_validator("url")
     @classmethod
     def _no_credentials_in_url(cls, value: AnyHttpUrl) -> AnyHttpUrl:
-        if value.username or value.password:
-            raise ValueError(
-                "the URL holds credentials, which would end up in logs: remove them; pandasync"
-                " signs in to PANDA with email and api_key"
-            )
-        return value
+        return _without_credentials(value, "pandasync signs in to PANDA with email and api_key")
 
     @field_validator("api_key")
     @classmethod
@@ -179,12 +184,7 @@ class CouchDBSettings(_Strict):
     @field_validator("url")
     @classmethod
     def _no_credentials_in_url(cls, value: AnyHttpUrl) -> AnyHttpUrl:
-        if value.username or value.password:
-            raise ValueError(
-                "the URL holds credentials, which would end up in logs: remove them from the"
-                " URL and set username and password"
-            )
-        return value
+        return _without_credentials(value, "set username and password instead")
 
     @model_validator(mode="before")
     @classmethod
