@@ -235,7 +235,10 @@ def sync(
         status = anyio.run(_drain, settings, database)
     finally:
         database.close()
-    out.print(f"delivered {status.delivered}, dead letters {status.dead_lettered}")
+    out.print(
+        f"delivered {status.delivered}, unchanged {status.unchanged},"
+        f" dead letters {status.dead_lettered}"
+    )
     if status.paused or status.stopped_sources:
         _fail(status.paused or "; ".join(status.stopped_sources.values()))
 
@@ -263,7 +266,9 @@ async def _drain(settings: Settings, database: db.Database) -> DeliveryStatus:
                 read = sum(poller.status().changes_seen for poller in service.pollers.values())
                 sent = service.delivery.status()
                 progress.update(reading, completed=read)
-                progress.update(sending, completed=sent.delivered + sent.dead_lettered)
+                progress.update(
+                    sending, completed=sent.delivered + sent.unchanged + sent.dead_lettered
+                )
 
             async with anyio.create_task_group() as group:
                 group.start_soon(_every, 0.2, refresh)

@@ -359,6 +359,9 @@ class DeliverySettings(_Strict):
     max_batch_size: int = Field(default=1000, ge=1, le=1000)
     slow_batch_s: float = Field(default=5.0, gt=0)
     row_by_row: bool = False
+    # A change that would write what PANDA acknowledged last for its row (or delete a row
+    # PANDA no longer has) is settled without a request.
+    skip_unchanged: bool = True
     parallel_datasets: int = Field(default=4, ge=1)
     # A source's lease: renewed every third of it while a delivery holds it, so a replica
     # that dies or freezes is taken over once it runs out.

@@ -40,6 +40,12 @@ class Metrics:
             ["source", "dataset"],
             registry=registry,
         )
+        self.unchanged = Counter(
+            "pandasync_changes_unchanged",
+            "Changes settled without a request: PANDA held the row already.",
+            ["source", "dataset"],
+            registry=registry,
+        )
         self.retried = Counter(
             "pandasync_changes_retried",
             "Changes PANDA asked to send again later.",

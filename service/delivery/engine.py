@@ -33,8 +33,9 @@ from service.delivery.panda import (
     TargetError,
 )
 from service.metrics import Metrics
-from service.store import leases, outbox
+from service.store import delivered, leases, outbox
 from service.store.db import Database
+from service.store.delivered import claim_hash
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +69,8 @@ class DeliveryStatus:
     retrying_until: datetime | None
     delivered: int
     dead_lettered: int
+    # Changes settled without a request: PANDA held their rows already.
+    unchanged: int
     last_error: str | None
     datasets: Mapping[str, DatasetDelivery]
 
@@ -86,8 +89,9 @@ class _Dataset:
     stopped: str | None = None
     # Paused by an operator (`Delivery.hold`): nothing more is sent until `release`.
     held: bool = False
-    # Delivered and dead-lettered since the last summary line, and when that was (timer).
-    since_summary: tuple[int, int] = (0, 0)
+    # Delivered, dead-lettered and unchanged since the last summary line, and when that was
+    # (timer).
+    since_summary: tuple[int, int, int] = (0, 0, 0)
     summary_at: float | None = None
 
 
@@ -105,6 +109,8 @@ class _Batch:
     claims: list[outbox.Claim]
     limit: int
     delivered: list[outbox.Claim] = field(default_factory=list)
+    # Settled without a request: PANDA holds these rows already (`Delivery._sift`).
+    unchanged: list[outbox.Claim] = field(default_factory=list)
     dead: list[tuple[outbox.Claim, outbox.Answer]] = field(default_factory=list)
     retry: list[outbox.Claim] = field(default_factory=list)
     # PANDA's answer to the retried claims, and when to try them again.
@@ -194,6 +200,7 @@ class Delivery:
         self._limiter = anyio.CapacityLimiter(settings.parallel_datasets)
         self._paused: str | None = None
         self._delivered = 0
+        self._unchanged = 0
         self._dead_lettered = 0
         self._last_error: str | None = None
         self._stopping = False
@@ -210,6 +217,7 @@ class Delivery:
             },
             retrying_until=min(waits, default=None),
             delivered=self._delivered,
+            unchanged=self._unchanged,
             dead_lettered=self._dead_lettered,
             last_error=self._last_error,
             datasets={
@@ -359,37 +367,41 @@ class Delivery:
                     keeper.cancel_scope.cancel()
             finally:
                 with anyio.CancelScope(shield=True):
-                    delivered, dead = await self._db.run(
-                        _settle, batch, source=dataset.source, now=self._clock()
+                    acked, dead = await self._db.run(
+                        _settle, batch, dataset=dataset.target.slug, now=self._clock()
                     )
-                self._delivered += delivered
+                self._delivered += acked
+                self._unchanged += len(batch.unchanged)
                 self._dead_lettered += dead
-                self._count(dataset, batch, delivered, dead)
+                self._count(dataset, batch, acked, dead)
             if batch.fence.cancelled_caught:
                 self._lost_lease(dataset, batch)
             return batch
 
-    def _count(self, dataset: _Dataset, batch: _Batch, delivered: int, dead: int) -> None:
+    def _count(self, dataset: _Dataset, batch: _Batch, acked: int, dead: int) -> None:
         """The batch's outcome in the metrics (counts, each delivered change's freshness) and,
         once every `SUMMARY_EVERY_S` while changes go out, in one log line."""
-        done, refused = dataset.since_summary
-        dataset.since_summary = (done + delivered, refused + dead)
+        done, refused, same = dataset.since_summary
+        dataset.since_summary = (done + acked, refused + dead, same + len(batch.unchanged))
         now_s = self._timer()
         if dataset.summary_at is None:
             dataset.summary_at = now_s
         elif now_s - dataset.summary_at >= SUMMARY_EVERY_S:
-            done, refused = dataset.since_summary
+            done, refused, same = dataset.since_summary
             log.info(
-                "delivering: source=%s delivered=%d dead_lettered=%d in %.0f s batch_size=%d",
+                "delivering: source=%s delivered=%d dead_lettered=%d unchanged=%d in %.0f s"
+                " batch_size=%d",
                 dataset.source,
                 done,
                 refused,
+                same,
                 now_s - dataset.summary_at,
                 dataset.sizer.size,
             )
-            dataset.since_summary, dataset.summary_at = (0, 0), now_s
+            dataset.since_summary, dataset.summary_at = (0, 0, 0), now_s
         labels = (dataset.source, dataset.target.slug)
-        self._metrics.delivered.labels(*labels).inc(delivered)
+        self._metrics.delivered.labels(*labels).inc(acked)
+        self._metrics.unchanged.labels(*labels).inc(len(batch.unchanged))
         self._metrics.dead_lettered.labels(*labels).inc(dead)
         if batch.retry_as is not None:
             self._metrics.retried.labels(*labels).inc(len(batch.retry))
@@ -443,11 +455,13 @@ class Delivery:
     async def _send(self, dataset: _Dataset, batch: _Batch) -> None:
         """Send one batch to PANDA and record in it what became of each claim; sets
         `batch.went_on` when the whole batch was handled and the dataset may go on."""
-        # Claims put off (a second change to a row of the batch) stay due for the next one.
-        requests = plan(batch.claims, row_by_row=self._settings.row_by_row)
         async with self._limiter:
             try:
                 await self._ensure(dataset, batch)
+                sending = await self._sift(dataset, batch)
+                # Claims put off (a second change to a row of the batch) stay due for the
+                # next batch.
+                requests = plan(sending, row_by_row=self._settings.row_by_row)
                 await self._put_in_bulk(dataset, batch, requests.bulk)
                 for claim in requests.single:
                     self._go_on(dataset, batch)
@@ -455,6 +469,24 @@ class Delivery:
             except _StopBatchError:
                 return
         batch.went_on = True
+
+    async def _sift(self, dataset: _Dataset, batch: _Batch) -> list[outbox.Claim]:
+        """The batch's claims that must be sent. Those that would write what PANDA holds
+        already are settled without a request (`skip_unchanged`); what PANDA holds of the
+        others is forgotten first, in a transaction of its own (`delivered.sift`)."""
+        slug = dataset.target.slug
+        skip = self._settings.skip_unchanged
+        sending: list[outbox.Claim] = []
+        for claim in batch.claims:
+            if skip and claim.delivered is not None and claim.delivered == claim_hash(slug, claim):
+                batch.unchanged.append(claim)
+            else:
+                sending.append(claim)
+        known = batch.unchanged or any(claim.delivered is not None for claim in sending)
+        if known and not await self._db.run(delivered.sift, batch.unchanged, sending):
+            batch.unchanged.clear()
+            raise _StopBatchError
+        return sending
 
     def _go_on(self, dataset: _Dataset, batch: _Batch) -> None:
         """Before a batch's next write: stop there once the dataset must not go on (stopping,
@@ -466,9 +498,18 @@ class Delivery:
     async def _ensure(self, dataset: _Dataset, batch: _Batch) -> None:
         if dataset.ensured:
             return
-        refusal = await self._request(
-            dataset, batch, [], "dataset", lambda: self._panda.ensure_dataset(dataset.target)
-        )
+        created = False
+
+        async def ensure() -> None:
+            nonlocal created
+            created = await self._panda.ensure_dataset(dataset.target)
+
+        refusal = await self._request(dataset, batch, [], "dataset", ensure)
+        if created:
+            # A new, empty dataset: whatever PANDA held of the source's rows is gone.
+            await self._db.run(delivered.forget, dataset.source)
+            for claim in batch.claims:
+                claim.delivered = None
         if refusal is not None:
             self._stop_source(
                 dataset,
@@ -661,10 +702,12 @@ class Delivery:
         )
 
 
-def _settle(session: Session, batch: _Batch, *, source: str, now: datetime) -> tuple[int, int]:
+def _settle(session: Session, batch: _Batch, *, dataset: str, now: datetime) -> tuple[int, int]:
     """Write the batch's outcome and end its lease (kept on while a request is in doubt);
     returns (entries removed as delivered, dead letters made)."""
-    delivered = outbox.ack_many(session, batch.delivered)
+    source = batch.claims[0].source
+    acked = outbox.ack_many(session, batch.delivered)
+    delivered.record(session, dataset, batch.delivered)
     dead = sum(
         outbox.dead_letter(session, claim, answer=answer, now=now) for claim, answer in batch.dead
     )
@@ -680,4 +723,4 @@ def _settle(session: Session, batch: _Batch, *, source: str, now: datetime) -> t
             len(batch.in_doubt),
         )
     leases.end(session, source, batch.lease, keep=bool(batch.in_doubt))
-    return delivered, dead
+    return acked, dead

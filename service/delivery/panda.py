@@ -10,7 +10,7 @@ import math
 import re
 import string
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC
 from typing import Any
@@ -168,6 +168,14 @@ def make_http(
     )
 
 
+@dataclass(frozen=True)
+class PandaRow:
+    """A row as PANDA lists it: its external_id and its data, as stored."""
+
+    external_id: str
+    data: list[Any]
+
+
 class PandaClient:
     """Writes rows of PANDA datasets by external_id over an `httpx.AsyncClient` from `make_http`.
 
@@ -202,8 +210,9 @@ class PandaClient:
     def __repr__(self) -> str:
         return f"PandaClient(url={str(self._http.base_url)!r}, email={self._email!r})"
 
-    async def ensure_dataset(self, dataset: Dataset) -> None:
-        """Make sure `dataset` exists in PANDA with exactly its columns, in order.
+    async def ensure_dataset(self, dataset: Dataset) -> bool:
+        """Make sure `dataset` exists in PANDA with exactly its columns, in order; True when
+        it was created.
 
         Idempotent: GET it; when missing, PUT it with `?columns=` and its name (§5.3). Raises
         `DatasetMismatchError` when it exists with other columns (PANDA cannot change them),
@@ -211,7 +220,8 @@ class PandaClient:
         """
         path = _dataset_path(dataset.slug)
         response = await self._send("GET", path)
-        if response.status_code == 404:
+        created = response.status_code == 404
+        if created:
             response = await self._send(
                 "PUT",
                 path,
@@ -222,6 +232,7 @@ class PandaClient:
         existing = _column_names(response)
         if existing != dataset.columns:
             raise DatasetMismatchError(_mismatch(dataset, existing), slug=dataset.slug)
+        return created
 
     async def put_row(self, slug: str, external_id: str, row: Sequence[str]) -> None:
         """Create or replace row `external_id` of dataset `slug` with `row` (column order).
@@ -329,6 +340,40 @@ class PandaClient:
             await self.put_row(slug, change.external_id, change.row)
         else:  # pragma: no cover - `Change` itself refuses an upsert without a row
             raise ValueError("an upsert change without a row")
+
+    async def row_count(self, slug: str) -> int | None:
+        """The dataset's `row_count` (§3.1: trust it, not a listing's `total_count`); None
+        when the dataset does not exist or was never written."""
+        response = await self._send("GET", _dataset_path(slug))
+        if response.status_code == 404:
+            return None
+        self._check(response, slug=slug, rows=False)
+        count = response.json().get("row_count")
+        return count if isinstance(count, int) else None
+
+    async def rows(self, slug: str, *, page_size: int = 1000) -> AsyncIterator[PandaRow]:
+        """Every row of dataset `slug` with an external_id, page by page (§3.2).
+
+        Always an explicit `limit`; rows of other datasets a listing may hold are left out
+        (each row's `dataset` is checked). Pages are unstable while the dataset is written:
+        read it when nothing else writes it, or expect a row missed or seen twice.
+        Raises `DatasetMissingError` when the dataset does not exist.
+        """
+        path, mine = _rows_path(slug), _dataset_path(slug)
+        offset = 0
+        while True:
+            params = {"limit": str(page_size), "offset": str(offset)}
+            response = await self._send("GET", path, params=params)
+            self._check(response, slug=slug, rows=True)
+            page = response.json()
+            objects = page.get("objects") or []
+            for row in objects:
+                external_id, data = row.get("external_id"), row.get("data")
+                if row.get("dataset") == mine and isinstance(external_id, str):
+                    yield PandaRow(external_id, list(data) if isinstance(data, list) else [])
+            if len(objects) < page_size:
+                return
+            offset += page_size
 
     async def _send(
         self,

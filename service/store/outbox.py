@@ -66,6 +66,8 @@ class Claim:
     claimed_until: datetime
     # When the change was taken in (its entry created), for freshness; None when not known.
     accepted_at: datetime | None = None
+    # What PANDA acknowledged last for the document (`DocState.delivered`), when claimed.
+    delivered: str | None = None
 
     @classmethod
     def holding(
@@ -524,6 +526,13 @@ def _due(
 
 def _claim_select(columns: Any) -> sqlalchemy.Select[Any]:
     """What a claim reads of each entry, in the order `_claims` takes it."""
+    states = table_of(DocState).c
+    delivered = (
+        sqlalchemy.select(states.delivered)
+        .where(states.source == columns.source)
+        .where(states.doc_id == columns.doc_id)
+        .scalar_subquery()
+    )
     return sqlalchemy.select(
         columns.id,
         columns.version,
@@ -534,6 +543,7 @@ def _claim_select(columns: Any) -> sqlalchemy.Select[Any]:
         columns.source_version,
         columns.attempts,
         columns.created_at,
+        delivered,
     )
 
 
@@ -553,8 +563,9 @@ def _claims(due: Sequence[Sequence[Any]], source: str, lease: int, until: dateti
             lease,
             until,
             accepted_at,
+            known,
         )
-        for entry_id, version, doc_id, external_id, op, row, text, tries, accepted_at in due
+        for entry_id, version, doc_id, external_id, op, row, text, tries, accepted_at, known in due
     ]
 
 

@@ -163,6 +163,10 @@ class DocState(_Table, table=True):
     source_version: str | None = Field(default=None, sa_type=Text)
     # The document's latest entry (`OutboxEntry.id`); it may since have been delivered.
     entry_id: int | None = Field(default=None)
+    # What PANDA acknowledged last for the document (`delivered.row_hash` of the dataset,
+    # external_id and row, or of no row for a delete); NULL while not known, e.g. while a
+    # request for it is out. An equal change need not be sent.
+    delivered: str | None = Field(default=None, sa_type=Text)
     updated_at: datetime = Field(sa_type=UTCDateTime)
 
 
