@@ -72,6 +72,13 @@ ConfigOption = Annotated[
     ),
 ]
 
+ConfirmOption = Annotated[
+    bool,
+    typer.Option(
+        "--confirm", help="Delete even when that is more than max_delete_fraction of the rows."
+    ),
+]
+
 
 def _fail(message: str) -> NoReturn:
     err.print(f"[bold red]error:[/] {escape(message)}", highlight=False)
@@ -331,6 +338,130 @@ def reset_checkpoint(
     old = _in_store(settings, checkpoints.reset, source)
     was = "no checkpoint" if old is None else f"checkpoint {old.json_text}"
     out.print(f"source {source}: {was} removed; restart pandasync to read the feed again")
+
+
+@cli.command()
+def verify(
+    source: Annotated[str, typer.Argument(help="The source whose dataset to check.")],
+    repair: Annotated[
+        bool, typer.Option("--repair", help="Queue the fixes (see `resync`).")
+    ] = False,
+    confirm: ConfirmOption = False,
+    config: ConfigOption = None,
+) -> None:
+    """Compare the PANDA dataset with what pandasync delivered to it.
+
+    Reports rows missing from PANDA, changed there by hand, unknown to the source (added by
+    hand, or of a document the source deleted) and waiting for delivery; writes nothing.
+    With --repair, does what `resync --delete-orphans` does.
+    """
+    _reconcile(config, source, write=repair, delete_unknown=repair, confirm=confirm)
+
+
+@cli.command()
+def resync(
+    source: Annotated[str, typer.Argument(help="The source to read again from its start.")],
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Print what would be done; change nothing.")
+    ] = False,
+    delete_orphans: Annotated[
+        bool,
+        typer.Option(
+            "--delete-orphans", help="Delete the dataset's rows the source does not have."
+        ),
+    ] = False,
+    confirm: ConfirmOption = False,
+    config: ConfigOption = None,
+) -> None:
+    """Make the PANDA dataset equal to the source again.
+
+    Compares the dataset with what pandasync delivered (reading it page by page), forgets
+    what differs and reads the source again from its start (a CouchDB feed from 0), so
+    every row missing or changed in PANDA is sent again and the others cost nothing. With
+    --delete-orphans, rows the source does not have are deleted, unless they are more than
+    max_delete_fraction of the dataset (then --confirm is needed).
+    """
+    _reconcile(config, source, write=not dry_run, delete_unknown=delete_orphans, confirm=confirm)
+
+
+# A resync or repair that would delete more than this share of a dataset's rows needs
+# --confirm: a source that looks empty by mistake must not empty PANDA.
+MAX_DELETE_FRACTION = 0.2
+
+
+def _reconcile(
+    config: Path | None, name: str, *, write: bool, delete_unknown: bool, confirm: bool
+) -> None:
+    import anyio
+
+    from service import logs
+    from service.changes import Seq
+    from service.clock import utcnow
+    from service.delivery import panda, reconcile
+    from service.store import checkpoints
+
+    settings = _settings(config)
+    logs.configure("WARNING", settings.logging.format)
+    spec = _source(settings, name)
+    slug = spec.dataset.slug
+    database = _open(settings)
+
+    async def compared() -> reconcile.Comparison:
+        http = panda.make_http(url=str(settings.panda.url), timeout_s=settings.panda.timeout_s)
+        async with http:
+            client = panda.PandaClient(
+                http,
+                email=settings.panda.email,
+                api_key=settings.panda.api_key.get_secret_value(),
+            )
+            try:
+                return await reconcile.compare(database, client, name, slug)
+            except panda.DatasetMissingError:
+                return reconcile.Comparison(name, slug)
+            except (panda.RetryableError, panda.TargetError) as error:
+                _fail(f"could not read dataset {slug} from PANDA: {error}")
+
+    try:
+        comparison = anyio.run(compared)
+        out.print(
+            f"dataset {slug}: {comparison.panda_rows} rows in PANDA,"
+            f" {comparison.in_step} as delivered"
+        )
+        for kind_name, kind in comparison.kinds():
+            examples = ", ".join(kind.examples)
+            more = f" (e.g. {escape(examples)})" if kind.count else ""
+            out.print(f"  {kind.count} {kind_name}{more}")
+        deletes = comparison.unknown.count if delete_unknown else 0
+        if not write:
+            out.print(
+                f"would send again {len(comparison.to_send)} rows and delete {deletes};"
+                " nothing was changed"
+            )
+            return
+        fraction = comparison.delete_fraction if delete_unknown else 0.0
+        if fraction > MAX_DELETE_FRACTION and not confirm:
+            _fail(
+                f"this would delete {deletes} of {comparison.panda_rows} rows of {slug}"
+                f" ({fraction:.0%}, more than {MAX_DELETE_FRACTION:.0%}): check the source"
+                " is complete, then run again with --confirm"
+            )
+        queued = anyio.run(
+            lambda: reconcile.repair(
+                database, comparison, delete_unknown=delete_unknown, now=utcnow()
+            )
+        )
+        if spec.kind == "couchdb":
+            database.run_sync(checkpoints.save, name, Seq.of("0"))
+            reread = "its feed is read again from 0: restart pandasync (or POST"
+            reread += f" /admin/sources/{name}/checkpoint with to=0 to a running one)"
+        else:
+            reread = "the rows missing or changed are sent again when the source sends them"
+        out.print(
+            f"source {name}: {len(comparison.to_send)} rows to send again, {queued} deletes"
+            f" queued; {reread}"
+        )
+    finally:
+        database.close()
 
 
 @cli.command()

@@ -10,13 +10,17 @@ the document's next change is always sent. Functions run inside the caller's tra
 
 import hashlib
 from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
 
-from sqlalchemy import bindparam, update
+from sqlalchemy import bindparam, select, update
 from sqlmodel import Session
 
+from service.changes import Change, Op
 from service.store import leases, outbox
+from service.store.db import in_integers
 from service.store.outbox import Claim
-from service.store.tables import DocState, table_of
+from service.store.tables import DocState, OutboxEntry, table_of
 
 
 def row_hash(slug: str, external_id: str, row_json: str | None) -> str:
@@ -81,3 +85,75 @@ def _set(session: Session, values: Sequence[tuple[Claim, str | None]]) -> None:
             for claim, value in values
         ],
     )
+
+
+@dataclass(frozen=True, slots=True)
+class Document:
+    """A document of a source as the store knows it: what PANDA acknowledged last for it
+    (`DocState.delivered`) and the operation of its change waiting for delivery, if any."""
+
+    doc_id: str
+    delivered: str | None
+    pending: Op | None
+
+
+def documents(session: Session, source: str) -> list[Document]:
+    """Every document `source` ever changed."""
+    states, entries = table_of(DocState).c, table_of(OutboxEntry).c
+    rows = session.execute(
+        select(states.doc_id, states.delivered, entries.op)
+        .select_from(
+            table_of(DocState).outerjoin(table_of(OutboxEntry), entries.id == states.entry_id)
+        )
+        .where(states.source == source)
+    )
+    return [Document(doc_id, known, None if op is None else Op(op)) for doc_id, known, op in rows]
+
+
+def forget_documents(session: Session, source: str, doc_ids: Sequence[str]) -> None:
+    """Nothing is known any more of what PANDA holds of these documents of `source`: their
+    next change is sent whatever it holds."""
+    table = table_of(DocState)
+    session.connection().execute(
+        update(table)
+        .where(table.c.source == source)
+        .where(table.c.doc_id == bindparam("key_doc_id"))
+        .values(delivered=None),
+        [{"key_doc_id": doc_id} for doc_id in doc_ids],
+    )
+
+
+def delete_orphans(session: Session, slug: str, orphans: Sequence[Change], *, now: datetime) -> int:
+    """Queue `orphans` (deletes of rows PANDA holds that no document of their source has),
+    less those whose document has become a row meanwhile; returns how many were queued.
+
+    The documents' states are locked first, so a change of one taken in at the same time
+    waits and goes out after the delete, never before it.
+    """
+    keys = {(change.source, change.doc_id) for change in orphans}
+    states = outbox.lock_states(session, keys, now)
+    entries = table_of(OutboxEntry).c
+    pending_ids = [state.entry_id for state in states.values() if state.entry_id is not None]
+    upserts = set(
+        session.execute(
+            select(entries.source, entries.doc_id)
+            .where(in_integers(session, entries.id, "ids"))
+            .where(entries.op == Op.UPSERT.value),
+            {"ids": pending_ids},
+        ).all()
+    )
+    known = dict(
+        session.execute(
+            select(table_of(DocState).c.doc_id, table_of(DocState).c.delivered)
+            .where(table_of(DocState).c.source.in_({source for source, _ in keys}))
+            .where(table_of(DocState).c.doc_id.in_({doc_id for _, doc_id in keys}))
+        ).all()
+    )
+    gone = [
+        change
+        for change in orphans
+        if (change.source, change.doc_id) not in upserts
+        and known.get(change.doc_id) in (None, row_hash(slug, change.external_id, None))
+    ]
+    outbox.enqueue(session, gone, now=now)
+    return len(gone)

@@ -126,6 +126,11 @@ class Answer:
     detail: str
 
 
+def row_text(row: Sequence[object]) -> str:
+    """A row's JSON array text, as the outbox stores it (`Claim.row_json`)."""
+    return _json(list(row))
+
+
 def _json(value: object) -> str:
     # ASCII escapes, so any Python string (even a lone surrogate from a JSON `\ud800`) stores
     # as text on both databases and reads back identical.
@@ -164,7 +169,7 @@ def enqueue(session: Session, changes: Sequence[Change], *, now: datetime) -> En
     """
     if not changes:
         return Enqueued(accepted=0, stale=0)
-    states = _locked_states(session, {(change.source, change.doc_id) for change in changes}, now)
+    states = lock_states(session, {(change.source, change.doc_id) for change in changes}, now)
     latest, stale = _accepted(changes, states)
     if latest:
         _write(session, latest, states, now)
@@ -180,7 +185,7 @@ class _State:
     entry_id: int | None
 
 
-def _locked_states(session: Session, keys: set[Key], now: datetime) -> dict[Key, _State]:
+def lock_states(session: Session, keys: set[Key], now: datetime) -> dict[Key, _State]:
     """The documents' states, created at version 0 when new, locked until the transaction ends.
 
     One upsert in key order does both: its no-op DO UPDATE locks an existing row on PostgreSQL,

@@ -252,10 +252,30 @@ def _matching(dataset: Dataset, query: dict[str, str]) -> Collection[StoredRow]:
     return rows
 
 
+def _and_elsewhere(state: State, dataset: Dataset) -> list[StoredRow]:
+    """The rows of other datasets holding the word "and": without `q`, PANDA's Solr query
+    `" AND dataset_slug:<slug>"` reads as "and OR this dataset" (panda-api.md §3.2)."""
+    return [
+        stored
+        for other in state.store.newest_first()
+        if other is not dataset
+        for stored in other.rows.values()
+        if _has_word(stored.row["data"], "and")
+    ]
+
+
+def _has_word(data: object, word: str) -> bool:
+    values = data if isinstance(data, list) else [data]
+    return any(word in str(value).lower().split() for value in values)
+
+
 def get_rows(state: State, request: Request, route: Route) -> Response:
-    """GET /data/: the simple dataset plus `meta` and a page of `objects`."""
+    """GET /data/: the simple dataset plus `meta` and a page of `objects` (without `q`, with
+    other datasets' rows that hold the word "and", as PANDA's own listing has them)."""
     dataset = _dataset(state, route.slug)
     rows = _matching(dataset, request.query)
+    if not request.query.get("q"):
+        rows = [*rows, *_and_elsewhere(state, dataset)]
     page = window(request.path, request.query, len(rows))
     objects = [stored.row for stored in islice(rows, page.offset, page.offset + page.fetch)]
     body = state.dataset_json(dataset, simple=True)
