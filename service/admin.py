@@ -14,6 +14,8 @@ from pydantic import BaseModel, Field
 from service import access
 from service.clock import utcnow
 from service.container import Service
+from service.delivery import panda, reconcile
+from service.ingress.poller import Poller
 from service.sources import couchdb
 from service.store import dead_letters
 
@@ -146,6 +148,89 @@ async def set_checkpoint(name: str, body: CheckpointSet, service: AdminDep) -> C
     return CheckpointAnswer(
         source=name, was=None if was is None else was.json_text, now=now.json_text
     )
+
+
+class ResyncAsk(BaseModel):
+    """What a resync is to do (as `pandasync resync` does)."""
+
+    dry_run: bool = Field(default=False, description="Only compare; change nothing.")
+    delete_orphans: bool = Field(
+        default=False, description="Delete the dataset's rows the source does not have."
+    )
+    confirm: bool = Field(
+        default=False,
+        description="Delete even when that is more than 20% of the dataset's rows.",
+    )
+
+
+class ResyncAnswer(BaseModel):
+    """What a resync found (the dataset compared with what was delivered) and did."""
+
+    source: str
+    dataset: str
+    panda_rows: int
+    in_step: int
+    missing: int = Field(description="Rows delivered that PANDA no longer has.")
+    changed: int = Field(description="Rows PANDA holds otherwise than delivered (by hand).")
+    unknown: int = Field(description="Rows PANDA holds that the source does not have.")
+    waiting: int = Field(description="Rows whose change waits for delivery.")
+    examples: dict[str, list[str]] = Field(description="A few external_ids of each kind.")
+    written: bool = Field(description="False for a dry run.")
+    to_send: int = Field(description="Rows the source's next reading sends again.")
+    deletes_queued: int
+    read_again: bool = Field(description="Whether the source is read again from its start.")
+
+
+@router.post("/sources/{name}/resync")
+async def resync_source(name: str, body: ResyncAsk, service: AdminDep) -> ResyncAnswer:
+    """Compare the source's PANDA dataset with what was delivered, forget what differs and
+    read a CouchDB source again from 0, so PANDA ends equal to the source; deletes of rows
+    the source does not have with `delete_orphans`. 409 when that would delete more than 20%
+    of the rows without `confirm`."""
+    _known(service, name)
+    spec = next(source for source in service.settings.sources if source.name == name)
+    try:
+        done = await reconcile.resync(
+            service.db,
+            service.panda,
+            name,
+            spec.dataset.slug,
+            dry_run=body.dry_run,
+            delete_unknown=body.delete_orphans,
+            confirm=body.confirm,
+            now=utcnow(),
+        )
+    except reconcile.TooManyDeletesError as error:
+        raise HTTPException(409, f"{error} with confirm=true") from None
+    except (panda.RetryableError, panda.TargetError) as error:
+        raise HTTPException(502, f"PANDA could not be read: {error}") from None
+    poller = service.pollers.get(name)
+    if done.written and poller is not None:
+        await _read_again(service, name, poller)
+    comparison = done.comparison
+    return ResyncAnswer(
+        source=name,
+        dataset=comparison.slug,
+        panda_rows=comparison.panda_rows,
+        in_step=comparison.in_step,
+        missing=comparison.missing.count,
+        changed=comparison.changed.count,
+        unknown=comparison.unknown.count,
+        waiting=comparison.not_known.count,
+        examples={kind: found.examples for kind, found in comparison.kinds() if found.count},
+        written=done.written,
+        to_send=done.to_send,
+        deletes_queued=done.deletes_queued,
+        read_again=done.written and poller is not None,
+    )
+
+
+async def _read_again(service: Service, name: str, poller: Poller) -> None:
+    loop = service.runner.health().get(f"couchdb:{name}")
+    try:
+        await poller.set_checkpoint("0", running=loop is not None and loop.running)
+    except TimeoutError:
+        raise HTTPException(503, "the source's feed did not close in time: try again") from None
 
 
 def _view(letter: dead_letters.Letter) -> LetterView:

@@ -61,6 +61,7 @@ def build(
         settings=settings,
         db=db,
         delivery=delivery,
+        panda=client,
         pollers=pollers,
         runner=runner,
         metrics=metrics,

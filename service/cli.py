@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 
     from service.changes import Change
     from service.config import Settings, SourceSettings
+    from service.delivery import reconcile
     from service.delivery.engine import DeliveryStatus
     from service.store import db, dead_letters, outbox
 
@@ -384,11 +385,6 @@ def resync(
     _reconcile(config, source, write=not dry_run, delete_unknown=delete_orphans, confirm=confirm)
 
 
-# A resync or repair that would delete more than this share of a dataset's rows needs
-# --confirm: a source that looks empty by mistake must not empty PANDA.
-MAX_DELETE_FRACTION = 0.2
-
-
 def _reconcile(
     config: Path | None, name: str, *, write: bool, delete_unknown: bool, confirm: bool
 ) -> None:
@@ -403,10 +399,9 @@ def _reconcile(
     settings = _settings(config)
     logs.configure("WARNING", settings.logging.format)
     spec = _source(settings, name)
-    slug = spec.dataset.slug
     database = _open(settings)
 
-    async def compared() -> reconcile.Comparison:
+    async def resynced() -> reconcile.Resync:
         http = panda.make_http(url=str(settings.panda.url), timeout_s=settings.panda.timeout_s)
         async with http:
             client = panda.PandaClient(
@@ -414,54 +409,53 @@ def _reconcile(
                 email=settings.panda.email,
                 api_key=settings.panda.api_key.get_secret_value(),
             )
-            try:
-                return await reconcile.compare(database, client, name, slug)
-            except panda.DatasetMissingError:
-                return reconcile.Comparison(name, slug)
-            except (panda.RetryableError, panda.TargetError) as error:
-                _fail(f"could not read dataset {slug} from PANDA: {error}")
+            return await reconcile.resync(
+                database,
+                client,
+                name,
+                spec.dataset.slug,
+                dry_run=not write,
+                delete_unknown=delete_unknown,
+                confirm=confirm,
+                now=utcnow(),
+            )
 
     try:
-        comparison = anyio.run(compared)
-        out.print(
-            f"dataset {slug}: {comparison.panda_rows} rows in PANDA,"
-            f" {comparison.in_step} as delivered"
-        )
-        for kind_name, kind in comparison.kinds():
-            examples = ", ".join(kind.examples)
-            more = f" (e.g. {escape(examples)})" if kind.count else ""
-            out.print(f"  {kind.count} {kind_name}{more}")
-        deletes = comparison.unknown.count if delete_unknown else 0
-        if not write:
+        try:
+            done = anyio.run(resynced)
+        except (panda.RetryableError, panda.TargetError) as error:
+            _fail(f"could not read dataset {spec.dataset.slug} from PANDA: {error}")
+        except reconcile.TooManyDeletesError as error:
+            _fail(f"{error} with --confirm")
+        _print_comparison(done.comparison)
+        if not done.written:
+            deletes = done.comparison.unknown.count if delete_unknown else 0
             out.print(
-                f"would send again {len(comparison.to_send)} rows and delete {deletes};"
-                " nothing was changed"
+                f"would send again {done.to_send} rows and delete {deletes}; nothing was changed"
             )
             return
-        fraction = comparison.delete_fraction if delete_unknown else 0.0
-        if fraction > MAX_DELETE_FRACTION and not confirm:
-            _fail(
-                f"this would delete {deletes} of {comparison.panda_rows} rows of {slug}"
-                f" ({fraction:.0%}, more than {MAX_DELETE_FRACTION:.0%}): check the source"
-                " is complete, then run again with --confirm"
-            )
-        queued = anyio.run(
-            lambda: reconcile.repair(
-                database, comparison, delete_unknown=delete_unknown, now=utcnow()
-            )
-        )
         if spec.kind == "couchdb":
             database.run_sync(checkpoints.save, name, Seq.of("0"))
             reread = "its feed is read again from 0: restart pandasync (or POST"
-            reread += f" /admin/sources/{name}/checkpoint with to=0 to a running one)"
+            reread += f" /admin/sources/{name}/resync to a running one instead)"
         else:
             reread = "the rows missing or changed are sent again when the source sends them"
         out.print(
-            f"source {name}: {len(comparison.to_send)} rows to send again, {queued} deletes"
-            f" queued; {reread}"
+            f"source {name}: {done.to_send} rows to send again,"
+            f" {done.deletes_queued} deletes queued; {reread}"
         )
     finally:
         database.close()
+
+
+def _print_comparison(comparison: reconcile.Comparison) -> None:
+    out.print(
+        f"dataset {comparison.slug}: {comparison.panda_rows} rows in PANDA,"
+        f" {comparison.in_step} as delivered"
+    )
+    for kind_name, kind in comparison.kinds():
+        more = f" (e.g. {escape(', '.join(kind.examples))})" if kind.count else ""
+        out.print(f"  {kind.count} {kind_name}{more}")
 
 
 @cli.command()

@@ -5,6 +5,7 @@ from dataclasses import dataclass
 
 from service.config import Settings
 from service.delivery.engine import Delivery
+from service.delivery.panda import PandaClient
 from service.ingress.poller import Poller
 from service.metrics import Metrics
 from service.runner import Runner
@@ -19,6 +20,8 @@ class Service:
     settings: Settings
     db: Database
     delivery: Delivery
+    # PANDA, for reading a dataset back (`resync`); delivery writes through its own.
+    panda: PandaClient
     pollers: Mapping[str, Poller]
     runner: Runner
     metrics: Metrics

@@ -19,6 +19,7 @@ ADMIN_ROUTES = [
     ("POST", "/admin/sources/stories/pause", None),
     ("POST", "/admin/sources/stories/resume", None),
     ("POST", "/admin/sources/feed/checkpoint", {"to": "0"}),
+    ("POST", "/admin/sources/stories/resync", {"dry_run": True}),
     ("GET", "/admin/dead-letters", None),
     ("GET", "/admin/dead-letters/1", None),
     ("POST", "/admin/dead-letters/replay", {"ids": [1]}),
@@ -143,3 +144,64 @@ async def test_a_webhook_source_has_no_checkpoint_to_set(database: Database) -> 
         answer = await client.post(url, json={"to": "0"}, headers=BEARER)
     assert answer.status_code == 409
     assert "not a CouchDB source" in answer.json()["detail"]
+
+
+def by_hand(panda: RunningPanda, method: str, path: str, body: object) -> None:
+    """A write to PANDA's API as a person would make it, not through pandasync."""
+    with httpx.Client(base_url=panda.url, headers=panda.auth) as http:
+        http.request(method, f"/api/1.0/dataset/{path}", json=body).raise_for_status()
+
+
+async def test_a_resync_deletes_rows_added_by_hand_and_forgets_rows_changed_by_hand(
+    panda: RunningPanda, database: Database
+) -> None:
+    stories = {"s1": "Flood", "s2": "Fire", "s3": "Storm", "s4": "Snow", "s5": "Drought"}
+    body = body_of(*(story(doc_id, title) for doc_id, title in stories.items()))
+    async with serving(with_token(settings_for(database, panda.url))) as (client, service):
+        await post(client, "stories", body, signed(body))
+        await service.delivery.run_once()
+        await anyio.to_thread.run_sync(
+            by_hand, panda, "PUT", "stories/data/hand-1/", {"data": ["By hand", ""]}
+        )
+        await anyio.to_thread.run_sync(
+            by_hand, panda, "PUT", "stories/data/s2/", {"data": ["Edited", ""]}
+        )
+        url = "/admin/sources/stories/resync"
+        dry = await client.post(url, json={"dry_run": True, "delete_orphans": True}, headers=BEARER)
+        done = await client.post(url, json={"delete_orphans": True}, headers=BEARER)
+        await service.delivery.run_once()
+        # The source sends s2 again: no longer skipped as what PANDA holds.
+        again = body_of(story("s2", "Fire"))
+        await post(client, "stories", again, signed(again))
+        await service.delivery.run_once()
+    assert dry.status_code == 200, dry.text
+    assert (dry.json()["written"], dry.json()["deletes_queued"]) == (False, 0)
+    assert done.status_code == 200, done.text
+    assert {key: done.json()[key] for key in ("in_step", "changed", "unknown", "to_send")} == {
+        "in_step": 4,
+        "changed": 1,
+        "unknown": 1,
+        "to_send": 1,
+    }
+    assert (done.json()["deletes_queued"], done.json()["read_again"]) == (1, False)
+    assert done.json()["examples"]["unknown to the source"] == ["hand-1"]
+    rows = await anyio.to_thread.run_sync(panda.rows, "stories")
+    assert rows == {doc_id: [title, ""] for doc_id, title in stories.items()}
+
+
+async def test_a_resync_that_would_delete_most_rows_wants_confirm(
+    panda: RunningPanda, database: Database
+) -> None:
+    await anyio.to_thread.run_sync(by_hand, panda, "PUT", "stories/?columns=A,B", {"name": "S"})
+    for index in range(3):
+        await anyio.to_thread.run_sync(
+            by_hand, panda, "PUT", f"stories/data/hand{index}/", {"data": ["By hand", ""]}
+        )
+    async with serving(with_token(settings_for(database, panda.url))) as (client, _):
+        url = "/admin/sources/stories/resync"
+        refused = await client.post(url, json={"delete_orphans": True}, headers=BEARER)
+        pending = await database.run(outbox.pending, "stories")
+    assert refused.status_code == 409
+    assert "this would delete 3 of 3 rows of stories" in refused.json()["detail"]
+    assert "confirm=true" in refused.json()["detail"]
+    assert pending == 0

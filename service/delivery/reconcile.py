@@ -14,13 +14,16 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 from service.changes import Change, Op
-from service.delivery.panda import PandaClient
+from service.delivery.panda import DatasetMissingError, PandaClient
 from service.sources import external_ids
 from service.store import delivered, outbox
 from service.store.db import Database
 
 # How many ids of each kind a report keeps as examples.
 EXAMPLES = 5
+# A resync that would delete more than this share of a dataset's rows needs a confirmation:
+# a source that looks empty by mistake must not empty PANDA.
+MAX_DELETE_FRACTION = 0.2
 
 
 @dataclass
@@ -105,6 +108,60 @@ async def compare(db: Database, panda: PandaClient, source: str, slug: str) -> C
             result.missing.add(external_id)
             result.to_send.append(document.doc_id)
     return result
+
+
+class TooManyDeletesError(Exception):
+    """A resync would delete more than `MAX_DELETE_FRACTION` of the dataset's rows."""
+
+
+@dataclass(frozen=True)
+class Resync:
+    """What `resync` found and did."""
+
+    comparison: Comparison
+    # Whether anything was written (False: a dry run).
+    written: bool
+    deletes_queued: int = 0
+
+    @property
+    def to_send(self) -> int:
+        """Rows missing or changed in PANDA, which the source's next reading sends again."""
+        return len(self.comparison.to_send)
+
+
+async def resync(
+    db: Database,
+    panda: PandaClient,
+    source: str,
+    slug: str,
+    *,
+    dry_run: bool,
+    delete_unknown: bool,
+    confirm: bool,
+    now: datetime,
+) -> Resync:
+    """Compare the dataset with what `source` delivered and, unless `dry_run`, `repair` it.
+
+    The caller then has the source read again from its start. Raises `TooManyDeletesError`
+    when `delete_unknown` would delete more than `MAX_DELETE_FRACTION` of the rows and not
+    `confirm`; errors of PANDA's as `PandaClient.rows` raises them. A missing dataset
+    compares as empty.
+    """
+    try:
+        comparison = await compare(db, panda, source, slug)
+    except DatasetMissingError:
+        comparison = Comparison(source, slug)
+    if dry_run:
+        return Resync(comparison, written=False)
+    fraction = comparison.delete_fraction if delete_unknown else 0.0
+    if fraction > MAX_DELETE_FRACTION and not confirm:
+        raise TooManyDeletesError(
+            f"this would delete {comparison.unknown.count} of {comparison.panda_rows} rows of"
+            f" {slug} ({fraction:.0%}, more than {MAX_DELETE_FRACTION:.0%}): check the source"
+            " is complete, then confirm"
+        )
+    queued = await repair(db, comparison, delete_unknown=delete_unknown, now=now)
+    return Resync(comparison, written=True, deletes_queued=queued)
 
 
 def _unknown(result: Comparison, external_id: str) -> None:
