@@ -10,9 +10,12 @@ install:
 	@scripts/install
 
 # Re-resolve the pins after editing pyproject.toml: uv.lock stays local, the hashed
-# requirements.lock (no index addresses in it) is what gets committed and installed.
+# requirements.lock (no index addresses in it) is what gets committed and installed;
+# docker/requirements.lock is its runtime part, what the image installs.
+EXPORT := uv export --format requirements-txt --no-emit-project --frozen --no-header
 lock:
-	uv lock && uv export --format requirements-txt --no-emit-project --all-groups --frozen --no-header -o requirements.lock >/dev/null
+	uv lock && $(EXPORT) --all-groups -o requirements.lock >/dev/null
+	$(EXPORT) --no-dev -o docker/requirements.lock >/dev/null
 
 postgres:
 	@scripts/postgres-up
