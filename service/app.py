@@ -20,6 +20,7 @@ from service.delivery import panda
 from service.delivery.engine import Delivery
 from service.ingress import webhooks
 from service.ingress.poller import build_pollers
+from service.ingress.shares import FeedShares
 from service.metrics import Metrics
 from service.runner import Runner
 from service.store.db import Database
@@ -54,15 +55,20 @@ def build(
         request_timeout_s=settings.panda.timeout_s,
         metrics=metrics,
     )
-    pollers = build_pollers(settings, db, couchdb_http, on_commit=delivery.notify, metrics=metrics)
+    followed = [source.name for source in settings.sources if source.kind == "couchdb"]
+    shares = FeedShares(db, followed, lease_s=settings.delivery.lease_s)
+    pollers = build_pollers(
+        settings, db, couchdb_http, on_commit=delivery.notify, metrics=metrics, shares=shares
+    )
     feeds = {f"couchdb:{name}": poller for name, poller in pollers.items()}
-    runner = Runner({"delivery": delivery, **feeds})
+    runner = Runner({"delivery": delivery, "replicas": shares, **feeds})
     return Service(
         settings=settings,
         db=db,
         delivery=delivery,
         panda=client,
         pollers=pollers,
+        shares=shares,
         runner=runner,
         metrics=metrics,
     )
@@ -96,6 +102,8 @@ def create_app(settings: Settings, *, start_runner: bool = True) -> FastAPI:
                     group.start_soon(service.runner.run)
                 yield
                 await service.runner.stop(grace_s=settings.delivery.shutdown_grace_s)
+                # The feeds this replica followed go to the others at once.
+                await service.shares.leave()
         finally:
             db.close()
 

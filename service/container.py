@@ -7,6 +7,7 @@ from service.config import Settings
 from service.delivery.engine import Delivery
 from service.delivery.panda import PandaClient
 from service.ingress.poller import Poller
+from service.ingress.shares import FeedShares
 from service.metrics import Metrics
 from service.runner import Runner
 from service.store.db import Database
@@ -23,5 +24,7 @@ class Service:
     # PANDA, for reading a dataset back (`resync`); delivery writes through its own.
     panda: PandaClient
     pollers: Mapping[str, Poller]
+    # Which CouchDB feeds this replica follows, among the replicas sharing the store.
+    shares: FeedShares
     runner: Runner
     metrics: Metrics

@@ -18,7 +18,7 @@ from service.container import Service
 from service.delivery.engine import DeliveryStatus
 from service.ingress.poller import PollerStatus, State
 from service.runner import LoopHealth
-from service.store import checkpoints, dead_letters, leases, outbox
+from service.store import checkpoints, dead_letters, follows, leases, outbox
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +96,14 @@ class SourceStatus(BaseModel):
         " null when no delivery holds it."
     )
     lease_holder: str | None = Field(description="Who holds the lease: `host pid N`.")
+    follower: str | None = Field(
+        default=None,
+        description="The replica following a CouchDB source's feed (`host pid N`); null when"
+        " none does.",
+    )
+    following_since: str | None = Field(
+        default=None, description="Since when it follows the feed (ISO 8601, UTC)."
+    )
     feed: PollerStatus | None = Field(
         default=None,
         description="A CouchDB source's feed: `state` is one of starting, catching_up, live,"
@@ -103,11 +111,20 @@ class SourceStatus(BaseModel):
     )
 
 
+class ReplicaStatus(BaseModel):
+    """A pandasync process sharing the store."""
+
+    replica: str | None = Field(description="`host pid N`.")
+    started_at: str = Field(description="ISO 8601, UTC.")
+    following: list[str] = Field(description="The CouchDB feeds it follows.")
+
+
 class StatusAnswer(BaseModel):
-    """Per-source progress, the delivery state and the service's loops."""
+    """Per-source progress, the delivery state, the replicas and the service's loops."""
 
     delivery: DeliveryStatus
     sources: dict[str, SourceStatus]
+    replicas: list[ReplicaStatus] = Field(description="The replicas alive, oldest first.")
     loops: dict[str, LoopHealth]
 
 
@@ -115,11 +132,14 @@ class StatusAnswer(BaseModel):
 async def status(service: ReaderDep) -> StatusAnswer:
     """Per-source progress and the delivery state; never a secret or a document body."""
     names = [source.name for source in service.settings.sources]
-    sources = await service.db.run(_source_status, names)
+    sources, replicas = await service.db.run(_source_status, names)
     for name, poller in service.pollers.items():
         sources[name].feed = poller.status()
     return StatusAnswer(
-        delivery=service.delivery.status(), sources=sources, loops=service.runner.health()
+        delivery=service.delivery.status(),
+        sources=sources,
+        replicas=replicas,
+        loops=service.runner.health(),
     )
 
 
@@ -141,16 +161,31 @@ async def metrics(service: ScraperDep) -> Response:
     return Response(gauges.text(), media_type=CONTENT_TYPE_LATEST)
 
 
-def _source_status(session: Session, names: list[str]) -> dict[str, SourceStatus]:
+def _source_status(
+    session: Session, names: list[str]
+) -> tuple[dict[str, SourceStatus], list[ReplicaStatus]]:
+    now = utcnow()
+    feeds = follows.held(session, now)
     report: dict[str, SourceStatus] = {}
     for name in names:
         seq = checkpoints.load(session, name)
-        until, holder = leases.held_by(session, name, utcnow())
+        until, holder = leases.held_by(session, name, now)
+        feed = feeds.get(name)
         report[name] = SourceStatus(
             checkpoint=None if seq is None else seq.value(),
             pending=outbox.pending(session, name),
             dead_letters=dead_letters.count(session, name),
             lease_until=None if until is None else until.isoformat(),
             lease_holder=holder,
+            follower=None if feed is None else feed.holder,
+            following_since=None if feed is None or feed.since is None else feed.since.isoformat(),
         )
-    return report
+    replicas = [
+        ReplicaStatus(
+            replica=replica,
+            started_at=started.isoformat(),
+            following=sorted(name for name, feed in feeds.items() if feed.holder == replica),
+        )
+        for replica, started in follows.replicas(session, now)
+    ]
+    return report, replicas

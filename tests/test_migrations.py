@@ -25,7 +25,9 @@ TABLES = [
     "dead_letter",
     "delivery_lease",
     "doc_state",
+    "feed_lease",
     "outbox_entry",
+    "replica",
     "seen_webhook",
 ]
 # The newest migration of this pandasync, that a later schema would follow.

@@ -7,8 +7,8 @@ crash never skips a change and a repeat is harmless. Knows nothing of FastAPI or
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Literal
@@ -21,14 +21,15 @@ from service import backoff
 from service.changes import Seq
 from service.clock import Clock, utcnow
 from service.config import Settings, SourceSettings
+from service.ingress.shares import FeedShares
 from service.metrics import Metrics
 from service.sources import couchdb
-from service.store import checkpoints, dead_letters, outbox
+from service.store import checkpoints, dead_letters, follows, outbox
 from service.store.db import Database
 
 log = logging.getLogger(__name__)
 
-State = Literal["starting", "catching_up", "live", "retrying", "paused", "stopped"]
+State = Literal["starting", "standby", "catching_up", "live", "retrying", "paused", "stopped"]
 # How often a paused source looks whether the outbox has room again.
 ROOM_POLL_S = 1.0
 # A source that keeps failing says so in one warning line per this many seconds.
@@ -41,8 +42,10 @@ PROGRESS_EVERY_S = 10.0
 class PollerStatus:
     """One source's progress for /status; never holds a credential or a document body.
 
-    `state`: `starting`; `catching_up` (a full page came: CouchDB has more, `couchdb_pending`
-    says how many where CouchDB gives it); `live` (caught up, following new changes);
+    `state`: `starting`; `standby` (another replica follows the feed: this one takes over
+    when that one's lease runs out or it gives the feed back); `catching_up` (a full page
+    came: CouchDB has more, `couchdb_pending` says how many where CouchDB gives it); `live`
+    (caught up, following new changes);
     `retrying` since `retrying_since` (CouchDB could not be read: `attempts` so far, the
     `last_error`, the next attempt at `next_attempt_at`); `paused` (the outbox is at its
     high-water mark, or `held`: an operator paused it); `stopped` with a `reason` when
@@ -67,16 +70,32 @@ class PollerStatus:
     held: bool = False
 
 
+class LeaseLostError(Exception):
+    """The feed lease a page was read under is no longer this replica's: nothing of the page
+    was committed."""
+
+
 def commit(
-    session: Session, source: str, page: couchdb.Page, *, now: datetime
+    session: Session,
+    source: str,
+    page: couchdb.Page,
+    *,
+    now: datetime,
+    token: int | None = None,
 ) -> tuple[outbox.Enqueued, int]:
     """Enqueue the page's changes, keep its unmapped documents as dead letters and save its
     seq as `source`'s checkpoint, in the caller's transaction (so all or nothing). Returns what
-    the enqueue did and the source's pending outbox entries."""
+    the enqueue did and the source's pending outbox entries.
+
+    With the feed lease `token` it was read under: raises `LeaseLostError` (writing nothing)
+    unless that lease is still the source's at `now`.
+    """
+    if token is not None and not follows.holds(session, source, token, now):
+        raise LeaseLostError(f"feed lease {token} of source {source} is no longer held")
     enqueued = outbox.enqueue(session, page.changes, now=now)
     dead_letters.keep_unmapped(session, source, page.unmapped, now=now)
     if page.seq is not None:
-        checkpoints.save(session, source, page.seq)
+        checkpoints.save(session, source, page.seq, token=token)
     return enqueued, outbox.pending(session, source)
 
 
@@ -136,8 +155,12 @@ class Poller:
         clock: Clock = utcnow,
         rng: random.Random | None = None,
         metrics: Metrics | None = None,
+        shares: FeedShares | None = None,
     ) -> None:
         self._source = source
+        # Shared with other replicas: `run()` follows the feed only under its feed lease.
+        self._shares = shares
+        self._token: int | None = None
         self._metrics = metrics or Metrics()
         self._high_water = high_water
         self._settings = couchdb.settings_of(source)
@@ -293,15 +316,46 @@ class Poller:
                 await self._wait_for_room()
                 with anyio.CancelScope() as self._reading:
                     if not self._held:
-                        await self._connection()
+                        await self._lease()
+                        async with self._kept(self._reading):
+                            await self._connection()
                 self._reading = None
             await anyio.sleep_forever()
         self._scope = None
         self._state = "stopped"
 
+    async def _lease(self) -> None:
+        """Wait until this replica follows the feed (in `standby` meanwhile)."""
+        if self._shares is None:
+            return
+        if self._token is None:
+            self._state = "standby"
+        self._token = await self._shares.acquire(self.name)
+
+    @asynccontextmanager
+    async def _kept(self, reading: anyio.CancelScope) -> AsyncIterator[None]:
+        """Renew the feed lease while `reading`; it is cancelled once the lease is gone."""
+        if self._shares is None or self._token is None:
+            yield
+            return
+        async with anyio.create_task_group() as keeper:
+            keeper.start_soon(self._shares.keep, self.name, self._token, reading)
+            try:
+                yield
+            finally:
+                keeper.cancel_scope.cancel()
+
     async def _connection(self) -> None:
         try:
             await self._follow()
+        except LeaseLostError:
+            log.warning(
+                "feed lease lost before a commit, nothing of the page written: source=%s",
+                self.name,
+            )
+            if self._shares is not None:
+                self._shares.lost(self.name)
+            self._token = None
         except couchdb.SourceStoppedError as error:
             self._stop_source(error)
         except couchdb.UnreadableError as error:
@@ -449,7 +503,9 @@ class Poller:
     async def _commit(self, page: couchdb.Page) -> None:
         # Shielded so that stop() never leaves a commit's bookkeeping half done.
         with anyio.CancelScope(shield=True):
-            enqueued, self._pending = await self._db.run(commit, self.name, page, now=self._clock())
+            enqueued, self._pending = await self._db.run(
+                commit, self.name, page, now=self._clock(), token=self._token
+            )
         self._metrics.received.labels(self.name).inc(enqueued.accepted)
         self._metrics.stale.labels(self.name).inc(enqueued.stale)
         self._metrics.dead_lettered.labels(self.name, self._source.dataset.slug).inc(
@@ -565,6 +621,7 @@ def build_pollers(
     *,
     on_commit: Callable[[], None] | None = None,
     metrics: Metrics | None = None,
+    shares: FeedShares | None = None,
 ) -> dict[str, Poller]:
     """A poller for every CouchDB source, by source name (webhook sources have none).
 
@@ -574,7 +631,13 @@ def build_pollers(
     high_water = settings.ingress.outbox_high_water
     return {
         source.name: Poller(
-            source, db, http, on_commit=on_commit, high_water=high_water, metrics=metrics
+            source,
+            db,
+            http,
+            on_commit=on_commit,
+            high_water=high_water,
+            metrics=metrics,
+            shares=shares,
         )
         for source in settings.sources
         if source.kind == "couchdb"

@@ -18,19 +18,21 @@ def load(session: Session, source: str) -> Seq | None:
     return None if checkpoint is None else Seq(checkpoint.seq)
 
 
-def save(session: Session, source: str, seq: Seq) -> None:
-    """Set `source`'s checkpoint to `seq` (insert or replace, in one statement).
+def save(session: Session, source: str, seq: Seq, *, token: int | None = None) -> None:
+    """Set `source`'s checkpoint to `seq` (insert or replace, in one statement), written under
+    feed lease `token` (None: without one, e.g. by an operator).
 
     Takes effect when the caller's transaction commits, together with the changes it
     enqueued. Does not compare with the previous seq: the caller decides what is newer.
     """
     insert = dialect_insert(session, Checkpoint).values(
-        source=source, seq=seq.json_text, updated_at=utcnow()
+        source=source, seq=seq.json_text, updated_at=utcnow(), token=token
     )
+    excluded = insert.excluded
     session.exec(
         insert.on_conflict_do_update(
             index_elements=["source"],
-            set_={"seq": insert.excluded.seq, "updated_at": insert.excluded.updated_at},
+            set_={"seq": excluded.seq, "updated_at": excluded.updated_at, "token": excluded.token},
         )
     )
 

@@ -75,6 +75,8 @@ class Checkpoint(_Table, table=True):
     source: str = Field(sa_type=Text, primary_key=True)
     seq: str = Field(sa_type=Text)  # `Seq.json_text`, verbatim
     updated_at: datetime = Field(sa_type=UTCDateTime)
+    # The feed lease (`FeedLease.token`) it was written under; NULL when written without one.
+    token: int | None = Field(default=None)
 
 
 class _HeldChange(_Table):
@@ -135,6 +137,33 @@ class DeliveryLease(_Table, table=True):
     claimed_to: int | None = Field(default=None)
     # The process holding it (`holders.Holder.text()`), kept after it ended, for status.
     holder: str | None = Field(default=None, sa_type=Text)
+
+
+class FeedLease(_Table, table=True):
+    """Which replica follows a source's feed: one at a time, until `until`.
+
+    Each take gets the next `token`; a replica commits a page of the feed only while its token
+    is the source's and `until` has not passed, checked in the commit's own transaction.
+    `until` is NULL once the lease was given back.
+    """
+
+    __tablename__: ClassVar[str] = "feed_lease"
+
+    source: str = Field(sa_type=Text, primary_key=True)
+    token: int
+    holder: str | None = Field(default=None, sa_type=Text)  # `holders.Holder.text()`
+    taken_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    until: datetime | None = Field(default=None, sa_type=UTCDateTime)
+
+
+class Replica(_Table, table=True):
+    """A running pandasync process sharing the store, seen alive until `until`."""
+
+    __tablename__: ClassVar[str] = "replica"
+
+    holder: str = Field(sa_type=Text, primary_key=True)  # `holders.Holder.text()`
+    started_at: datetime = Field(sa_type=UTCDateTime)
+    until: datetime = Field(sa_type=UTCDateTime)
 
 
 class DeadLetter(_HeldChange, table=True):
