@@ -26,6 +26,7 @@ from service.store.db import Database
 from service.store.outbox import Answer, Claim
 from service.store.tables import DeadLetter, DeliveryLease, DocState, OutboxEntry
 from tests import strategies
+from tests.waiting import wait_until
 
 NOW = datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)
 LEASE_S = 60.0
@@ -477,6 +478,20 @@ def _ended_process() -> holders.Holder:
         child.kill()
         child.wait()
     return holders.Holder(**{**asdict(wait_for_start), "start": started})
+
+
+def test_a_killed_process_its_parent_has_not_reaped_yet_has_ended() -> None:
+    child = subprocess.Popen(["sleep", "30"])
+    try:
+        holder = holders.Holder(
+            **{**asdict(holders.me()), "pid": child.pid, "start": holders._start_of(child.pid)}
+        )
+        assert not holders.gone(holder)
+        child.kill()  # a zombie until wait(): its /proc entry stays, with its start time
+        wait_until(lambda: holders.gone(holder), what="the zombie to count as ended")
+    finally:
+        child.kill()
+        child.wait()
 
 
 def test_a_lease_whose_holder_process_has_ended_is_taken_over_at_once(database: Database) -> None:

@@ -76,6 +76,10 @@ def database_url(url: str) -> URL:
     return parsed
 
 
+# PostgreSQL ends a session idle inside a transaction for this long (see _configure_postgresql).
+IDLE_IN_TRANSACTION_MS = 3000
+
+
 def create_engine(url: str) -> Engine:
     """A SQLAlchemy engine for `url` (see `database_url`), set up for concurrent writers.
 
@@ -85,7 +89,9 @@ def create_engine(url: str) -> Engine:
     """
     parsed = database_url(url)
     if parsed.get_backend_name() == "postgresql":
-        return sa_create_engine(parsed, pool_pre_ping=True)
+        engine = sa_create_engine(parsed, pool_pre_ping=True)
+        event.listen(engine, "connect", _configure_postgresql)
+        return engine
     engine = sa_create_engine(parsed, connect_args={"check_same_thread": False})
     event.listen(engine, "connect", _configure_sqlite)
     event.listen(engine, "begin", _begin_immediate)
@@ -103,6 +109,16 @@ def _configure_sqlite(dbapi_connection: Any, _record: Any) -> None:
     # FULL, not WAL's usual NORMAL: a committed change must survive a power cut.
     cursor.execute("PRAGMA synchronous=FULL")
     cursor.close()
+
+
+def _configure_postgresql(dbapi_connection: Any, _record: Any) -> None:
+    # A replica frozen inside a transaction (SIGSTOP, a stalled VM) would hold its row locks,
+    # and with them every lease it locked, until its connection died: PostgreSQL ends such a
+    # session after this, well within a lease, so the others can take over.
+    cursor = dbapi_connection.cursor()
+    cursor.execute(f"SET idle_in_transaction_session_timeout = {IDLE_IN_TRANSACTION_MS}")
+    cursor.close()
+    dbapi_connection.commit()
 
 
 def _begin_immediate(connection: Connection) -> None:

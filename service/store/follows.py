@@ -140,10 +140,11 @@ def heartbeat(session: Session, holder: str, *, now: datetime, until: datetime) 
         )
     )
     session.execute(delete(table).where(table.c.until < now - FORGET_AFTER))
-    count = session.execute(
-        sqlalchemy.select(sqlalchemy.func.count()).select_from(table).where(table.c.until > now)
-    ).scalar_one()
-    return int(count)
+    alive = session.execute(sqlalchemy.select(table.c.holder).where(table.c.until > now))
+    # A replica that provably ended (a crash on this machine) no longer counts.
+    return sum(
+        not holders.gone(found) if (found := holders.Holder.of(text)) else True for (text,) in alive
+    )
 
 
 def replicas(session: Session, now: datetime) -> list[tuple[str | None, datetime]]:

@@ -53,11 +53,14 @@ def _read(path: Path) -> str:
 
 
 def _start_of(pid: int) -> str:
-    """The process's start time (field 22 of /proc/PID/stat), "" when it does not exist."""
+    """The process's start time (field 22 of /proc/PID/stat), "" when it does not exist or
+    has ended (a zombie, not yet reaped by its parent)."""
     stat = _read(_PROC / str(pid) / "stat")
     # The command name (field 2) is in parentheses and may hold spaces: count after it.
     fields = stat.rpartition(")")[2].split()
-    return fields[19] if len(fields) > 19 else ""
+    if len(fields) <= 19 or fields[0] in ("Z", "X"):
+        return ""
+    return fields[19]
 
 
 def _pidns() -> str:

@@ -141,15 +141,15 @@ def _holder_gone(source: str, held: _Lease) -> bool:
     return True
 
 
-# The lease each source's claims last found held by another process, so that waiting for
-# one lease is logged once (its holder renews it every few seconds).
-_waited_for: dict[str, int] = {}
+# The (source, holder) pairs waited for, so that waiting for another process is logged once
+# per holder (replicas take turns at a source's lease all the time).
+_waited_for: set[tuple[str, str | None]] = set()
 
 
 def _log_waiting(source: str, held: _Lease) -> None:
-    if _waited_for.get(source) == held.lease_id:
+    if (source, held.holder) in _waited_for:
         return
-    _waited_for[source] = held.lease_id
+    _waited_for.add((source, held.holder))
     holder = holders.Holder.of(held.holder)
     until = held.until.isoformat(timespec="seconds") if held.until else None
     if holder == holders.me():
