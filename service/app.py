@@ -13,7 +13,7 @@ from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse
 from pydantic import SecretStr
 
-from service import access, admin, status
+from service import access, admin, dashboard, status
 from service.config import Settings
 from service.container import Service
 from service.delivery import panda
@@ -23,6 +23,7 @@ from service.ingress.poller import build_pollers
 from service.metrics import Metrics
 from service.runner import Runner
 from service.store.db import Database
+from service.throughput import Throughput
 
 
 def datasets(settings: Settings) -> dict[str, panda.Dataset]:
@@ -56,7 +57,10 @@ def build(
     )
     pollers = build_pollers(settings, db, couchdb_http, on_commit=delivery.notify, metrics=metrics)
     feeds = {f"couchdb:{name}": poller for name, poller in pollers.items()}
-    runner = Runner({"delivery": delivery, **feeds})
+    throughput = Throughput(
+        metrics, {source.name: source.dataset.slug for source in settings.sources}
+    )
+    runner = Runner({"delivery": delivery, **feeds, "throughput": throughput})
     return Service(
         settings=settings,
         db=db,
@@ -64,6 +68,7 @@ def build(
         pollers=pollers,
         runner=runner,
         metrics=metrics,
+        throughput=throughput,
     )
 
 
@@ -107,6 +112,7 @@ def create_app(settings: Settings, *, start_runner: bool = True) -> FastAPI:
     app.include_router(status.router)
     app.include_router(webhooks.router)
     app.include_router(admin.router)
+    app.include_router(dashboard.router)
     return app
 
 
