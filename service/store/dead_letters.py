@@ -162,7 +162,7 @@ def _replayed(session: Session, dead: DeadLetter, now: datetime) -> bool:
     session.delete(dead)
     session.flush()
     log.info(
-        "dead letter replayed: source=%s doc_id=%s version=%d",
+        "dead letter replayed: source=%s doc_id=%r version=%d",
         dead.source,
         dead.doc_id,
         dead.version,
