@@ -68,6 +68,7 @@ class ThroughputAnswer(BaseModel):
     """Each source's delivered changes per sampled interval over the last minutes."""
 
     every_s: Annotated[float, Field(description="The length of one interval, in seconds.")]
+    intervals: Annotated[int, Field(description="How many intervals are kept, at most.")]
     sources: Annotated[
         dict[str, list[int]],
         Field(description="Per source, changes PANDA acknowledged in each interval, oldest first."),
@@ -78,4 +79,6 @@ class ThroughputAnswer(BaseModel):
 async def throughput(service: AdminDep) -> ThroughputAnswer:
     """Changes delivered per source in each interval of the last minutes (the sparklines)."""
     sampled = service.throughput
-    return ThroughputAnswer(every_s=sampled.every_s, sources=sampled.recent())
+    return ThroughputAnswer(
+        every_s=sampled.every_s, intervals=sampled.intervals, sources=sampled.recent()
+    )

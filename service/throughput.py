@@ -38,6 +38,7 @@ class Throughput:
         keep: int = SAMPLES,
     ) -> None:
         self.every_s = every_s
+        self.intervals = keep
         self._metrics = metrics
         self._datasets = dict(datasets)
         # One more total than intervals: `keep` intervals lie between `keep + 1` samples.

@@ -66,24 +66,33 @@ function seconds(value) {
   return `${Math.round(value / 3600)} h`;
 }
 
-function sparkline(counts) {
-  const width = 120;
+function sparkline(counts, slots) {
+  // One point per sampled interval on a fixed time axis (the newest at the right edge), so
+  // a service that just started draws a short line, not a stretched one.
+  const width = 180;
   const height = 24;
   const svg = document.createElementNS(SVG, "svg");
   svg.setAttribute("width", String(width));
   svg.setAttribute("height", String(height));
   svg.setAttribute("viewBox", `0 0 ${width} ${height}`);
   svg.setAttribute("class", "spark");
-  svg.setAttribute("role", "img");
-  const top = Math.max(1, ...counts);
-  const step = counts.length > 1 ? width / (counts.length - 1) : width;
-  const points = counts.map((count, index) => {
-    const x = counts.length > 1 ? index * step : width;
+  const shown = counts.length === 1 ? [counts[0], counts[0]] : counts.slice(-slots);
+  const top = Math.max(1, ...shown);
+  const step = width / Math.max(1, slots - 1);
+  const points = shown.map((count, index) => {
+    const x = width - (shown.length - 1 - index) * step;
     const y = height - 1 - (count / top) * (height - 2);
     return `${x.toFixed(1)},${y.toFixed(1)}`;
   });
+  const axis = document.createElementNS(SVG, "line");
+  axis.setAttribute("class", "axis");
+  axis.setAttribute("x1", "0");
+  axis.setAttribute("x2", String(width));
+  axis.setAttribute("y1", String(height - 0.5));
+  axis.setAttribute("y2", String(height - 0.5));
+  svg.appendChild(axis);
   const line = document.createElementNS(SVG, "polyline");
-  line.setAttribute("points", points.length ? points.join(" ") : `0,${height - 1} ${width},${height - 1}`);
+  line.setAttribute("points", points.join(" "));
   svg.appendChild(line);
   const title = document.createElementNS(SVG, "title");
   title.textContent = `most in one interval: ${Math.max(0, ...counts)}`;
@@ -137,7 +146,7 @@ function showSources(status, throughput) {
     cell(row, lagOf(report), "lag");
     const counts = throughput.sources[name] || [];
     const spark = cell(row, "", "throughput");
-    spark.appendChild(sparkline(counts));
+    spark.appendChild(sparkline(counts, throughput.intervals));
     const lastMinute = counts.slice(-perMinute).reduce((sum, count) => sum + count, 0);
     const label = document.createElement("span");
     label.textContent = ` ${lastMinute}/min`;
