@@ -78,6 +78,8 @@ def browser() -> Iterator[Browser]:
             f"no {CHROMIUM}: run scripts/install as root,"
             " or apt-get install --no-install-recommends chromium"
         )
+    # A slow page on a busy machine gets longer than playwright's 5 s.
+    expect.set_options(timeout=20_000)
     with sync_playwright() as playwright:
         launched = playwright.chromium.launch(
             executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True
@@ -172,6 +174,7 @@ def test_an_operator_signs_in_sees_a_dead_letter_and_replays_it_once_panda_takes
     assert TOKEN not in log.read_text()
 
 
+@pytest.mark.timeout(120)
 def test_a_wrong_token_in_the_tab_sends_the_operator_back_to_sign_in(
     browser: Browser, dashboard: tuple[str, Path]
 ) -> None:
