@@ -8,7 +8,7 @@ source, and list, show, replay and discard dead letters, as the CLI's commands d
 from datetime import datetime
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, HTTPException, Request
+from fastapi import APIRouter, Depends, HTTPException, Query, Request
 from pydantic import BaseModel, Field
 
 from service import access
@@ -253,11 +253,15 @@ def _view(letter: dead_letters.Letter) -> LetterView:
 
 
 @router.get("/dead-letters")
-async def list_dead_letters(service: AdminDep, source: str | None = None) -> list[LetterView]:
+async def list_dead_letters(
+    service: AdminDep,
+    source: str | None = None,
+    limit: Annotated[int | None, Query(ge=1, description="At most this many, the oldest.")] = None,
+) -> list[LetterView]:
     """The dead letters, oldest first, of one source or all."""
     if source is not None:
         _known(service, source)
-    letters = await service.db.run(dead_letters.find, source)
+    letters = await service.db.run(dead_letters.find, source, limit=limit)
     return [_view(letter) for letter in letters]
 
 

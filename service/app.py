@@ -13,7 +13,7 @@ from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse
 from pydantic import SecretStr
 
-from service import access, admin, status
+from service import access, admin, dashboard, status
 from service.config import Settings
 from service.container import Service
 from service.delivery import panda
@@ -24,6 +24,7 @@ from service.ingress.shares import FeedShares
 from service.metrics import Metrics
 from service.runner import Runner
 from service.store.db import Database
+from service.throughput import Throughput
 
 
 def datasets(settings: Settings) -> dict[str, panda.Dataset]:
@@ -61,7 +62,10 @@ def build(
         settings, db, couchdb_http, on_commit=delivery.notify, metrics=metrics, shares=shares
     )
     feeds = {f"couchdb:{name}": poller for name, poller in pollers.items()}
-    runner = Runner({"delivery": delivery, "replicas": shares, **feeds})
+    throughput = Throughput(
+        metrics, {source.name: source.dataset.slug for source in settings.sources}
+    )
+    runner = Runner({"delivery": delivery, "replicas": shares, **feeds, "throughput": throughput})
     return Service(
         settings=settings,
         db=db,
@@ -71,6 +75,7 @@ def build(
         shares=shares,
         runner=runner,
         metrics=metrics,
+        throughput=throughput,
     )
 
 
@@ -116,6 +121,7 @@ def create_app(settings: Settings, *, start_runner: bool = True) -> FastAPI:
     app.include_router(status.router)
     app.include_router(webhooks.router)
     app.include_router(admin.router)
+    app.include_router(dashboard.router)
     return app
 
 

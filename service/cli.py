@@ -9,11 +9,13 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import datetime
 from importlib.metadata import version
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Concatenate, NoReturn, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Annotated, Concatenate, NoReturn, ParamSpec, Protocol, TypeVar
 
 import typer
 from rich.console import Console
@@ -43,6 +45,10 @@ cli = typer.Typer(
 )
 err = Console(stderr=True)
 out = Console()
+# Named, not `__name__`: that is `__main__` under `python -m service.cli`.
+log = logging.getLogger("service.cli")
+# `sync --once` on a stderr that is no terminal: a progress line per this many seconds.
+PLAIN_PROGRESS_S = 5.0
 
 
 def _show_version(shown: bool) -> None:
@@ -266,32 +272,65 @@ async def _drain(settings: Settings, database: db.Database) -> DeliveryStatus:
     )
     async with http, httpx.AsyncClient() as couchdb_http:
         service = wiring.build(settings, database, http, couchdb_http)
-        with _progress() as progress:
-            reading = progress.add_task("reading CouchDB feeds", total=None)
-            sending = progress.add_task("delivering to PANDA", total=None)
+        pending: int | None = None
+        with _shown() as show:
 
-            def refresh() -> None:
+            def refresh(*, final: bool = False) -> None:
                 read = sum(poller.status().changes_seen for poller in service.pollers.values())
                 sent = service.delivery.status()
-                progress.update(reading, completed=read)
-                progress.update(
-                    sending, completed=sent.delivered + sent.unchanged + sent.dead_lettered
+                show(
+                    read, sent.delivered + sent.unchanged + sent.dead_lettered, pending, final=final
                 )
 
             async with anyio.create_task_group() as group:
                 group.start_soon(_every, 0.2, refresh)
                 for poller in service.pollers.values():
                     await poller.run_once()
-                progress.update(sending, total=await database.run(outbox.pending, None))
+                refresh(final=True)
+                pending = await database.run(outbox.pending, None)
                 await service.delivery.run_once()
-                refresh()
+                refresh(final=True)
                 group.cancel_scope.cancel()
         return service.delivery.status()
 
 
+class _Show(Protocol):
+    def __call__(self, read: int, sent: int, pending: int | None, *, final: bool) -> None: ...
+
+
+@contextmanager
+def _shown() -> Iterator[_Show]:
+    """How `sync --once` shows its progress (rows read from the feeds, then changes delivered
+    of those pending): a bar on stderr when it is a terminal, gone when done; otherwise (a
+    cron job, CI) a plain log line every `PLAIN_PROGRESS_S` and at the end of each phase."""
+    if err.is_terminal:
+        with _progress() as progress:
+            reading = progress.add_task("reading CouchDB feeds", total=None)
+            sending = progress.add_task("delivering to PANDA", total=None)
+
+            def bar(read: int, sent: int, pending: int | None, *, final: bool) -> None:
+                progress.update(reading, completed=read)
+                progress.update(sending, completed=sent, total=pending)
+
+            yield bar
+        return
+    said = -math.inf
+
+    def line(read: int, sent: int, pending: int | None, *, final: bool) -> None:
+        nonlocal said
+        if not final and time.monotonic() - said < PLAIN_PROGRESS_S:
+            return
+        said = time.monotonic()
+        if pending is None:
+            log.info("sync: reading the feeds: read=%d", read)
+        else:
+            log.info("sync: delivering: sent=%d of=%d", sent, pending)
+
+    yield line
+
+
 def _progress() -> Progress:
-    """Progress on stderr while `sync --once` works; gone when it ends (and never drawn when
-    stderr is not a terminal)."""
+    """A progress bar on stderr while `sync --once` works; gone when it ends."""
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -557,7 +596,7 @@ def fake_panda(
 
     if cost is not None and cost not in PROFILES:
         _fail(f"unknown cost {cost!r}; known: {', '.join(PROFILES)}")
-    logging.getLogger(__name__).info("fake PANDA listening: host=%s port=%d", host, port)
+    log.info("fake PANDA listening: host=%s port=%d", host, port)
     options = FakePandaOptions(
         email=email,
         api_key=api_key,

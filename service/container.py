@@ -11,12 +11,14 @@ from service.ingress.shares import FeedShares
 from service.metrics import Metrics
 from service.runner import Runner
 from service.store.db import Database
+from service.throughput import Throughput
 
 
 @dataclass(frozen=True)
 class Service:
     """Everything the routes need: the settings, the store, delivery, the CouchDB feeds'
-    pollers, the runner supervising their loops, and the metrics they all count into."""
+    pollers, the runner supervising their loops, the metrics they all count into, and the
+    throughput sampled from them for the dashboard."""
 
     settings: Settings
     db: Database
@@ -28,3 +30,4 @@ class Service:
     shares: FeedShares
     runner: Runner
     metrics: Metrics
+    throughput: Throughput

@@ -90,6 +90,11 @@ class SourceStatus(BaseModel):
         description="The saved seq, the JSON value CouchDB gave, verbatim; null before one."
     )
     pending: int = Field(description="Outbox entries waiting for delivery.")
+    lag_s: float = Field(
+        default=0.0,
+        description="Age in seconds of the oldest of them: how far PANDA is behind the source;"
+        " 0 when none waits.",
+    )
     dead_letters: int = Field(description="Changes PANDA refused, or documents not mapped.")
     lease_until: str | None = Field(
         description="When the source's delivery lease runs out unrenewed (ISO 8601, UTC);"
@@ -167,13 +172,16 @@ def _source_status(
     now = utcnow()
     feeds = follows.held(session, now)
     report: dict[str, SourceStatus] = {}
+    depth = outbox.depth(session)
     for name in names:
         seq = checkpoints.load(session, name)
         until, holder = leases.held_by(session, name, now)
         feed = feeds.get(name)
+        count, oldest = depth.get(name, (0, now))
         report[name] = SourceStatus(
             checkpoint=None if seq is None else seq.value(),
-            pending=outbox.pending(session, name),
+            pending=count,
+            lag_s=max(0.0, (now - oldest).total_seconds()),
             dead_letters=dead_letters.count(session, name),
             lease_until=None if until is None else until.isoformat(),
             lease_holder=holder,

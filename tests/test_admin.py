@@ -24,6 +24,7 @@ ADMIN_ROUTES = [
     ("GET", "/admin/dead-letters/1", None),
     ("POST", "/admin/dead-letters/replay", {"ids": [1]}),
     ("POST", "/admin/dead-letters/discard", {"ids": [1]}),
+    ("GET", "/admin/throughput", None),
 ]
 GUARDED = [("GET", "/status"), ("GET", "/metrics"), ("GET", "/openapi.json"), ("GET", "/docs")]
 

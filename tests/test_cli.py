@@ -1,17 +1,28 @@
 """The `pandasync` command as a user runs it: config problems, migrations, pushing changes."""
 
+import fcntl
+import os
+import pty
+import re
+import select
+import struct
 import subprocess
 import sys
+import termios
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
+from service.changes import Change, Op
 from service.cli import cli
+from service.clock import utcnow
 from service.store import holders, outbox
 from service.store.db import Database
 from tests.fixtures.configs import write_config
+from tests.fixtures.panda import RunningPanda
 
 runner = CliRunner()
 
@@ -143,3 +154,85 @@ def test_status_shows_a_delivery_lease_a_stopped_delivery_left(tmp_path: Path) -
     assert len(taken) == 1
     assert "free" in before.stdout
     assert f"held by {holders.me().describe()} until" in after.stdout
+
+
+BACKLOG = 3000
+
+
+def backlog(tmp_path: Path, panda: RunningPanda) -> Path:
+    """A migrated store holding `BACKLOG` changes for PANDA, and its config."""
+    config = write_config(tmp_path, panda=panda)
+    assert runner.invoke(cli, ["migrate", "--config", str(config)]).exit_code == 0
+    changes = [
+        Change("stories", f"s{n:05}", f"s{n:05}", Op.UPSERT, (f"title {n}", str(n)))
+        for n in range(BACKLOG)
+    ]
+    database = Database.open(f"sqlite:///{tmp_path}/store.db")
+    try:
+        database.run_sync(outbox.enqueue, changes, now=utcnow())
+    finally:
+        database.close()
+    return config
+
+
+def test_sync_once_into_a_log_file_says_its_progress_in_plain_lines(
+    tmp_path: Path, panda: RunningPanda
+) -> None:
+    config = backlog(tmp_path, panda)
+    done = subprocess.run(
+        [sys.executable, "-m", "service.cli", "sync", "--once", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert (done.returncode, done.stdout.strip()) == (0, f"delivered {BACKLOG}, unchanged 0, dead letters 0")
+    lines = [line.partition(" service.cli: ")[2] for line in done.stderr.splitlines()]
+    assert "sync: reading the feeds: read=0" in lines
+    assert f"sync: delivering: sent={BACKLOG} of={BACKLOG}" in lines
+    assert "\x1b" not in done.stderr, "no terminal codes in a log file"
+
+
+def in_terminal(args: list[str], *, deadline_s: float = 60) -> bytes:
+    """What `args` writes on a terminal (a pty 100 columns wide) until it exits."""
+    ours, theirs = pty.openpty()
+    fcntl.ioctl(theirs, termios.TIOCSWINSZ, struct.pack("HHHH", 30, 100, 0, 0))
+    env = {**os.environ, "TERM": "xterm-256color", "COLUMNS": "100"}
+    child = subprocess.Popen(args, stdin=theirs, stdout=theirs, stderr=theirs, env=env)
+    os.close(theirs)
+    shown = bytearray()
+    deadline = time.monotonic() + deadline_s
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([ours], [], [], 0.5)
+            if not ready:
+                continue
+            try:
+                chunk = os.read(ours, 65536)
+            except OSError:  # EIO: the child's side of the terminal is closed
+                break
+            if not chunk:
+                break
+            shown += chunk
+        assert child.wait(timeout=10) == 0, shown.decode(errors="replace")
+    finally:
+        os.close(ours)
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    return bytes(shown)
+
+
+def test_sync_once_on_a_terminal_draws_a_progress_bar_up_to_the_whole_backlog(
+    tmp_path: Path, panda: RunningPanda
+) -> None:
+    config = backlog(tmp_path, panda)
+    shown = in_terminal(
+        [sys.executable, "-m", "service.cli", "sync", "--once", "--config", str(config)]
+    ).decode()
+    shown = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", shown)  # the terminal's colours and moves
+    assert "delivering to PANDA" in shown
+    assert "━" in shown
+    assert f"{BACKLOG}/{BACKLOG}" in shown
+    assert f"delivered {BACKLOG}, unchanged 0, dead letters 0" in shown
+    assert "sync: delivering:" not in shown, "the bar instead of log lines"

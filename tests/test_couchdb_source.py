@@ -158,7 +158,7 @@ def test_a_document_without_a_usable_id_is_kept_with_its_seq_and_reason_and_logg
         row = read_row(by_slug, {"seq": 7, "id": "x1", "doc": {"_id": "x1", "v": 1}})
     reason = "source stories: field `slug` must hold a non-empty string or integer id, got NoneType"
     assert row == Row(None, Seq.of(7), problem=Unmapped("x1", Seq.of(7), reason))
-    assert 'source=stories doc_id="x1" seq=7' in caplog.text
+    assert "source=stories dataset=stories doc_id='x1' seq=7" in caplog.text
 
 
 def test_a_mapped_field_nested_too_deep_to_write_is_a_problem_naming_the_field() -> None:

@@ -895,7 +895,9 @@ async def test_a_busy_delivery_says_how_it_goes_in_a_line_every_ten_seconds(
         ) as delivery:
             assert await delivery.run_once() == 30
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("delivering:")]
-    assert all(line.startswith("delivering: source=stories delivered=") for line in lines)
+    assert all(
+        line.startswith("delivering: source=stories dataset=stories delivered=") for line in lines
+    )
     assert 1 <= len(lines) < statuses(panda)["202"], "a line a period, not one a batch"
     periods = [float(line.split(" in ")[1].split(" s ")[0]) for line in lines]
     assert min(periods) >= 10, periods

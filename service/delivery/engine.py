@@ -236,14 +236,22 @@ class Delivery:
     def hold(self, source: str) -> None:
         """Pause the source's delivery: the batch in flight finishes, no other is claimed."""
         self._datasets[source].held = True
-        log.info("delivery paused by an operator: source=%s", source)
+        log.info(
+            "delivery paused by an operator: source=%s dataset=%s",
+            source,
+            self._datasets[source].target.slug,
+        )
 
     def release(self, source: str) -> None:
         """Resume the source's delivery after `hold`."""
         dataset = self._datasets[source]
         dataset.held = False
         dataset.wake.set()
-        log.info("delivery resumed by an operator: source=%s", source)
+        log.info(
+            "delivery resumed by an operator: source=%s dataset=%s",
+            source,
+            dataset.target.slug,
+        )
 
     def notify(self) -> None:
         """Wake the loop: new entries were committed to the outbox."""
@@ -389,9 +397,10 @@ class Delivery:
         elif now_s - dataset.summary_at >= SUMMARY_EVERY_S:
             done, refused, same = dataset.since_summary
             log.info(
-                "delivering: source=%s delivered=%d dead_lettered=%d unchanged=%d in %.0f s"
-                " batch_size=%d",
+                "delivering: source=%s dataset=%s delivered=%d dead_lettered=%d unchanged=%d"
+                " in %.0f s batch_size=%d",
                 dataset.source,
+                dataset.target.slug,
                 done,
                 refused,
                 same,
@@ -666,37 +675,51 @@ class Delivery:
         batch.retry_failed(answer, at=now + timedelta(seconds=wait_s))
         self._last_error = f"PANDA: {error.detail}"
         log.warning(
-            "PANDA asked to retry later: source=%s status=%s rows=%d retry_in_s=%.1f",
+            "PANDA asked to retry later: source=%s dataset=%s status=%s rows=%d retry_in_s=%.1f",
             dataset.source,
+            dataset.target.slug,
             error.status,
             len(batch.retry),
             wait_s,
         )
         if dataset.breaker.open and not was_open:
             log.warning(
-                "circuit breaker open, probing with one row at a time: source=%s failures=%d",
+                "circuit breaker open, probing with one row at a time: source=%s dataset=%s"
+                " failures=%d",
                 dataset.source,
+                dataset.target.slug,
                 dataset.breaker.failures,
             )
 
     def _answers_again(self, dataset: _Dataset) -> None:
         if dataset.breaker.succeeded():
-            log.info("PANDA answers again, circuit breaker closed: source=%s", dataset.source)
+            log.info(
+                "PANDA answers again, circuit breaker closed: source=%s dataset=%s",
+                dataset.source,
+                dataset.target.slug,
+            )
 
     def _pause(self, reason: str) -> None:
         log.error("delivery paused: %s", reason)
         self._paused = self._last_error = reason
 
     def _stop_source(self, dataset: _Dataset, reason: str) -> None:
-        log.error("delivery stopped for a source: source=%s reason=%s", dataset.source, reason)
+        log.error(
+            "delivery stopped for a source: source=%s dataset=%s reason=%s",
+            dataset.source,
+            dataset.target.slug,
+            reason,
+        )
         dataset.stopped = self._last_error = reason
 
     def _dead(self, batch: _Batch, claim: outbox.Claim, refusal: PermanentError) -> None:
         batch.dead.append((claim, outbox.Answer(status=refusal.status, detail=refusal.detail)))
         self._last_error = f"PANDA refused a row: {refusal.detail}"
         log.warning(
-            "PANDA refused a change, kept as a dead letter: source=%s doc_id=%s status=%s",
+            "PANDA refused a change, kept as a dead letter: source=%s dataset=%s doc_id=%r"
+            " status=%s",
             claim.source,
+            self._datasets[claim.source].target.slug,
             claim.doc_id,
             refusal.status,
         )

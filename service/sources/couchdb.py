@@ -166,10 +166,11 @@ def read_row(source: SourceSettings, row: object) -> Row:
         doc_id = _printable(row.get("id"))
         reason = str(error) if isinstance(error, mapping.MappingError) else _failure(error)
         log.warning(
-            "document kept as a dead letter, it cannot become a row: source=%s doc_id=%s"
-            " seq=%s reason=%s",
+            "document kept as a dead letter, it cannot become a row: source=%s dataset=%s"
+            " doc_id=%r seq=%s reason=%s",
             source.name,
-            json.dumps(doc_id),
+            source.dataset.slug,
+            doc_id,
             None if at is None else at.json_text,
             reason,
         )

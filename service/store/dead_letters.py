@@ -78,9 +78,11 @@ def _letter(dead: DeadLetter) -> Letter:
     )
 
 
-def stored(session: Session, source: str | None = None) -> list[DeadLetter]:
-    """The dead letters as stored, oldest first, for one source or all."""
-    query = select(DeadLetter).order_by(col(DeadLetter.id))
+def stored(
+    session: Session, source: str | None = None, *, limit: int | None = None
+) -> list[DeadLetter]:
+    """The dead letters as stored, oldest first, for one source or all (the first `limit`)."""
+    query = select(DeadLetter).order_by(col(DeadLetter.id)).limit(limit)
     if source is not None:
         query = query.where(col(DeadLetter.source) == source)
     return list(session.exec(query).all())
@@ -92,9 +94,9 @@ def count(session: Session, source: str) -> int:
     return session.exec(query).one()
 
 
-def find(session: Session, source: str | None = None) -> list[Letter]:
-    """The dead letters, oldest first, of one source or all."""
-    return [_letter(dead) for dead in stored(session, source)]
+def find(session: Session, source: str | None = None, *, limit: int | None = None) -> list[Letter]:
+    """The dead letters, oldest first, of one source or all (the first `limit`)."""
+    return [_letter(dead) for dead in stored(session, source, limit=limit)]
 
 
 def show(session: Session, letter_id: int) -> Letter | None:
@@ -160,7 +162,7 @@ def _replayed(session: Session, dead: DeadLetter, now: datetime) -> bool:
     session.delete(dead)
     session.flush()
     log.info(
-        "dead letter replayed: source=%s doc_id=%s version=%d",
+        "dead letter replayed: source=%s doc_id=%r version=%d",
         dead.source,
         dead.doc_id,
         dead.version,

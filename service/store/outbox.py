@@ -228,7 +228,7 @@ def _accepted(
         version = change.source_version
         if version is not None and key in newest and version.older_than(newest[key]):
             log.info(
-                "stale change skipped, a newer one was accepted before: source=%s doc_id=%s",
+                "stale change skipped, a newer one was accepted before: source=%s doc_id=%r",
                 change.source,
                 change.doc_id,
             )
