@@ -186,7 +186,10 @@ def test_sync_once_into_a_log_file_says_its_progress_in_plain_lines(
         timeout=60,
         check=False,
     )
-    assert (done.returncode, done.stdout.strip()) == (0, f"delivered {BACKLOG}, unchanged 0, dead letters 0")
+    assert (done.returncode, done.stdout.strip()) == (
+        0,
+        f"delivered {BACKLOG}, unchanged 0, dead letters 0",
+    )
     lines = [line.partition(" service.cli: ")[2] for line in done.stderr.splitlines()]
     assert "sync: reading the feeds: read=0" in lines
     assert f"sync: delivering: sent={BACKLOG} of={BACKLOG}" in lines
