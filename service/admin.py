@@ -2,7 +2,8 @@
 
 Every route needs `Authorization: Bearer <server.admin_token>` (compared in constant time);
 without a configured token the admin API is off (404 on every route). Pause and resume a
-source, and list, show, replay and discard dead letters, as the CLI's commands do.
+source, take a snapshot now or confirm a held one, and list, show, replay and discard dead
+letters, as the CLI's commands do.
 """
 
 from datetime import datetime
@@ -14,6 +15,7 @@ from pydantic import BaseModel, Field
 from service import access
 from service.clock import utcnow
 from service.container import Service
+from service.ingress.snapshots import Snapshotter
 from service.sources import couchdb
 from service.store import dead_letters
 
@@ -145,6 +147,53 @@ async def set_checkpoint(name: str, body: CheckpointSet, service: AdminDep) -> C
         raise HTTPException(502, f"CouchDB could not be read: {error}") from None
     return CheckpointAnswer(
         source=name, was=None if was is None else was.json_text, now=now.json_text
+    )
+
+
+class SnapshotAction(BaseModel):
+    """What a snapshot request or a confirmation did."""
+
+    source: str
+    generation: int | None = Field(
+        default=None, description="The confirmed snapshot's generation (confirmations only)."
+    )
+    counts: dict[str, int] | None = Field(
+        default=None,
+        description="What the confirmed snapshot found (rows_read, new, changed, deleted, ...).",
+    )
+    detail: str
+
+
+def _snapshotter(service: Service, name: str) -> Snapshotter:
+    _known(service, name)
+    snapshotter = service.snapshotters.get(name)
+    if snapshotter is None:
+        raise HTTPException(409, f"source {name!r} is not a snapshot source")
+    return snapshotter
+
+
+@router.post("/sources/{name}/snapshot", status_code=202)
+async def snapshot_now(name: str, service: AdminDep) -> SnapshotAction:
+    """Take a snapshot source's next snapshot now (after the one under way, if any); its
+    progress shows in /status."""
+    _snapshotter(service, name).snapshot_now()
+    return SnapshotAction(source=name, detail="a snapshot is being taken: see /status")
+
+
+@router.post("/sources/{name}/confirm-deletes")
+async def confirm_deletes(name: str, service: AdminDep) -> SnapshotAction:
+    """Confirm a snapshot source's held snapshot (empty, or deleting more than
+    max_delete_fraction of the rows): it is applied as it was read, deletes included."""
+    confirmed = await _snapshotter(service, name).confirm()
+    if confirmed is None:
+        raise HTTPException(
+            409, f"source {name!r} holds no snapshot waiting for confirmation: see /status"
+        )
+    return SnapshotAction(
+        source=name,
+        generation=confirmed.generation,
+        counts=confirmed.counts,
+        detail="the held snapshot is being applied: see /status",
     )
 
 

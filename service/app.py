@@ -20,6 +20,7 @@ from service.delivery import panda
 from service.delivery.engine import Delivery
 from service.ingress import webhooks
 from service.ingress.poller import build_pollers
+from service.ingress.snapshots import build_snapshotters
 from service.metrics import Metrics
 from service.runner import Runner
 from service.store.db import Database
@@ -56,7 +57,9 @@ def build(
     )
     pollers = build_pollers(settings, db, couchdb_http, on_commit=delivery.notify, metrics=metrics)
     feeds = {f"couchdb:{name}": poller for name, poller in pollers.items()}
-    runner = Runner({"delivery": delivery, **feeds})
+    snapshotters = build_snapshotters(settings, db, on_commit=delivery.notify, metrics=metrics)
+    reads = {f"snapshot:{name}": snapshotter for name, snapshotter in snapshotters.items()}
+    runner = Runner({"delivery": delivery, **feeds, **reads})
     return Service(
         settings=settings,
         db=db,
@@ -64,6 +67,7 @@ def build(
         pollers=pollers,
         runner=runner,
         metrics=metrics,
+        snapshotters=snapshotters,
     )
 
 

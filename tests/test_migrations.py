@@ -26,11 +26,13 @@ TABLES = [
     "doc_state",
     "outbox_entry",
     "seen_webhook",
+    "snapshot_seen",
+    "snapshot_state",
 ]
 _NEXT_REVISION = '''"""A later schema."""
 
 revision = "0099"
-down_revision = "0006"
+down_revision = "0007_snapshots"
 branch_labels = None
 depends_on = None
 
@@ -126,7 +128,7 @@ def test_an_older_schema_is_told_to_run_migrate(migrated_database_url: str, tmp_
     message = _schema_error(database)
     database.close()
     assert message == (
-        f"database {database.describe()} is at revision 0006, this pandasync needs 0099: "
+        f"database {database.describe()} is at revision 0007_snapshots, this pandasync needs 0099: "
         "run `pandasync migrate`"
     )
 
