@@ -212,7 +212,7 @@ def _apply_staged(
         for row in rows
     ]
     enqueued = outbox.enqueue(session, changes, now=now)
-    snapshots.settle_staged(session, source, rows)
+    snapshots.settle_staged(session, source, [row.doc_id for row in rows])
     return rows[-1].doc_id, enqueued.accepted
 
 

@@ -261,6 +261,7 @@ def _keys_data(body: io.BufferedReader) -> Iterator[Mapping[str, Any]]:
             if not keys:
                 raise ValueError('"keys" must come before "data", and name the fields')
             builder = ijson.ObjectBuilder()
+            builder.event(event, value)
         elif builder is not None and prefix == "data.item" and event == "end_array":
             yield _keyed(keys, builder.value, index)
             builder, index = None, index + 1

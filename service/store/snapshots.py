@@ -13,7 +13,7 @@ from datetime import datetime
 from typing import Any, Protocol
 
 import sqlalchemy
-from sqlalchemy import bindparam, func
+from sqlalchemy import func
 from sqlmodel import Session
 
 from service.store.db import dialect_insert, in_texts
@@ -275,14 +275,15 @@ def staged(
     return [Staged(*row) for row in session.execute(query)]
 
 
-def settle_staged(session: Session, source: str, rows: Sequence[StagedRow]) -> None:
-    """The staged rows' changes are enqueued: their hashes become the ones last sent."""
-    session.connection().execute(
+def settle_staged(session: Session, source: str, doc_ids: Sequence[str]) -> None:
+    """The rows these ids staged have their changes enqueued: each staged hash becomes the
+    one last sent."""
+    session.execute(
         sqlalchemy.update(_SEEN)
         .where(_SEEN.c.source == source)
-        .where(_SEEN.c.doc_id == bindparam("key_doc_id"))
-        .values(digest=bindparam("new_digest"), staged_digest=None, staged_row=None),
-        [{"key_doc_id": row.doc_id, "new_digest": row.digest} for row in rows],
+        .where(in_texts(session, _SEEN.c.doc_id, "ids"))
+        .values(digest=_SEEN.c.staged_digest, staged_digest=None, staged_row=None),
+        {"ids": list(doc_ids)},
     )
 
 

@@ -1,0 +1,482 @@
+"""Snapshot sources against real servers: an HTTP server the test serves, the store on SQLite
+and PostgreSQL (whose database also holds the tables the SQL reader queries), and the
+PANDA-compatible server the changes are delivered to."""
+
+import csv
+import io
+import json
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import pytest
+import sqlalchemy
+from sqlalchemy import select
+
+from service.changes import Op
+from service.config import DeliverySettings, SourceSettings
+from service.ingress.snapshots import Snapshotter
+from service.sources import external_ids
+from service.store import outbox, snapshots
+from service.store.db import Database
+from service.store.tables import OutboxEntry
+from tests.fixtures.panda import RunningPanda
+from tests.fixtures.snapshots import SnapshotServer
+from tests.test_poller import deliver
+
+pytestmark = pytest.mark.anyio
+
+# Delivery in PANDA's largest bulk PUTs, for the large snapshots.
+BULK = DeliverySettings(batch_size=1000)
+
+COLUMNS = [
+    {"name": "text", "field": "text"},
+    {"name": "id", "field": "id"},
+    {"name": "from_user", "field": "from_user"},
+]
+
+
+def source_of(name: str = "tweets", **snapshot: Any) -> SourceSettings:
+    return SourceSettings.model_validate(
+        {
+            "name": name,
+            "kind": "snapshot",
+            "id_field": "id",
+            "dataset": {"slug": name, "name": name.title()},
+            "columns": COLUMNS,
+            "snapshot": snapshot,
+        }
+    )
+
+
+def tweet(number: int, text: str = "hello") -> dict[str, object]:
+    return {"text": f"{text} {number}", "id": number, "from_user": f"user{number % 97}"}
+
+
+def keys_data(rows: Sequence[dict[str, object]]) -> bytes:
+    """PANDA's tutorial shape: `{"keys": [...], "data": [[...], ...]}`."""
+    keys = ["text", "id", "from_user"]
+    return json.dumps({"keys": keys, "data": [[row[key] for key in keys] for row in rows]}).encode()
+
+
+def row_of(record: dict[str, object]) -> list[object]:
+    return [str(record["text"]), str(record["id"]), str(record["from_user"])]
+
+
+def pending_changes(database: Database) -> dict[str, tuple[Op, list[str] | None]]:
+    """The outbox's changes by doc_id: op and row."""
+
+    def read(session: Any) -> dict[str, tuple[Op, list[str] | None]]:
+        entries = session.exec(select(OutboxEntry)).all()
+        return {
+            entry[0].doc_id: (
+                Op(entry[0].op),
+                None if entry[0].row is None else json.loads(entry[0].row),
+            )
+            for entry in entries
+        }
+
+    return database.run_sync(read)
+
+
+async def test_a_first_snapshot_sends_every_row_and_a_second_one_only_what_changed(
+    database: Database, snapshot_server: SnapshotServer
+) -> None:
+    first = [tweet(number) for number in range(1, 11)]
+    url = snapshot_server.serve("/tweets.json", keys_data(first))
+    source = source_of(url=url, format="keys-data", deletes=True)
+    snapshotter = Snapshotter(source, database)
+
+    status = await snapshotter.run_once()
+
+    assert pending_changes(database) == {
+        str(record["id"]): (Op.UPSERT, row_of(record)) for record in first
+    }
+    assert (status.state, status.reason, status.generation) == ("idle", None, 1)
+    assert status.last == {
+        "rows_read": 10,
+        "new": 10,
+        "changed": 0,
+        "unchanged": 0,
+        "gone": 0,
+        "deleted": 0,
+        "duplicates": 0,
+        "skipped": 0,
+        "known": 0,
+    }
+    database.run_sync(_clear_outbox)
+    # Row 3 changes, row 4 goes, row 11 is new.
+    second = [tweet(3, "changed")] + [r for r in first if r["id"] not in (3, 4)] + [tweet(11)]
+    snapshot_server.serve("/tweets.json", keys_data(second))
+
+    status = await snapshotter.run_once()
+
+    assert pending_changes(database) == {
+        "3": (Op.UPSERT, row_of(tweet(3, "changed"))),
+        "4": (Op.DELETE, None),
+        "11": (Op.UPSERT, row_of(tweet(11))),
+    }
+    assert status.last is not None
+    assert (status.last["new"], status.last["changed"], status.last["deleted"]) == (1, 1, 1)
+    assert status.last["unchanged"] == 8
+
+
+def _clear_outbox(session: Any) -> None:
+    for entry in session.exec(select(OutboxEntry)).all():
+        session.delete(entry[0])
+
+
+async def test_a_snapshot_unchanged_since_the_last_sends_nothing(
+    database: Database, snapshot_server: SnapshotServer
+) -> None:
+    url = snapshot_server.serve("/t.json", json.dumps([tweet(n) for n in range(5)]).encode())
+    snapshotter = Snapshotter(source_of(url=url, deletes=True), database)
+    await snapshotter.run_once()
+    database.run_sync(_clear_outbox)
+
+    status = await snapshotter.run_once()
+
+    assert pending_changes(database) == {}
+    assert status.last is not None
+    assert (status.last["unchanged"], status.state) == (5, "idle")
+
+
+@pytest.mark.parametrize(
+    ("fmt", "body", "content_type"),
+    [
+        ("json", lambda rows: json.dumps(rows).encode(), "application/json"),
+        ("keys-data", keys_data, "application/json"),
+        (
+            "jsonl",
+            lambda rows: "".join(json.dumps(row) + "\n" for row in rows).encode(),
+            "application/x-ndjson",
+        ),
+        ("csv", lambda rows: _csv(rows).encode(), "text/csv"),
+    ],
+)
+async def test_each_format_gives_the_same_rows(
+    migrated_sqlite_url: str,
+    snapshot_server: SnapshotServer,
+    fmt: str,
+    body: Any,
+    content_type: str,
+) -> None:
+    # A quoted newline and a comma in a CSV field, and non-ASCII text.
+    rows = [tweet(1, "a, b\nc"), tweet(2, "ça va"), tweet(3)]
+    url = snapshot_server.serve("/t", body(rows), content_type=content_type)
+    database = Database.open(migrated_sqlite_url)
+    try:
+        await Snapshotter(source_of(url=url, format=fmt), database).run_once()
+        assert pending_changes(database) == {
+            str(row["id"]): (Op.UPSERT, row_of(row)) for row in rows
+        }
+    finally:
+        database.close()
+
+
+def _csv(rows: Sequence[dict[str, object]]) -> str:
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=["text", "id", "from_user"])
+    writer.writeheader()
+    writer.writerows(rows)
+    return text.getvalue()
+
+
+async def test_a_header_token_from_the_environment_is_sent(
+    migrated_sqlite_url: str, snapshot_server: SnapshotServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TWEETS_TOKEN", "Bearer s3cret")
+    url = snapshot_server.serve(
+        "/t", json.dumps([tweet(1)]).encode(), required=("Authorization", "Bearer s3cret")
+    )
+    source = source_of(url=url, headers_env={"Authorization": "TWEETS_TOKEN"})
+    database = Database.open(migrated_sqlite_url)
+    try:
+        status = await Snapshotter(source, database).run_once()
+    finally:
+        database.close()
+    assert (status.state, status.last and status.last["new"]) == ("idle", 1)
+    assert "s3cret" not in repr(source)
+
+
+def _known_rows(database: Database, name: str = "tweets") -> dict[str, tuple[str | None, int]]:
+    ids = [str(n) for n in range(1000)]
+    return database.run_sync(snapshots.known, name, ids)
+
+
+@pytest.mark.parametrize(
+    ("options", "reason"),
+    [
+        ({"cut_at": 40}, "broke off while sending the snapshot"),
+        ({"status": 503}, "answered HTTP 503"),
+    ],
+)
+async def test_a_snapshot_that_cannot_be_read_whole_changes_nothing(
+    database: Database,
+    snapshot_server: SnapshotServer,
+    options: dict[str, object],
+    reason: str,
+) -> None:
+    rows = [tweet(n) for n in range(1, 21)]
+    url = snapshot_server.serve("/t", json.dumps(rows).encode())
+    snapshotter = Snapshotter(source_of(url=url, deletes=True), database)
+    await snapshotter.run_once()
+    database.run_sync(_clear_outbox)
+    known = _known_rows(database)
+    snapshot_server.serve("/t", json.dumps(rows[:2]).encode(), **options)
+
+    status = await snapshotter.run_once()
+
+    assert (status.state, pending_changes(database), _known_rows(database)) == (
+        "failed",
+        {},
+        known,
+    )
+    assert status.reason is not None
+    assert reason in status.reason
+
+
+async def test_a_body_that_does_not_parse_changes_nothing(
+    database: Database, snapshot_server: SnapshotServer
+) -> None:
+    rows = [tweet(n) for n in range(1, 21)]
+    url = snapshot_server.serve("/t", json.dumps(rows).encode())
+    snapshotter = Snapshotter(source_of(url=url, deletes=True), database)
+    await snapshotter.run_once()
+    database.run_sync(_clear_outbox)
+    # A whole HTTP answer whose JSON stops in the middle of the list.
+    snapshot_server.serve("/t", json.dumps(rows).encode()[:-30])
+
+    status = await snapshotter.run_once()
+
+    assert (status.state, pending_changes(database)) == ("failed", {})
+    assert status.reason is not None
+    assert "does not parse" in status.reason
+
+
+async def test_an_empty_snapshot_is_held_and_deletes_nothing(
+    database: Database, snapshot_server: SnapshotServer
+) -> None:
+    url = snapshot_server.serve("/t", json.dumps([tweet(n) for n in range(5)]).encode())
+    snapshotter = Snapshotter(source_of(url=url, deletes=True), database)
+    await snapshotter.run_once()
+    database.run_sync(_clear_outbox)
+    snapshot_server.serve("/t", b"[]")
+
+    status = await snapshotter.run_once()
+
+    assert (status.state, status.reason, pending_changes(database)) == (
+        "held",
+        "the snapshot is empty: it would delete every row",
+        {},
+    )
+
+
+async def test_the_delete_guard_holds_until_confirmed(
+    database: Database, snapshot_server: SnapshotServer
+) -> None:
+    url = snapshot_server.serve("/t", json.dumps([tweet(n) for n in range(10)]).encode())
+    snapshotter = Snapshotter(source_of(url=url, deletes=True), database)
+    await snapshotter.run_once()
+    database.run_sync(_clear_outbox)
+    # 3 of 10 rows gone (30% > 20%), and one changed.
+    snapshot_server.serve(
+        "/t", json.dumps([tweet(0, "changed")] + [tweet(n) for n in range(1, 7)]).encode()
+    )
+
+    held = await snapshotter.run_once()
+    again = await snapshotter.run_once()
+
+    reason = "the snapshot would delete 3 of 10 rows (30%, more than max_delete_fraction 20%)"
+    assert (held.state, held.reason) == ("held", reason)
+    assert (again.state, again.reason, again.generation) == ("held", reason, 2 + 1)
+    assert pending_changes(database) == {}
+
+    confirmed = await snapshotter.confirm()
+    status = await snapshotter.run_once()
+
+    assert confirmed is not None
+    assert confirmed.generation == 3
+    assert status.state == "idle"
+    assert pending_changes(database) == {
+        "0": (Op.UPSERT, row_of(tweet(0, "changed"))),
+        "7": (Op.DELETE, None),
+        "8": (Op.DELETE, None),
+        "9": (Op.DELETE, None),
+    }
+
+
+async def test_a_held_snapshot_clears_when_the_next_looks_normal(
+    database: Database, snapshot_server: SnapshotServer
+) -> None:
+    rows = [tweet(n) for n in range(10)]
+    url = snapshot_server.serve("/t", json.dumps(rows).encode())
+    snapshotter = Snapshotter(source_of(url=url, deletes=True), database)
+    await snapshotter.run_once()
+    database.run_sync(_clear_outbox)
+    snapshot_server.serve("/t", json.dumps(rows[:5]).encode())
+    assert (await snapshotter.run_once()).state == "held"
+    snapshot_server.serve("/t", json.dumps(rows[:9]).encode())
+
+    status = await snapshotter.run_once()
+
+    assert (status.state, pending_changes(database)) == ("idle", {"9": (Op.DELETE, None)})
+
+
+async def test_without_deletes_a_gone_row_stays_and_comes_back_unchanged(
+    database: Database, snapshot_server: SnapshotServer
+) -> None:
+    rows = [tweet(n) for n in range(10)]
+    url = snapshot_server.serve("/t", json.dumps(rows).encode())
+    snapshotter = Snapshotter(source_of(url=url), database)
+    await snapshotter.run_once()
+    database.run_sync(_clear_outbox)
+    snapshot_server.serve("/t", json.dumps(rows[:2]).encode())
+    gone = await snapshotter.run_once()
+    snapshot_server.serve("/t", json.dumps(rows).encode())
+
+    back = await snapshotter.run_once()
+
+    assert gone.last is not None
+    assert back.last is not None
+    assert (gone.state, gone.last["gone"], gone.last["deleted"]) == ("idle", 8, 0)
+    assert (back.last["unchanged"], pending_changes(database)) == (10, {})
+
+
+async def test_duplicate_ids_are_reported_and_the_last_row_wins(
+    database: Database, snapshot_server: SnapshotServer
+) -> None:
+    rows = [tweet(1, "first"), tweet(2), tweet(1, "last")]
+    url = snapshot_server.serve("/t", json.dumps(rows).encode())
+    # One row per chunk: the duplicate is found across chunks, through the store.
+    status = await Snapshotter(source_of(url=url, chunk_rows=1), database).run_once()
+
+    assert pending_changes(database) == {
+        "1": (Op.UPSERT, row_of(tweet(1, "last"))),
+        "2": (Op.UPSERT, row_of(tweet(2))),
+    }
+    assert status.last is not None
+    assert (status.last["rows_read"], status.last["duplicates"], status.last["new"]) == (3, 1, 2)
+
+
+async def test_ids_go_through_the_external_id_encoding(
+    database: Database, snapshot_server: SnapshotServer
+) -> None:
+    rows = [{"id": "a/b c", "text": "x", "from_user": "y"}]
+    url = snapshot_server.serve("/t", json.dumps(rows).encode())
+    await Snapshotter(source_of(url=url), database).run_once()
+
+    claims = database.run_sync(outbox.claim_many, source="tweets", now=_now(), lease_s=5, limit=10)
+
+    assert [claim.external_id for claim in claims] == [external_ids.encode("a/b c")]
+
+
+def _now() -> Any:
+    from service.clock import utcnow
+
+    return utcnow()
+
+
+def _tweets(
+    numbers: Iterable[int], changed: frozenset[int] = frozenset()
+) -> list[dict[str, object]]:
+    return [tweet(n, "changed" if n in changed else "hello") for n in numbers]
+
+
+@pytest.mark.timeout(180)
+async def test_100000_rows_synced_then_1_percent_changed_deleted_and_new_sends_exactly_those(
+    migrated_sqlite_url: str, snapshot_server: SnapshotServer, panda: RunningPanda
+) -> None:
+    total = 100_000
+    url = snapshot_server.serve("/t", keys_data(_tweets(range(total))))
+    source = source_of(url=url, format="keys-data", deletes=True)
+    database = Database.open(migrated_sqlite_url)
+    try:
+        snapshotter = Snapshotter(source, database)
+        first = await snapshotter.run_once()
+        await deliver(database, panda, source, settings=BULK)
+        assert first.last is not None
+        assert (first.state, first.last["new"]) == ("idle", total)
+
+        changed = frozenset(range(0, total, 100))  # 1%
+        deleted = set(range(1, total, 100))  # 1%
+        new = range(total, total + total // 100)  # 1%
+        kept = [n for n in range(total) if n not in deleted]
+        snapshot_server.serve("/t", keys_data(_tweets([*kept, *new], changed)))
+        second = await snapshotter.run_once()
+
+        expected: dict[str, tuple[Op, list[object] | None]]
+        expected = {str(n): (Op.UPSERT, row_of(tweet(n, "changed"))) for n in changed}
+        expected |= {str(n): (Op.DELETE, None) for n in deleted}
+        expected |= {str(n): (Op.UPSERT, row_of(tweet(n))) for n in new}
+        assert pending_changes(database) == expected
+        assert second.last is not None
+        assert (second.last["changed"], second.last["deleted"], second.last["new"]) == (
+            1000,
+            1000,
+            1000,
+        )
+        await deliver(database, panda, source, settings=BULK)
+        assert panda.rows("tweets") == {
+            external_ids.encode(str(n)): row_of(tweet(n, "changed" if n in changed else "hello"))
+            for n in [*kept, *new]
+        }
+    finally:
+        database.close()
+
+
+@pytest.mark.postgres
+@pytest.mark.timeout(120)
+async def test_a_sql_query_on_postgresql_is_a_snapshot_source(migrated_postgres_url: str) -> None:
+    engine = sqlalchemy.create_engine(_psycopg(migrated_postgres_url))
+    with engine.begin() as connection:
+        connection.execute(
+            sqlalchemy.text(
+                "CREATE TABLE tweets AS SELECT n AS id, 'hello ' || n AS text,"
+                " 'user' || (n % 97) AS from_user, (n * 1.5)::numeric AS score"
+                " FROM generate_series(1, 20000) AS n"
+            )
+        )
+    query = "SELECT id, text, from_user FROM tweets ORDER BY id"
+    source = source_of(database_url=migrated_postgres_url, query=query, deletes=True)
+    database = Database.open(migrated_postgres_url)
+    try:
+        snapshotter = Snapshotter(source, database)
+        first = await snapshotter.run_once()
+        database.run_sync(_clear_outbox)
+        with engine.begin() as connection:
+            connection.execute(sqlalchemy.text("UPDATE tweets SET text = 'edited' WHERE id = 7"))
+            connection.execute(sqlalchemy.text("DELETE FROM tweets WHERE id = 8"))
+        second = await snapshotter.run_once()
+        changes = pending_changes(database)
+    finally:
+        database.close()
+        engine.dispose()
+
+    assert first.last is not None
+    assert (first.state, first.last["new"]) == ("idle", 20000)
+    assert changes == {
+        "7": (Op.UPSERT, ["edited", "7", "user7"]),
+        "8": (Op.DELETE, None),
+    }
+    assert second.last is not None
+    assert second.last["unchanged"] == 19998
+
+
+@pytest.mark.postgres
+async def test_a_failing_query_changes_nothing_and_says_why(migrated_postgres_url: str) -> None:
+    source = source_of(database_url=migrated_postgres_url, query="SELECT * FROM no_such_table")
+    database = Database.open(migrated_postgres_url)
+    try:
+        status = await Snapshotter(source, database).run_once()
+        changes = pending_changes(database)
+    finally:
+        database.close()
+
+    assert (status.state, changes) == ("failed", {})
+    assert status.reason is not None
+    assert 'relation "no_such_table" does not exist' in status.reason
+    assert "postgres@" not in status.reason
+
+
+def _psycopg(url: str) -> sqlalchemy.URL:
+    return sqlalchemy.make_url(url).set(drivername="postgresql+psycopg")
