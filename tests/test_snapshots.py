@@ -5,23 +5,32 @@ PANDA-compatible server the changes are delivered to."""
 import csv
 import io
 import json
+import os
+import subprocess
+import sys
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 from typing import Any
 
+import anyio
+import httpx
 import pytest
 import sqlalchemy
 from sqlalchemy import select
 
 from service.changes import Op
-from service.config import DeliverySettings, SourceSettings
+from service.config import DeliverySettings, Settings, SourceSettings
 from service.ingress.snapshots import Snapshotter
 from service.sources import external_ids
 from service.store import outbox, snapshots
 from service.store.db import Database
 from service.store.tables import OutboxEntry
 from tests.fixtures.panda import RunningPanda
+from tests.fixtures.service import ROOT
 from tests.fixtures.snapshots import SnapshotServer
 from tests.test_poller import deliver
+from tests.test_webhooks import serving
+from tests.waiting import eventually
 
 pytestmark = pytest.mark.anyio
 
@@ -480,3 +489,142 @@ async def test_a_failing_query_changes_nothing_and_says_why(migrated_postgres_ur
 
 def _psycopg(url: str) -> sqlalchemy.URL:
     return sqlalchemy.make_url(url).set(drivername="postgresql+psycopg")
+
+
+TOKEN = "admin-token-for-tests"
+BEARER = {"authorization": f"Bearer {TOKEN}"}
+
+
+def _service_settings(database: Database, panda: RunningPanda, url: str) -> Settings:
+    source = source_of(url=url, deletes=True, interval_s=3600).model_dump(mode="json")
+    source["snapshot"]["url"] = url
+    return Settings.model_validate(
+        {
+            "database_url": database.engine.url.render_as_string(hide_password=False),
+            "panda": {"url": panda.url, "email": panda.email, "api_key": panda.api_key},
+            "server": {"admin_token": TOKEN},
+            "delivery": {"idle_poll_s": 0.05, "batch_size": 1000},
+            "sources": [source],
+        }
+    )
+
+
+async def _snapshot_status(client: httpx.AsyncClient) -> dict[str, Any]:
+    answer = await client.get("/status", headers=BEARER)
+    report: dict[str, Any] = answer.json()["sources"]["tweets"]["snapshot"]
+    return report
+
+
+async def test_through_the_admin_api_a_held_snapshot_waits_for_its_confirmation(
+    database: Database, snapshot_server: SnapshotServer, panda: RunningPanda
+) -> None:
+    rows = [tweet(n) for n in range(10)]
+    url = snapshot_server.serve("/t", json.dumps(rows).encode())
+    settings = _service_settings(database, panda, url)
+    async with serving(settings, start_runner=True) as (client, _):
+
+        async def reached(state: str, generation: int) -> bool:
+            report = await _snapshot_status(client)
+            return (report["state"], report["generation"]) == (state, generation)
+
+        async def synced(expected: int) -> bool:
+            pending = await database.run(outbox.pending, "tweets")
+            return (
+                pending == 0
+                and len(await anyio.to_thread.run_sync(panda.rows, "tweets")) == expected
+            )
+
+        await eventually(lambda: reached("idle", 1), what="the first snapshot")
+        await eventually(lambda: synced(10), what="the first snapshot delivered")
+        snapshot_server.serve("/t", json.dumps(rows[:5]).encode())
+        asked = await client.post("/admin/sources/tweets/snapshot", headers=BEARER)
+        await eventually(lambda: reached("held", 2), what="the second snapshot held")
+        held = await _snapshot_status(client)
+        kept = await anyio.to_thread.run_sync(panda.rows, "tweets")
+        confirmed = await client.post("/admin/sources/tweets/confirm-deletes", headers=BEARER)
+        await eventually(lambda: reached("idle", 2), what="the confirmed snapshot applied")
+        await eventually(lambda: synced(5), what="its deletes delivered")
+        again = await client.post("/admin/sources/tweets/confirm-deletes", headers=BEARER)
+
+    assert asked.status_code == 202
+    assert held["reason"] == (
+        "the snapshot would delete 5 of 10 rows (50%, more than max_delete_fraction 20%)"
+    )
+    assert (held["last"]["rows_read"], held["last"]["deleted"]) == (5, 5)
+    assert len(kept) == 10
+    assert (confirmed.status_code, confirmed.json()["generation"]) == (200, 2)
+    assert again.status_code == 409
+    assert "holds no snapshot waiting for confirmation" in again.json()["detail"]
+
+
+def test_pandasync_confirm_deletes_applies_a_held_snapshot(
+    tmp_path: Path, migrated_sqlite_url: str, snapshot_server: SnapshotServer, panda: RunningPanda
+) -> None:
+    rows = [tweet(n) for n in range(10)]
+    url = snapshot_server.serve("/t", json.dumps(rows).encode())
+    config = tmp_path / "pandasync.toml"
+    config.write_text(
+        CLI_CONFIG.format(
+            database_url=migrated_sqlite_url,
+            panda_url=panda.url,
+            email=panda.email,
+            api_key=panda.api_key,
+            url=url,
+        ),
+        encoding="utf-8",
+    )
+    first = _pandasync("sync", "--once", "--config", str(config))
+    snapshot_server.serve("/t", b"[]")
+    empty = _pandasync("sync", "--once", "--config", str(config))
+    synced = panda.rows("tweets")
+    confirmed = _pandasync("confirm-deletes", "tweets", "--config", str(config))
+    again = _pandasync("confirm-deletes", "tweets", "--config", str(config))
+    last = _pandasync("sync", "--once", "--config", str(config))
+
+    assert (first.returncode, "delivered 10" in first.stdout) == (0, True)
+    assert (empty.returncode, len(synced)) == (0, 10)
+    assert "snapshot held, nothing changed: the snapshot is empty" in empty.stderr
+    assert confirmed.returncode == 0
+    assert "snapshot idle: 0 rows read, 0 new, 0 changed, 10 deleted" in confirmed.stdout
+    assert again.returncode == 1
+    assert "holds no snapshot waiting for confirmation (its last snapshot is done)" in again.stderr
+    assert (last.returncode, panda.rows("tweets")) == (0, {})
+
+
+def _pandasync(*args: str) -> subprocess.CompletedProcess[str]:
+    """`pandasync ARGS` as a user runs it (its own process: it sets up logging its own way)."""
+    env = {name: value for name, value in os.environ.items() if not name.startswith("PANDASYNC")}
+    return subprocess.run(
+        [sys.executable, "-m", "service.cli", *args],
+        cwd=ROOT,
+        env={**env, "COLUMNS": "200"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+CLI_CONFIG = """
+database_url = "{database_url}"
+
+[panda]
+url = "{panda_url}"
+email = "{email}"
+api_key = "{api_key}"
+
+[[sources]]
+name = "tweets"
+kind = "snapshot"
+id_field = "id"
+dataset = {{ slug = "tweets", name = "Tweets" }}
+columns = [
+    {{ name = "text", field = "text" }},
+    {{ name = "id", field = "id" }},
+    {{ name = "from_user", field = "from_user" }},
+]
+
+[sources.snapshot]
+url = "{url}"
+deletes = true
+"""
