@@ -628,3 +628,27 @@ columns = [
 url = "{url}"
 deletes = true
 """
+
+
+async def test_an_apply_cut_short_is_finished_by_the_next_start_and_loses_no_change(
+    database: Database, snapshot_server: SnapshotServer
+) -> None:
+    rows = [tweet(n) for n in range(10)]
+    url = snapshot_server.serve("/t", json.dumps(rows).encode())
+    source = source_of(url=url, deletes=True, chunk_rows=3)
+    cut: list[Snapshotter] = []
+    # Stopped as soon as its first chunk of changes is committed.
+    cut.append(Snapshotter(source, database, on_commit=lambda: cut[0].stop()))
+
+    stopped = await cut[0].run_once()
+    committed = pending_changes(database)
+    resumed = await Snapshotter(source, database).run_once()
+    everything = pending_changes(database)
+    database.run_sync(_clear_outbox)
+    again = await Snapshotter(source, database).run_once()
+
+    assert (stopped.state, len(committed)) == ("stopped", 3)
+    assert (resumed.state, resumed.generation) == ("idle", 1)
+    assert everything == {str(row["id"]): (Op.UPSERT, row_of(row)) for row in rows}
+    assert again.last is not None
+    assert (again.last["unchanged"], pending_changes(database)) == (10, {})

@@ -69,6 +69,10 @@ class _StoppedError(Exception):
     """The snapshot was stopped while it was read: it changes nothing."""
 
 
+class _SupersededError(Exception):
+    """A newer snapshot started (another process's) while this one was read."""
+
+
 @dataclass
 class _Reading:
     """What a read counted as it went."""
@@ -381,6 +385,10 @@ class Snapshotter:
         except _StoppedError:
             self._state = "stopped"
             return
+        except _SupersededError:
+            log.info("snapshot superseded by a newer one: source=%s", self.name)
+            self._state = "idle"
+            return
         judged = await self._db.run(_judge, self._source, generation, reading)
         if judged is None:
             self._state = "idle"
@@ -442,7 +450,7 @@ class Snapshotter:
                 rows = self._rows(chunk, reading)
                 duplicates = self._db.run_sync(_stage, self.name, generation, rows)
                 if duplicates is None:
-                    raise _StoppedError  # a newer snapshot took over
+                    raise _SupersededError
                 reading.duplicates += duplicates
         if reading.duplicates:
             log.warning(
