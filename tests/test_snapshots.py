@@ -160,6 +160,8 @@ async def test_a_snapshot_unchanged_since_the_last_sends_nothing(
             "application/x-ndjson",
         ),
         ("csv", lambda rows: _csv(rows).encode(), "text/csv"),
+        # A spreadsheet's export: a byte order mark, CRLF line ends.
+        ("csv", lambda rows: _csv(rows).encode("utf-8-sig"), "text/csv"),
     ],
 )
 async def test_each_format_gives_the_same_rows(
@@ -652,3 +654,15 @@ async def test_an_apply_cut_short_is_finished_by_the_next_start_and_loses_no_cha
     assert everything == {str(row["id"]): (Op.UPSERT, row_of(row)) for row in rows}
     assert again.last is not None
     assert (again.last["unchanged"], pending_changes(database)) == (10, {})
+
+
+async def test_a_token_in_the_url_never_shows_in_the_reason(
+    migrated_sqlite_url: str, snapshot_server: SnapshotServer
+) -> None:
+    url = snapshot_server.serve("/t?api_key=s3cret", b"oops", status=500)
+    database = Database.open(migrated_sqlite_url)
+    try:
+        status = await Snapshotter(source_of(url=url), database).run_once()
+    finally:
+        database.close()
+    assert status.reason == f"source tweets: {snapshot_server.url}/t?… answered HTTP 500: oops"

@@ -16,6 +16,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 import ijson
@@ -163,7 +164,7 @@ def read_http(http: httpx.Client, source: SourceSettings) -> Iterator[Iterator[M
     """
     settings = settings_of(source)
     headers = {name: value.get_secret_value() for name, value in settings.headers.items()}
-    where = f"source {source.name}: {settings.url}"
+    where = f"source {source.name}: {shown(str(settings.url))}"
     try:
         with http.stream(
             "GET", str(settings.url), headers=headers, timeout=settings.timeout_s
@@ -227,7 +228,8 @@ class _Body(io.RawIOBase):
 
 def _lines(body: io.BufferedReader) -> Iterator[str]:
     """The body as UTF-8 text lines with their ends kept (as `csv` wants them)."""
-    return iter(io.TextIOWrapper(body, "utf-8", newline=""))
+    # utf-8-sig: a spreadsheet's CSV export often starts with a byte order mark.
+    return iter(io.TextIOWrapper(body, "utf-8-sig", newline=""))
 
 
 def _records_of(value: object, index: int) -> Mapping[str, Any]:
@@ -301,6 +303,14 @@ def _csv(body: io.BufferedReader) -> Iterator[Mapping[str, Any]]:
                 f"line {reader.line_num} has {len(row)} fields, the header {len(header)}"
             )
         yield dict(zip(header, row, strict=True))
+
+
+def shown(url: str) -> str:
+    """A snapshot URL for messages: without its query, which may hold a token."""
+    parts = urlsplit(url)
+    return urlunsplit((parts.scheme, parts.netloc, parts.path, "", "")) + (
+        "?…" if parts.query else ""
+    )
 
 
 def _detail(text: str) -> str:

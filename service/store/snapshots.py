@@ -235,16 +235,19 @@ def fail(session: Session, source: str, generation: int, reason: str, *, now: da
 
 def confirm(session: Session, source: str) -> Snapshot | None:
     """Confirm `source`'s held snapshot: it is to be applied as it was read. Returns it (now
-    `applying`), or None when no snapshot of the source is held."""
+    `applying`), or None when no snapshot of the source is held (or a newer one just began)."""
     snapshot = latest(session, source)
     if snapshot is None or snapshot.phase != "held":
         return None
-    session.execute(
+    updated = session.execute(
         sqlalchemy.update(_STATE)
         .where(_STATE.c.source == source)
         .where(_STATE.c.generation == snapshot.generation)
+        .where(_STATE.c.phase == "held")
         .values(phase="applying")
     )
+    if not getattr(updated, "rowcount", 0):
+        return None
     return Snapshot(**{**asdict(snapshot), "phase": "applying"})
 
 
