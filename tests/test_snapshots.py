@@ -21,7 +21,7 @@ from sqlalchemy import select
 from service.changes import Op
 from service.config import DeliverySettings, Settings, SourceSettings
 from service.ingress.snapshots import Snapshotter
-from service.sources import external_ids
+from service.sources import external_ids, snapshot
 from service.store import outbox, snapshots
 from service.store.db import Database
 from service.store.tables import OutboxEntry
@@ -447,7 +447,8 @@ async def test_a_sql_query_on_postgresql_is_a_snapshot_source(migrated_postgres_
                 " FROM generate_series(1, 20000) AS n"
             )
         )
-    query = "SELECT id, text, from_user FROM tweets ORDER BY id"
+    # `score` (numeric) is read but mapped to no column.
+    query = "SELECT id, text, from_user, score FROM tweets ORDER BY id"
     source = source_of(database_url=migrated_postgres_url, query=query, deletes=True)
     database = Database.open(migrated_postgres_url)
     try:
@@ -666,3 +667,26 @@ async def test_a_token_in_the_url_never_shows_in_the_reason(
     finally:
         database.close()
     assert status.reason == f"source tweets: {snapshot_server.url}/t?… answered HTTP 500: oops"
+
+
+@pytest.mark.parametrize(
+    ("deleted", "known", "held"),
+    [(20, 100, False), (21, 100, True), (0, 0, False), (5, 5, True)],
+)
+def test_the_delete_guard_holds_past_max_delete_fraction_only(
+    deleted: int, known: int, held: bool
+) -> None:
+    settings = source_of(url="http://example.org/t", deletes=True).snapshot
+    assert settings is not None
+    counts = snapshot.Counts(
+        rows_read=known - deleted + 1,
+        new=1,
+        changed=0,
+        unchanged=known - deleted,
+        gone=deleted,
+        deleted=deleted,
+        duplicates=0,
+        skipped=0,
+        known=known,
+    )
+    assert (snapshot.held_reason(counts, settings) is not None) == held
