@@ -48,14 +48,15 @@ class SnapshotStatus:
     snapshot changed nothing and waits for an operator's confirmation (`reason` says why;
     confirm with `pandasync confirm-deletes` or the admin API) or for a next snapshot that
     looks normal; `failed`: the last snapshot could not be read (`reason`), it changed
-    nothing. `last` is what the last snapshot read whole found (rows_read, new, changed,
-    deleted, unchanged, ...), `last_at` when it started, `finished_at` when it ended.
+    nothing. `started_at` is when the latest snapshot began; `last` what the last snapshot
+    read whole found (rows_read, new, changed, deleted, unchanged, duplicates, ...; while a
+    snapshot is read, the one before's) and `finished_at` when the last one ended.
     """
 
     state: State
     reason: str | None
     generation: int | None
-    last_at: datetime | None
+    started_at: datetime | None
     finished_at: datetime | None
     last: dict[str, int] | None
     next_at: datetime | None
@@ -201,7 +202,7 @@ def status_of(
         state=shown,
         reason=latest.reason if latest.phase in stored else None,
         generation=latest.generation,
-        last_at=latest.started_at,
+        started_at=latest.started_at,
         finished_at=latest.finished_at,
         last=latest.counts,
         next_at=next_at,

@@ -73,7 +73,8 @@ class Snapshot:
 def begin(session: Session, source: str, *, now: datetime) -> int:
     """Start `source`'s next snapshot, `reading`; returns its generation (1 for the first).
 
-    Supersedes any snapshot under way or held: its writes change nothing from now on.
+    Supersedes any snapshot under way or held: its writes change nothing from now on. The
+    counts and end of the last snapshot read whole stay until this one replaces them.
     """
     insert = dialect_insert(session, SnapshotState).values(
         source=source, generation=1, phase="reading", started_at=now
@@ -84,9 +85,7 @@ def begin(session: Session, source: str, *, now: datetime) -> int:
             "generation": _STATE.c.generation + 1,
             "phase": "reading",
             "reason": None,
-            "counts": None,
             "started_at": now,
-            "finished_at": None,
         },
     ).returning(_STATE.c.generation)
     generation: int = session.execute(statement).scalar_one()

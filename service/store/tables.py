@@ -204,7 +204,8 @@ class SnapshotState(_Table, table=True):
 
     `phase` is `reading`, `applying`, `held` (waiting for an operator's confirmation, `reason`
     says why), `done` or `failed` (`reason` says why); `counts` is a JSON object of what the
-    snapshot found (see `service.sources.snapshot.Counts`), NULL until it was read whole.
+    last snapshot read whole found (see `service.sources.snapshot.Counts`), NULL before one;
+    `finished_at` when the last snapshot that ended did.
     """
 
     __tablename__: ClassVar[str] = "snapshot_state"
