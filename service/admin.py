@@ -2,7 +2,8 @@
 
 Every route needs `Authorization: Bearer <server.admin_token>` (compared in constant time);
 without a configured token the admin API is off (404 on every route). Pause and resume a
-source, and list, show, replay and discard dead letters, as the CLI's commands do.
+source, take a snapshot now or confirm a held one, and list, show, replay and discard dead
+letters, as the CLI's commands do.
 """
 
 from datetime import datetime
@@ -16,6 +17,7 @@ from service.clock import utcnow
 from service.container import Service
 from service.delivery import panda, reconcile
 from service.ingress.poller import Poller
+from service.ingress.snapshots import Snapshotter
 from service.sources import couchdb
 from service.store import dead_letters
 
@@ -184,7 +186,8 @@ class ResyncAnswer(BaseModel):
 @router.post("/sources/{name}/resync")
 async def resync_source(name: str, body: ResyncAsk, service: AdminDep) -> ResyncAnswer:
     """Compare the source's PANDA dataset with what was delivered, forget what differs and
-    read a CouchDB source again from 0, so PANDA ends equal to the source; deletes of rows
+    read a CouchDB source again from 0 (a snapshot source: take a snapshot now), so PANDA ends
+    equal to the source; deletes of rows
     the source does not have with `delete_orphans`. 409 when that would delete more than 20%
     of the rows without `confirm`."""
     _known(service, name)
@@ -204,9 +207,11 @@ async def resync_source(name: str, body: ResyncAsk, service: AdminDep) -> Resync
         raise HTTPException(409, f"{error} with confirm=true") from None
     except (panda.RetryableError, panda.TargetError) as error:
         raise HTTPException(502, f"PANDA could not be read: {error}") from None
-    poller = service.pollers.get(name)
+    poller, snapshotter = service.pollers.get(name), service.snapshotters.get(name)
     if done.written and poller is not None:
         await _read_again(service, name, poller)
+    if done.written and snapshotter is not None:
+        snapshotter.snapshot_now()
     comparison = done.comparison
     return ResyncAnswer(
         source=name,
@@ -221,7 +226,7 @@ async def resync_source(name: str, body: ResyncAsk, service: AdminDep) -> Resync
         written=done.written,
         to_send=done.to_send,
         deletes_queued=done.deletes_queued,
-        read_again=done.written and poller is not None,
+        read_again=done.written and (poller is not None or snapshotter is not None),
     )
 
 
@@ -231,6 +236,53 @@ async def _read_again(service: Service, name: str, poller: Poller) -> None:
         await poller.set_checkpoint("0", running=loop is not None and loop.running)
     except TimeoutError:
         raise HTTPException(503, "the source's feed did not close in time: try again") from None
+
+
+class SnapshotAction(BaseModel):
+    """What a snapshot request or a confirmation did."""
+
+    source: str
+    generation: int | None = Field(
+        default=None, description="The confirmed snapshot's generation (confirmations only)."
+    )
+    counts: dict[str, int] | None = Field(
+        default=None,
+        description="What the confirmed snapshot found (rows_read, new, changed, deleted, ...).",
+    )
+    detail: str
+
+
+def _snapshotter(service: Service, name: str) -> Snapshotter:
+    _known(service, name)
+    snapshotter = service.snapshotters.get(name)
+    if snapshotter is None:
+        raise HTTPException(409, f"source {name!r} is not a snapshot source")
+    return snapshotter
+
+
+@router.post("/sources/{name}/snapshot", status_code=202)
+async def snapshot_now(name: str, service: AdminDep) -> SnapshotAction:
+    """Take a snapshot source's next snapshot now (after the one under way, if any); its
+    progress shows in /status."""
+    _snapshotter(service, name).snapshot_now()
+    return SnapshotAction(source=name, detail="a snapshot is being taken: see /status")
+
+
+@router.post("/sources/{name}/confirm-deletes")
+async def confirm_deletes(name: str, service: AdminDep) -> SnapshotAction:
+    """Confirm a snapshot source's held snapshot (empty, or deleting more than
+    max_delete_fraction of the rows): it is applied as it was read, deletes included."""
+    confirmed = await _snapshotter(service, name).confirm()
+    if confirmed is None:
+        raise HTTPException(
+            409, f"source {name!r} holds no snapshot waiting for confirmation: see /status"
+        )
+    return SnapshotAction(
+        source=name,
+        generation=confirmed.generation,
+        counts=confirmed.counts,
+        detail="the held snapshot is being applied: see /status",
+    )
 
 
 def _view(letter: dead_letters.Letter) -> LetterView:

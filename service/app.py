@@ -21,6 +21,7 @@ from service.delivery.engine import Delivery
 from service.ingress import webhooks
 from service.ingress.poller import build_pollers
 from service.ingress.shares import FeedShares
+from service.ingress.snapshots import build_snapshotters
 from service.metrics import Metrics
 from service.runner import Runner
 from service.store.db import Database
@@ -65,7 +66,11 @@ def build(
     throughput = Throughput(
         metrics, {source.name: source.dataset.slug for source in settings.sources}
     )
-    runner = Runner({"delivery": delivery, "replicas": shares, **feeds, "throughput": throughput})
+    snapshotters = build_snapshotters(settings, db, on_commit=delivery.notify, metrics=metrics)
+    reads = {f"snapshot:{name}": snapshotter for name, snapshotter in snapshotters.items()}
+    runner = Runner(
+        {"delivery": delivery, "replicas": shares, **feeds, **reads, "throughput": throughput}
+    )
     return Service(
         settings=settings,
         db=db,
@@ -76,6 +81,7 @@ def build(
         runner=runner,
         metrics=metrics,
         throughput=throughput,
+        snapshotters=snapshotters,
     )
 
 

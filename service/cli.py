@@ -1,4 +1,5 @@
-"""The `pandasync` command: check the config, migrate, serve, push, sync, status, fake-panda.
+"""The `pandasync` command: check the config, migrate, serve, push, sync, status, confirm-deletes,
+fake-panda.
 
 Each command loads settings, builds what it needs through `service.app`, and reports errors
 as one clear message with a non-zero exit code. No logic lives here.
@@ -12,10 +13,20 @@ import math
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import asdict
 from datetime import datetime
 from importlib.metadata import version
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Concatenate, NoReturn, ParamSpec, Protocol, TypeVar
+from typing import (
+    TYPE_CHECKING,
+    Annotated,
+    Any,
+    Concatenate,
+    NoReturn,
+    ParamSpec,
+    Protocol,
+    TypeVar,
+)
 
 import typer
 from rich.console import Console
@@ -31,6 +42,7 @@ if TYPE_CHECKING:
     from service.config import Settings, SourceSettings
     from service.delivery import reconcile
     from service.delivery.engine import DeliveryStatus
+    from service.ingress.snapshots import SnapshotStatus
     from service.store import db, dead_letters, outbox
 
 P = ParamSpec("P")
@@ -286,6 +298,8 @@ async def _drain(settings: Settings, database: db.Database) -> DeliveryStatus:
                 group.start_soon(_every, 0.2, refresh)
                 for poller in service.pollers.values():
                     await poller.run_once()
+                for snapshotter in service.snapshotters.values():
+                    _snapshot_report(snapshotter.name, await snapshotter.run_once())
                 refresh(final=True)
                 pending = await database.run(outbox.pending, None)
                 await service.delivery.run_once()
@@ -327,6 +341,28 @@ def _shown() -> Iterator[_Show]:
             log.info("sync: delivering: sent=%d of=%d", sent, pending)
 
     yield line
+
+
+def _snapshot_report(name: str, status: SnapshotStatus) -> None:
+    """One line on what a snapshot did (on stderr: stdout says what was delivered)."""
+    err.print(f"source {name}: {escape(_snapshot_text(status))}", highlight=False)
+
+
+def _snapshot_text(status: SnapshotStatus | dict[str, Any]) -> str:
+    """A snapshot source's state in a few words: the last snapshot's counts, or why it was
+    held or failed."""
+    shown = status if isinstance(status, dict) else asdict(status)
+    state = str(shown.get("state"))
+    if state in ("held", "failed"):
+        return f"snapshot {state}, nothing changed: {shown.get('reason')}"
+    last = shown.get("last")
+    if not isinstance(last, dict):
+        return f"snapshot {state}"
+    counts = ", ".join(
+        f"{last.get(key, 0)} {key.replace('_', ' ')}"
+        for key in ("rows_read", "new", "changed", "deleted", "unchanged")
+    )
+    return f"snapshot {state}: {counts}"
 
 
 def _progress() -> Progress:
@@ -378,6 +414,38 @@ def reset_checkpoint(
     old = _in_store(settings, checkpoints.reset, source)
     was = "no checkpoint" if old is None else f"checkpoint {old.json_text}"
     out.print(f"source {source}: {was} removed; restart pandasync to read the feed again")
+
+
+@cli.command("confirm-deletes")
+def confirm_deletes(
+    source: Annotated[str, typer.Argument(help="The snapshot source whose snapshot is held.")],
+    config: ConfigOption = None,
+) -> None:
+    """Apply a held snapshot, deletes included.
+
+    A snapshot that is empty or would delete more than max_delete_fraction of the rows
+    changes nothing until confirmed; this applies it as it was read.
+    """
+    import anyio
+
+    from service.ingress.snapshots import Snapshotter
+    from service.store import snapshots
+
+    settings = _settings(config)
+    spec = _source(settings, source)
+    if spec.kind != "snapshot":
+        _fail(f"source {source!r} is a {spec.kind} source: only snapshot sources are held")
+    database = _open(settings)
+    try:
+        confirmed = database.run_sync(snapshots.confirm, source)
+        if confirmed is None:
+            latest = database.run_sync(snapshots.latest, source)
+            phase = "no snapshot yet" if latest is None else f"its last snapshot is {latest.phase}"
+            _fail(f"source {source!r} holds no snapshot waiting for confirmation ({phase})")
+        status = anyio.run(Snapshotter(spec, database).run_once)
+    finally:
+        database.close()
+    out.print(f"source {source}: {escape(_snapshot_text(status))}", highlight=False)
 
 
 @cli.command()
@@ -477,6 +545,9 @@ def _reconcile(
             database.run_sync(checkpoints.save, name, Seq.of("0"))
             reread = "its feed is read again from 0: restart pandasync (or POST"
             reread += f" /admin/sources/{name}/resync to a running one instead)"
+        elif spec.kind == "snapshot":
+            reread = "its next snapshot sends them (`pandasync sync --once`, or POST"
+            reread += f" /admin/sources/{name}/snapshot to a running pandasync)"
         else:
             reread = "the rows missing or changed are sent again when the source sends them"
         out.print(
@@ -551,11 +622,17 @@ def _states(settings: Settings) -> dict[str, str]:
         sources = answer["sources"]
     except (httpx.HTTPError, ValueError, KeyError, TypeError):
         return {source.name: "not running" for source in settings.sources}
-    return {name: _state_text(report.get("feed")) for name, report in sources.items()}
+    return {
+        name: _state_text(report.get("feed"), report.get("snapshot"))
+        for name, report in sources.items()
+    }
 
 
-def _state_text(feed: object) -> str:
-    """A source's `/status` feed state in a few words (webhook sources have none)."""
+def _state_text(feed: object, snapshot: object = None) -> str:
+    """A source's `/status` feed (or snapshot) state in a few words (webhook sources have
+    neither)."""
+    if isinstance(snapshot, dict):
+        return _snapshot_text(snapshot)
     if not isinstance(feed, dict):
         return "accepting webhooks"
     state = str(feed.get("state"))

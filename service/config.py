@@ -323,16 +323,85 @@ def _standard_secret(secret: SecretStr) -> bool:
     return True
 
 
+SnapshotFormat = Literal["json", "keys-data", "jsonl", "csv"]
+
+
+class SnapshotSettings(_Strict):
+    """Where a snapshot source reads its whole dataset, and how often.
+
+    Either `url` (an HTTP GET answering `format`: `json`, a list of objects; `keys-data`,
+    PANDA's tutorial shape `{"keys": [...], "data": [[...], ...]}`; `jsonl`, an object a line;
+    `csv`, a header line then rows) or `database_url` and `query` (SQL run through SQLAlchemy,
+    each result row an object of its columns). `headers` are sent with the GET; each entry of
+    `headers_env` names the environment variable holding a header's value (a token). A
+    snapshot that would delete more than `max_delete_fraction` of the dataset's rows, or that
+    is empty, changes nothing until an operator confirms it.
+    """
+
+    url: AnyHttpUrl | None = None
+    format: SnapshotFormat = "json"
+    headers: dict[str, SecretStr] = {}
+    headers_env: dict[str, Annotated[str, Field(min_length=1)]] = {}
+    database_url: SecretStr | None = None
+    database_url_env: str | None = Field(default=None, min_length=1)
+    query: str | None = Field(default=None, min_length=1)
+    interval_s: float = Field(default=3600.0, gt=0)
+    deletes: bool = False
+    max_delete_fraction: float = Field(default=0.2, ge=0, le=1)
+    timeout_s: float = Field(default=60.0, gt=0)
+    # Rows read and compared per store transaction.
+    chunk_rows: int = Field(default=2000, ge=1, le=100_000)
+
+    @field_validator("url")
+    @classmethod
+    def _no_credentials_in_url(cls, value: AnyHttpUrl | None) -> AnyHttpUrl | None:
+        if value is None:
+            return None
+        return _without_credentials(value, "send a token in headers_env instead")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_environment(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        if data.get("database_url_env"):
+            if data.get("database_url") is not None:
+                raise ValueError("database_url and database_url_env are both set: keep one of them")
+            name = str(data["database_url_env"])
+            url = _from_environment("database_url_env", name, "database_url")
+            data = {**data, "database_url": url}
+        names = data.get("headers_env")
+        if isinstance(names, dict) and names:
+            found = {
+                str(header): _from_environment("headers_env", str(name), "headers")
+                for header, name in names.items()
+            }
+            data = {**data, "headers": {**data.get("headers", {}), **found}}
+        return data
+
+    @model_validator(mode="after")
+    def _one_reader(self) -> "SnapshotSettings":
+        if (self.url is None) == (self.database_url is None):
+            raise ValueError(
+                "a snapshot source reads either an HTTP url or a database: set url (and format)"
+                " or database_url and query"
+            )
+        if (self.database_url is None) != (self.query is None):
+            raise ValueError("database_url and query go together: set both")
+        return self
+
+
 class SourceSettings(_Strict):
     """A source of changes and how its records become rows of one dataset."""
 
     name: str
-    kind: Literal["couchdb", "webhook"]
+    kind: Literal["couchdb", "webhook", "snapshot"]
     dataset: DatasetSettings
     columns: Annotated[list[Column], Field(min_length=1)]
     id_field: str = "_id"
     couchdb: CouchDBSettings | None = None
     webhook: WebhookSettings | None = None
+    snapshot: SnapshotSettings | None = None
 
     @field_validator("name")
     @classmethod
@@ -609,6 +678,12 @@ def _source_checks(where: str, source: SourceSettings) -> Iterable[Problem]:
             f"{where}.couchdb",
             "a couchdb source needs its server",
             "add a [sources.couchdb] table with url and database",
+        )
+    if source.kind == "snapshot" and source.snapshot is None:
+        yield Problem(
+            f"{where}.snapshot",
+            "a snapshot source needs to know what to read",
+            "add a [sources.snapshot] table with url (and format), or database_url and query",
         )
 
 

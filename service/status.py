@@ -17,6 +17,7 @@ from service.clock import utcnow
 from service.container import Service
 from service.delivery.engine import DeliveryStatus
 from service.ingress.poller import PollerStatus, State
+from service.ingress.snapshots import SnapshotStatus
 from service.runner import LoopHealth
 from service.store import checkpoints, dead_letters, follows, leases, outbox
 
@@ -114,6 +115,12 @@ class SourceStatus(BaseModel):
         description="A CouchDB source's feed: `state` is one of starting, catching_up, live,"
         " retrying, paused, stopped (see PollerStatus).",
     )
+    snapshot: SnapshotStatus | None = Field(
+        default=None,
+        description="A snapshot source's last snapshot (when, rows read, new, changed, deleted,"
+        " unchanged) and the next one: `state` is one of starting, reading, applying, idle,"
+        " held (waiting for confirmation), failed, stopped (see SnapshotStatus).",
+    )
 
 
 class ReplicaStatus(BaseModel):
@@ -140,6 +147,8 @@ async def status(service: ReaderDep) -> StatusAnswer:
     sources, replicas = await service.db.run(_source_status, names)
     for name, poller in service.pollers.items():
         sources[name].feed = poller.status()
+    for name, snapshotter in service.snapshotters.items():
+        sources[name].snapshot = await snapshotter.status()
     return StatusAnswer(
         delivery=service.delivery.status(),
         sources=sources,

@@ -4,7 +4,12 @@ import os
 
 import pytest
 
-pytest_plugins = ["tests.fixtures.panda", "tests.fixtures.store", "tests.fixtures.couchdb"]
+pytest_plugins = [
+    "tests.fixtures.panda",
+    "tests.fixtures.store",
+    "tests.fixtures.couchdb",
+    "tests.fixtures.snapshots",
+]
 
 
 @pytest.fixture

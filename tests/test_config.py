@@ -335,3 +335,65 @@ def test_credentials_in_the_panda_url_are_refused_and_never_printed(tmp_path: Pa
     (problem,) = problems(write(tmp_path, text))
     assert (problem.where, "credentials" in problem.what) == ("panda.url", True)
     assert "s3cr3t" not in str(problem)
+
+
+SNAPSHOT = """
+[[sources]]
+name = "tweets"
+kind = "snapshot"
+id_field = "id"
+dataset = { slug = "tweets", name = "Tweets" }
+columns = [{ name = "text", field = "text" }]
+"""
+
+
+def test_a_snapshot_source_without_what_to_read_is_refused(tmp_path: Path) -> None:
+    assert problems(write(tmp_path, MINIMAL + SNAPSHOT)) == [
+        Problem(
+            "sources[0].snapshot",
+            "a snapshot source needs to know what to read",
+            "add a [sources.snapshot] table with url (and format), or database_url and query",
+        )
+    ]
+
+
+@pytest.mark.parametrize(
+    ("table", "what", "at"),
+    [
+        (
+            'url = "http://x.org/t.json"\ndatabase_url = "postgresql://h/d"\nquery = "SELECT 1"',
+            "a snapshot source reads either an HTTP url or a database",
+            "",
+        ),
+        ('database_url = "postgresql://h/d"', "database_url and query go together", ""),
+        (
+            'url = "http://me:pw@example.org/t.json"',
+            "the URL holds credentials, which would end up in logs",
+            ".url",
+        ),
+        (
+            'url = "http://example.org/t.json"\nheaders_env = { Authorization = "NO_SUCH_TOKEN" }',
+            "headers_env names the environment variable NO_SUCH_TOKEN, which is not set",
+            "",
+        ),
+    ],
+)
+def test_a_snapshot_table_that_cannot_be_read_is_refused_with_its_fix(
+    tmp_path: Path, table: str, what: str, at: str
+) -> None:
+    found = problems(write(tmp_path, f"{MINIMAL}{SNAPSHOT}\n[sources.snapshot]\n{table}\n"))
+    where = f"sources[0].snapshot{at}"
+    assert [(problem.where, problem.what) for problem in found] == [(where, what)]
+    assert "pw" not in str(found)
+
+
+def test_a_header_token_from_the_environment_never_shows_in_the_settings(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TWEETS_TOKEN", "Bearer s3cr3t")
+    table = 'url = "http://example.org/t.json"\nheaders_env = { Authorization = "TWEETS_TOKEN" }'
+    settings = load_settings(write(tmp_path, f"{MINIMAL}{SNAPSHOT}\n[sources.snapshot]\n{table}\n"))
+    snapshot = settings.sources[0].snapshot
+    assert snapshot is not None
+    assert snapshot.headers["Authorization"].get_secret_value() == "Bearer s3cr3t"
+    assert "s3cr3t" not in repr(settings)

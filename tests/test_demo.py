@@ -8,7 +8,7 @@ import pytest
 
 
 @pytest.mark.timeout(120)
-def test_the_demo_shows_couchdb_and_webhook_changes_arriving_in_panda() -> None:
+def test_the_demo_shows_couchdb_webhook_and_snapshot_changes_arriving_in_panda() -> None:
     env = {name: value for name, value in os.environ.items() if not name.startswith("PANDASYNC")}
     done = subprocess.run(
         [sys.executable, "-m", "service.cli", "demo"],
@@ -25,3 +25,9 @@ def test_the_demo_shows_couchdb_and_webhook_changes_arriving_in_panda() -> None:
     assert "POST /webhooks/tips → 202" in done.stdout
     assert "Bridge closed again?" in done.stdout
     assert "pending 0, dead letters 0" in done.stdout
+    tutorial = done.stdout.split("6. no changelog")[1]
+    assert "Lost dog near the park" in tutorial.split("t5 removed")[0]
+    assert "Lost dog near the park" not in tutorial.split("t5 removed")[1]
+    assert "Main St open again" in tutorial
+    # One upsert and one delete reach PANDA; the three unchanged rows cost nothing.
+    assert "PANDA writes for that snapshot: 2 " in tutorial

@@ -29,6 +29,8 @@ TABLES = [
     "outbox_entry",
     "replica",
     "seen_webhook",
+    "snapshot_seen",
+    "snapshot_state",
 ]
 # The newest migration of this pandasync, that a later schema would follow.
 HEAD = ScriptDirectory.from_config(alembic_config("sqlite://")).get_current_head()

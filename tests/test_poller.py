@@ -98,7 +98,12 @@ def expected_rows(couchdb: CouchDatabase) -> dict[str, list[str]]:
 
 
 async def deliver(
-    store: Database, running: RunningPanda, source: SourceSettings, *, drained: bool = True
+    store: Database,
+    running: RunningPanda,
+    source: SourceSettings,
+    *,
+    drained: bool = True,
+    settings: DeliverySettings | None = None,
 ) -> None:
     """Deliver everything due to PANDA; fails on any refusal (and, with `drained`, if
     anything is left in the outbox)."""
@@ -110,7 +115,11 @@ async def deliver(
     async with panda.make_http(url=running.url, timeout_s=5) as client:
         pandas = panda.PandaClient(client, email=running.email, api_key=running.api_key)
         delivery = Delivery(
-            store, pandas, {source.name: dataset}, DeliverySettings(), request_timeout_s=5
+            store,
+            pandas,
+            {source.name: dataset},
+            settings or DeliverySettings(),
+            request_timeout_s=5,
         )
         await delivery.run_once()
     assert delivery.status().last_error is None

@@ -9,14 +9,16 @@ sends them again, and with `delete_unknown` queues deletes of the unknown rows. 
 here writes to PANDA itself: the fixes go through the outbox like every change.
 """
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+
+from sqlmodel import Session
 
 from service.changes import Change, Op
 from service.delivery.panda import DatasetMissingError, PandaClient
 from service.sources import external_ids
-from service.store import delivered, outbox
+from service.store import delivered, outbox, snapshots
 from service.store.db import Database
 
 # How many ids of each kind a report keeps as examples.
@@ -175,7 +177,7 @@ async def repair(
     """Forget what PANDA holds of the rows missing or changed there (the source's next
     reading of them sends them again) and, with `delete_unknown`, queue deletes of the
     unknown rows; returns how many deletes were queued."""
-    await db.run(delivered.forget_documents, comparison.source, comparison.to_send)
+    await db.run(_forget, comparison.source, comparison.to_send)
     if not delete_unknown or not comparison.to_delete:
         return 0
     orphans = [
@@ -183,6 +185,13 @@ async def repair(
         for external_id in comparison.to_delete
     ]
     return await db.run(delivered.delete_orphans, comparison.slug, orphans, now=now)
+
+
+def _forget(session: Session, source: str, doc_ids: Sequence[str]) -> None:
+    """What PANDA holds of these documents, and for a snapshot source what it last saw of
+    them: its next snapshot sends them again."""
+    delivered.forget_documents(session, source, doc_ids)
+    snapshots.forget(session, source, doc_ids)
 
 
 # The document id of a delete for a row whose external_id no source id encodes to (added by

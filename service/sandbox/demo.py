@@ -6,6 +6,7 @@ to CouchDB and pushes changes, and shows them arriving in PANDA. Only orchestrat
 step goes through the CLI or HTTP.
 """
 
+import http.server
 import json
 import os
 import signal
@@ -13,6 +14,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
@@ -70,6 +72,19 @@ kind = "webhook"
 dataset = {{ slug = "demo-tips", name = "Demo tips" }}
 columns = [{{ name = "Tip", field = "text" }}, {{ name = "From", field = "from" }}]
 webhook = {{ signature = "standard-webhooks", secrets = ["{secret}"] }}
+
+[[sources]]
+name = "tweets"
+kind = "snapshot"
+id_field = "id"
+dataset = {{ slug = "demo-tweets", name = "Demo tweets (PANDA's API tutorial)" }}
+columns = [{{ name = "Text", field = "text" }}, {{ name = "From", field = "from_user" }}]
+
+[sources.snapshot]
+url = "http://127.0.0.1:{snapshot_port}/tweets.json"
+format = "keys-data"
+interval_s = 1
+deletes = true
 """
 
 DOCUMENTS = [
@@ -85,6 +100,50 @@ TIPS: list[dict[str, object]] = [
     {"op": "upsert", "id": "tip 1", "row": {"text": "Check the minutes", "from": "reader"}},
     {"op": "upsert", "id": "tip 2", "row": {"text": "Bridge closed again?", "from": "caller"}},
 ]
+
+
+# PANDA's API tutorial's endpoint: {"keys": [...], "data": [[...], ...]}, no changelog.
+TWEETS: dict[str, list[object]] = {
+    "keys": ["text", "id", "from_user"],
+    "data": [
+        ["Polls open at 7", "t1", "cityclerk"],
+        ["Road closed on Main St", "t2", "dot"],
+        ["Storm warning tonight", "t3", "weather"],
+        ["Library hours extended", "t4", "library"],
+        ["Lost dog near the park", "t5", "resident"],
+    ],
+}
+
+
+class _Endpoint:
+    """A JSON endpoint of the demo's own (a thread serving `body` at any path)."""
+
+    def __init__(self, body: object) -> None:
+        self.body = body
+        endpoint = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                data = json.dumps(endpoint.body).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, format: str, *args: object) -> None:
+                """Quiet: the demo prints what matters."""
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+
+    def __enter__(self) -> "_Endpoint":
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
 
 
 def _environment() -> dict[str, str]:
@@ -166,6 +225,7 @@ def run(console: Console) -> None:
     with tempfile.TemporaryDirectory(prefix="pandasync-demo-") as scratch, ExitStack() as stack:
         folder = Path(scratch)
         panda_port, service_port, couchdb_port = free_port(), free_port(), free_port()
+        tweets = stack.enter_context(_Endpoint(TWEETS))
         config = folder / "pandasync.toml"
         config.write_text(
             CONFIG.format(
@@ -173,6 +233,7 @@ def run(console: Console) -> None:
                 panda_port=panda_port,
                 service_port=service_port,
                 couchdb_port=couchdb_port,
+                snapshot_port=tweets.port,
                 secret=WEBHOOK_SECRET,
                 email=EMAIL,
                 api_key=API_KEY,
@@ -216,6 +277,26 @@ def run(console: Console) -> None:
         console.print(f"POST /webhooks/tips → {answer.status_code} {answer.text}")
         rows = _rows_when_settled(panda_url, "demo-tips", expected=len(TIPS))
         console.print(_table(rows, "Tip", "From"))
+        console.rule("6. no changelog: a JSON endpoint of PANDA's API tutorial, read every second")
+        rows = _rows_when_settled(panda_url, "demo-tweets", expected=len(TWEETS["data"]))
+        console.print(_table(rows, "Text", "From"))
+        writes = _writes(panda_url)
+        console.print("at the endpoint: t5 removed, t2 changed; t1, t3 and t4 as they were")
+        tweets.body = {
+            "keys": TWEETS["keys"],
+            "data": [
+                ["Polls open at 7", "t1", "cityclerk"],
+                ["Main St open again", "t2", "dot"],
+                ["Storm warning tonight", "t3", "weather"],
+                ["Library hours extended", "t4", "library"],
+            ],
+        }
+        rows = _rows_when_settled(panda_url, "demo-tweets", expected=4, showing="open again")
+        console.print(_table(rows, "Text", "From"))
+        console.print(
+            f"PANDA writes for that snapshot: {_writes(panda_url) - writes} (one bulk PUT of"
+            " the changed row, one DELETE); the unchanged rows cost PANDA nothing"
+        )
         status = httpx.get(f"{service_url}/status", timeout=5).json()
         for name, source in status["sources"].items():
             console.print(f"/status {name}: checkpoint {source['checkpoint']},", end=" ")
@@ -272,11 +353,20 @@ def _rows_when_settled(
 
     def settled() -> bool:
         response = httpx.get(url, params=params, timeout=5)
-        found[:] = response.json()["objects"] if response.status_code == 200 else []
+        objects = response.json()["objects"] if response.status_code == 200 else []
+        # PANDA's listing may hold other datasets' rows (panda-api.md §3.2).
+        found[:] = [row for row in objects if row["dataset"] == f"/api/1.0/dataset/{slug}/"]
         return len(found) == expected and showing in json.dumps(found, ensure_ascii=False)
 
     wait_until(settled, what=f"{expected} rows in PANDA dataset {slug}")
     return found
+
+
+def _writes(panda_url: str) -> int:
+    """The write requests the PANDA-compatible server has answered so far."""
+    writes = httpx.get(f"{panda_url}/_fake/stats", timeout=5).json()["writes"]
+    assert isinstance(writes, int)
+    return writes
 
 
 def _table(rows: list[dict[str, object]], *columns: str) -> Table:

@@ -3,6 +3,7 @@
 Opens SQLite or PostgreSQL, checks and migrates the schema (Alembic); holds no business logic.
 """
 
+import json
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, Concatenate, ParamSpec, TypeVar
@@ -153,6 +154,25 @@ def in_integers(session: Session, column: ColumnElement[int], name: str) -> Colu
     if session.get_bind().dialect.name == "postgresql":
         return column == any_(bindparam(name, type_=postgresql.ARRAY(BigInteger)))
     values = func.json_each(bindparam(name, type_=_JsonIntegers())).table_valued("value")
+    return column.in_(select(values.c.value))
+
+
+class _JsonTexts(TypeDecorator[list[str]]):
+    """A list of strings bound as one JSON array text, for SQLite's `json_each`."""
+
+    impl = Text
+    cache_ok = True
+
+    def process_bind_param(self, value: list[str] | None, dialect: Dialect) -> str | None:
+        # ASCII escapes: a lone surrogate (which JSON allows) binds as text too.
+        return None if value is None else json.dumps(value)
+
+
+def in_texts(session: Session, column: ColumnElement[str], name: str) -> ColumnElement[bool]:
+    """`column IN` the list of strings bound as parameter `name` (see `in_integers`)."""
+    if session.get_bind().dialect.name == "postgresql":
+        return column == any_(bindparam(name, type_=postgresql.ARRAY(Text)))
+    values = func.json_each(bindparam(name, type_=_JsonTexts())).table_valued("value")
     return column.in_(select(values.c.value))
 
 

@@ -1,5 +1,5 @@
 """The local store's tables: checkpoints, the outbox, delivery leases, dead letters, document
-states, webhook ids.
+states, webhook ids, snapshot hashes and states.
 
 Only table definitions and column types; reading and writing rows is `checkpoints` and `outbox`.
 """
@@ -211,6 +211,48 @@ class SeenWebhook(_Table, table=True):
     source: str = Field(sa_type=Text, primary_key=True)
     webhook_id: str = Field(sa_type=Text, primary_key=True)
     seen_at: datetime = Field(sa_type=UTCDateTime)
+
+
+class SnapshotSeen(_Table, table=True):
+    """An id a snapshot source gave: the hash of its row last enqueued, and the last snapshot
+    (generation) it was in.
+
+    `digest` is NULL while the id's row was never enqueued. `staged_digest` and `staged_row`
+    (the row's JSON array text) hold a new or changed row the snapshot under way found; they
+    become `digest` and an outbox entry in one transaction once the snapshot is applied.
+    """
+
+    __tablename__: ClassVar[str] = "snapshot_seen"
+
+    source: str = Field(sa_type=Text, primary_key=True)
+    doc_id: str = Field(sa_type=Text, primary_key=True)
+    digest: str | None = Field(default=None, sa_type=Text)
+    seen: int
+    staged_digest: str | None = Field(default=None, sa_type=Text)
+    staged_row: str | None = Field(default=None, sa_type=Text)
+
+
+class SnapshotState(_Table, table=True):
+    """A snapshot source's latest snapshot: its generation, how far it got and what it found.
+
+    `phase` is `reading`, `applying`, `held` (waiting for an operator's confirmation, `reason`
+    says why), `done` or `failed` (`reason` says why); `counts` is a JSON object of what the
+    last snapshot read whole found (see `service.sources.snapshot.Counts`), NULL before one;
+    `finished_at` when the last snapshot that ended did.
+    """
+
+    __tablename__: ClassVar[str] = "snapshot_state"
+    __table_args__ = (
+        CheckConstraint("phase IN ('reading', 'applying', 'held', 'done', 'failed')", name="phase"),
+    )
+
+    source: str = Field(sa_type=Text, primary_key=True)
+    generation: int
+    phase: str = Field(sa_type=Text)
+    reason: str | None = Field(default=None, sa_type=Text)
+    counts: str | None = Field(default=None, sa_type=Text)
+    started_at: datetime = Field(sa_type=UTCDateTime)
+    finished_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
 
 
 def table_of(model: type[SQLModel]) -> Table:
