@@ -343,6 +343,38 @@ async def test_malformed_json_is_refused_400_saying_where(database: Database) ->
     )
 
 
+async def test_a_body_that_is_not_utf8_is_refused_400_not_401_on_a_standard_webhooks_source(
+    database: Database,
+) -> None:
+    body = b'{"changes": []}\xff'
+    headers = {**signed(b"{}"), "webhook-signature": "v1,c2lnbmF0dXJl"}
+    async with serving(settings_for(database)) as (client, _):
+        answer = await post(client, "stories", body, headers)
+    assert (answer.status_code, answer.json()) == (
+        400,
+        {"error": "the body is not UTF-8 (byte 15)", "problems": []},
+    )
+
+
+async def test_a_key_given_twice_is_refused_422_and_nothing_is_written(
+    database: Database,
+) -> None:
+    body = b'{"changes": [{"op": "delete", "id": "s1", "op": "upsert", "row": {"title": "x"}}]}'
+    async with serving(settings_for(database)) as (client, _):
+        answer = await post(client, "stories", body, signed(body))
+    assert (answer.status_code, answer.json()["problems"]) == (
+        422,
+        [
+            {
+                "field": "(body)",
+                "message": 'an object holds the key "op" more than once, so which value is'
+                " meant is unknown: send each key once",
+            }
+        ],
+    )
+    assert await entries(database) == {}
+
+
 async def test_wrong_types_are_refused_422_pointing_at_the_field_and_nothing_is_written(
     database: Database,
 ) -> None:

@@ -183,6 +183,8 @@ async def _take_in(intake: Intake, name: str, request: Request) -> WebhookAnswer
     except signatures.SignatureError as error:
         log.warning("webhook refused, not authentic: source=%s reason=%s", name, error)
         raise _RefusedError(401, "unauthorized") from None
+    except signatures.NotTextError as error:
+        raise _RefusedError(400, str(error)) from None
     parsed = _parse(source, settings, body)
     try:
         answer = await intake.db.run(
