@@ -93,7 +93,7 @@ def _open(settings: Settings) -> db.Database:
     database = db.Database.open(settings.database_url)
     try:
         database.check_schema()
-    except db.SchemaError as error:
+    except (db.SchemaError, db.UnreachableError) as error:
         database.close()
         _fail(str(error))
     return database
@@ -140,7 +140,10 @@ def migrate(config: ConfigOption = None) -> None:
     from service.store import db
 
     settings = _settings(config)
-    db.migrate(settings.database_url)
+    try:
+        db.migrate(settings.database_url)
+    except db.UnreachableError as error:
+        _fail(str(error))
     out.print("database migrated")
 
 

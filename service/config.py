@@ -32,6 +32,8 @@ from pydantic_settings import (
     SettingsConfigDict,
     TomlConfigSettingsSource,
 )
+from sqlalchemy import URL, make_url
+from sqlalchemy.exc import ArgumentError
 from standardwebhooks import Webhook
 from standardwebhooks.webhooks import EmptyWebhookSecretError
 
@@ -43,6 +45,35 @@ _NAME = re.compile(r"[a-z0-9][a-z0-9_-]*")
 # PANDA routes a slug with `[\w\d_-]+`; `schema` is taken by /dataset/schema/ (panda-api.md §3).
 _SLUG = re.compile(r"[A-Za-z0-9_-]+")
 _FIELD = re.compile(r"[^.\s]+(\.[^.\s]+)*")
+
+
+_SUPPORTED = ("sqlite:///path/to/pandasync.db", "postgresql://user@host/database")
+
+
+class DatabaseUrlError(ValueError):
+    """`database_url` is not a URL pandasync can use: fix the setting."""
+
+
+def database_url(url: str) -> URL:
+    """Parse a database URL, rewriting `postgresql://` (and `postgres://`) to psycopg 3.
+
+    Raises `DatabaseUrlError` (never quoting the URL, which may hold a password) unless the
+    URL is SQLite (pysqlite) or PostgreSQL (psycopg).
+    """
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        raise DatabaseUrlError(
+            f"database_url is not a database URL: write one like {' or '.join(_SUPPORTED)}"
+        ) from None
+    if parsed.drivername in ("postgresql", "postgres"):
+        parsed = parsed.set(drivername="postgresql+psycopg")
+    if parsed.drivername not in ("sqlite", "sqlite+pysqlite", "postgresql+psycopg"):
+        raise DatabaseUrlError(
+            f"database_url uses {parsed.drivername!r}, which pandasync does not support: "
+            f"use {' or '.join(_SUPPORTED)}"
+        )
+    return parsed
 
 
 class _Strict(BaseModel):
@@ -421,6 +452,15 @@ class Settings(BaseSettings):
     delivery: DeliverySettings = DeliverySettings()
     ingress: IngressSettings = IngressSettings()
     sources: list[SourceSettings] = []
+
+    @field_validator("database_url")
+    @classmethod
+    def _supported_database(cls, value: str) -> str:
+        try:
+            database_url(value)
+        except DatabaseUrlError as error:  # its place is named already: not "database_url ..."
+            raise ValueError(str(error).removeprefix("database_url ")) from None
+        return value
 
 
 @dataclass(frozen=True)
