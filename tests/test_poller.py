@@ -379,8 +379,7 @@ async def test_the_couchdb_server_restarted_mid_feed_is_followed_again(
 ) -> None:
     with start_pouchdb(tmp_path / "pouchdb", on_disk=True) as server:
         couchdb = server.create("news")
-        retries = {"retry_base_s": 0.05, "retry_cap_s": 0.2}
-        poller = Poller(source_for(couchdb, **retries), store, http)
+        poller = Poller(source_for(couchdb, retry_base_s=0.05, retry_cap_s=0.2), store, http)
         async with running(poller):
             couchdb.put("before", title="Before")
             await eventually(lambda: poller.status().changes_seen == 1, what="the first change")
