@@ -19,6 +19,7 @@ from service.container import Service
 from service.delivery import panda
 from service.delivery.engine import Delivery
 from service.ingress import webhooks
+from service.ingress.deadlines import BodyDeadline
 from service.ingress.poller import build_pollers
 from service.metrics import Metrics
 from service.runner import Runner
@@ -107,6 +108,7 @@ def create_app(settings: Settings, *, start_runner: bool = True) -> FastAPI:
     app.include_router(status.router)
     app.include_router(webhooks.router)
     app.include_router(admin.router)
+    app.add_middleware(BodyDeadline, timeout_s=settings.server.body_timeout_s)
     return app
 
 

@@ -160,6 +160,7 @@ def serve(
 
     from service import app as wiring
     from service import logs
+    from service.ingress.connections import guarded_protocol
 
     settings = _settings(config)
     logs.configure(log_level, settings.logging.format)
@@ -168,6 +169,10 @@ def serve(
         wiring.create_app(settings),
         host=settings.server.host,
         port=settings.server.port,
+        http=guarded_protocol(
+            max_connections=settings.server.max_connections,
+            header_timeout_s=settings.server.header_timeout_s,
+        ),
         log_level=log_level.lower(),
         # uvicorn's own lines go through the same handler (and format) as pandasync's.
         log_config=None,

@@ -436,6 +436,12 @@ class ServerSettings(_Strict):
     admin_token: SecretStr | None = None
     # Lets a scraper read /metrics with a token of its own (the admin token works too).
     metrics_token: SecretStr | None = None
+    # Slow or idle clients: a connection beyond max_connections is answered 503 and closed;
+    # one that sends no request's headers within header_timeout_s is closed; a body not
+    # received whole within body_timeout_s of its headers is answered 408.
+    max_connections: int = Field(default=1000, ge=1)
+    header_timeout_s: float = Field(default=10.0, gt=0)
+    body_timeout_s: float = Field(default=30.0, gt=0)
 
 
 class Settings(BaseSettings):
