@@ -28,15 +28,13 @@ from sqlalchemy import (
     event,
     func,
     inspect,
+    make_url,
     select,
 )
 from sqlalchemy import create_engine as sa_create_engine
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import ArgumentError, OperationalError
 from sqlmodel import Session, SQLModel
-
-from service.config import DatabaseUrlError as DatabaseUrlError
-from service.config import database_url as database_url
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -45,6 +43,33 @@ T = TypeVar("T")
 ALEMBIC_DIR = Path(__file__).resolve().parents[2] / "alembic"
 # How long an SQLite writer waits for another one's transaction before failing.
 SQLITE_BUSY_TIMEOUT_MS = 30_000
+_SUPPORTED = ("sqlite:///path/to/pandasync.db", "postgresql://user@host/database")
+
+
+class DatabaseUrlError(ValueError):
+    """`database_url` is not a URL pandasync can use: fix the setting."""
+
+
+def database_url(url: str) -> URL:
+    """Parse a database URL, rewriting `postgresql://` (and `postgres://`) to psycopg 3.
+
+    Raises `DatabaseUrlError` (never quoting the URL, which may hold a password) unless the
+    URL is SQLite (pysqlite) or PostgreSQL (psycopg).
+    """
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        raise DatabaseUrlError(
+            f"database_url is not a database URL: write one like {' or '.join(_SUPPORTED)}"
+        ) from None
+    if parsed.drivername in ("postgresql", "postgres"):
+        parsed = parsed.set(drivername="postgresql+psycopg")
+    if parsed.drivername not in ("sqlite", "sqlite+pysqlite", "postgresql+psycopg"):
+        raise DatabaseUrlError(
+            f"database_url uses {parsed.drivername!r}, which pandasync does not support: "
+            f"use {' or '.join(_SUPPORTED)}"
+        )
+    return parsed
 
 
 class SchemaError(Exception):
