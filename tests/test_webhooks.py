@@ -490,18 +490,61 @@ async def test_a_delete_then_a_late_upsert_with_an_older_version_leaves_the_row_
     assert (panda.rows("stories"), await entries(database)) == ({}, {})
 
 
-async def test_the_openapi_spec_documents_the_webhook_body_and_answers(
+async def test_the_openapi_spec_documents_each_webhook_source_in_its_format_and_scheme(
     database: Database,
 ) -> None:
     async with serving(settings_for(database)) as (client, _):
         spec = (await client.get("/openapi.json")).json()
-    operation = spec["paths"]["/webhooks/{source}"]["post"]
-    schema = operation["requestBody"]["content"]["application/json"]["schema"]
-    change = schema["properties"]["changes"]["items"]
-    assert (sorted(change["properties"]), sorted(operation["responses"])) == (
-        ["id", "op", "row", "version"],
-        ["202", "400", "401", "413", "415", "422", "503"],
+    webhooks = {path: item["post"] for path, item in spec["paths"].items() if "webhooks" in path}
+    bodies = {
+        path: operation["requestBody"]["content"]["application/json"]["schema"]
+        for path, operation in webhooks.items()
+    }
+    headers = {
+        path: [(header["name"], header["required"]) for header in operation["parameters"]]
+        for path, operation in webhooks.items()
+    }
+    assert headers == {
+        "/webhooks/stories": [
+            ("webhook-id", True),
+            ("webhook-timestamp", True),
+            ("webhook-signature", True),
+        ],
+        "/webhooks/pushes": [("X-Hub-Signature-256", True), ("X-GitHub-Delivery", False)],
+        "/webhooks/forms": [("X-Form-Signature", True)],
+        "/webhooks/open": [],
+    }
+    assert {sorted(operation["responses"]) == RESPONSES for operation in webhooks.values()} == {
+        True
+    }
+    upsert, delete = bodies["/webhooks/stories"]["properties"]["changes"]["items"]["oneOf"]
+    assert (upsert["required"], upsert["properties"]["op"], delete["properties"]["op"]) == (
+        ["op", "id", "row"],
+        {"const": "upsert"},
+        {"const": "delete"},
     )
+    assert upsert["properties"]["row"]["anyOf"] == [
+        {
+            "type": "object",
+            "anyOf": [
+                {"type": "object", "properties": {"title": {}}, "required": ["title"]},
+                {"type": "object", "properties": {"words": {}}, "required": ["words"]},
+            ],
+        },
+        {"type": "array", "minItems": 2, "maxItems": 2},
+    ]
+    document, documents, bulk = bodies["/webhooks/pushes"]["anyOf"]
+    assert (document["required"], documents["items"], bulk["required"]) == (
+        ["_id"],
+        document,
+        ["docs"],
+    )
+    assert document["properties"]["_rev"]["pattern"] == "^[0-9]{1,15}-[0-9A-Za-z]+$"
+    # Its mapping filters (`answers[?q=='headline']`): any JSON, its rules in words.
+    assert list(bodies["/webhooks/forms"]) == ["description"]
+
+
+RESPONSES = ["202", "400", "401", "408", "413", "415", "422", "503"]
 
 
 async def test_the_openapi_spec_documents_the_status_and_each_sources_states(
