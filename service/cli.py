@@ -240,22 +240,29 @@ def sync(
     logs.configure("INFO", settings.logging.format)
     database = _open(settings)
     try:
-        status = anyio.run(_drain, settings, database)
+        status, unread = anyio.run(_drain, settings, database)
     finally:
         database.close()
     out.print(f"delivered {status.delivered}, dead letters {status.dead_lettered}")
     if status.paused or status.stopped_sources:
         _fail(status.paused or "; ".join(status.stopped_sources.values()))
+    if unread:
+        _fail("; ".join(unread) + " (what the other sources read was delivered)")
 
 
-async def _drain(settings: Settings, database: db.Database) -> DeliveryStatus:
+async def _drain(settings: Settings, database: db.Database) -> tuple[DeliveryStatus, list[str]]:
+    """Read each CouchDB feed up to now, then deliver the outbox; returns delivery's status
+    and why each feed that could not be read was not (the others are delivered all the same).
+    """
     import anyio
     import httpx
 
     from service import app as wiring
     from service.delivery import panda
+    from service.sources import couchdb
     from service.store import outbox
 
+    unread: list[str] = []
     http = panda.make_http(
         url=str(settings.panda.url),
         timeout_s=settings.panda.timeout_s,
@@ -276,12 +283,15 @@ async def _drain(settings: Settings, database: db.Database) -> DeliveryStatus:
             async with anyio.create_task_group() as group:
                 group.start_soon(_every, 0.2, refresh)
                 for poller in service.pollers.values():
-                    await poller.run_once()
+                    try:
+                        await poller.run_once()
+                    except couchdb.FeedBrokenError as error:
+                        unread.append(str(error))
                 progress.update(sending, total=await database.run(outbox.pending, None))
                 await service.delivery.run_once()
                 refresh()
                 group.cancel_scope.cancel()
-        return service.delivery.status()
+        return service.delivery.status(), unread
 
 
 def _progress() -> Progress:
