@@ -5,6 +5,7 @@ Holds no logic of its own; everything is built inside `create_app`, nothing at i
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 import anyio
 import httpx
@@ -18,7 +19,8 @@ from service.config import Settings
 from service.container import Service
 from service.delivery import panda
 from service.delivery.engine import Delivery
-from service.ingress import webhooks
+from service.ingress import webhook_docs, webhooks
+from service.ingress.deadlines import BodyDeadline
 from service.ingress.poller import build_pollers
 from service.ingress.shares import FeedShares
 from service.ingress.snapshots import build_snapshotters
@@ -128,6 +130,15 @@ def create_app(settings: Settings, *, start_runner: bool = True) -> FastAPI:
     app.include_router(webhooks.router)
     app.include_router(admin.router)
     app.include_router(dashboard.router)
+    app.add_middleware(BodyDeadline, timeout_s=settings.server.body_timeout_s)
+
+    def openapi() -> dict[str, Any]:
+        """FastAPI's document, with a webhook path for each configured source."""
+        if app.openapi_schema is None:
+            app.openapi_schema = webhook_docs.document_sources(FastAPI.openapi(app), settings)
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
     return app
 
 

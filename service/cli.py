@@ -119,7 +119,7 @@ def _open(settings: Settings) -> db.Database:
     database = db.Database.open(settings.database_url)
     try:
         database.check_schema()
-    except db.SchemaError as error:
+    except (db.SchemaError, db.UnreachableError) as error:
         database.close()
         _fail(str(error))
     return database
@@ -166,7 +166,10 @@ def migrate(config: ConfigOption = None) -> None:
     from service.store import db
 
     settings = _settings(config)
-    db.migrate(settings.database_url)
+    try:
+        db.migrate(settings.database_url)
+    except db.UnreachableError as error:
+        _fail(str(error))
     out.print("database migrated")
 
 
@@ -183,6 +186,7 @@ def serve(
 
     from service import app as wiring
     from service import logs
+    from service.ingress.connections import guarded_protocol
 
     settings = _settings(config)
     logs.configure(log_level, settings.logging.format)
@@ -191,6 +195,10 @@ def serve(
         wiring.create_app(settings),
         host=settings.server.host,
         port=settings.server.port,
+        http=guarded_protocol(
+            max_connections=settings.server.max_connections,
+            header_timeout_s=settings.server.header_timeout_s,
+        ),
         log_level=log_level.lower(),
         # uvicorn's own lines go through the same handler (and format) as pandasync's.
         log_config=None,
@@ -258,7 +266,7 @@ def sync(
     logs.configure("INFO", settings.logging.format)
     database = _open(settings)
     try:
-        status = anyio.run(_drain, settings, database)
+        status, unread = anyio.run(_drain, settings, database)
     finally:
         database.close()
     out.print(
@@ -267,16 +275,23 @@ def sync(
     )
     if status.paused or status.stopped_sources:
         _fail(status.paused or "; ".join(status.stopped_sources.values()))
+    if unread:
+        _fail("; ".join(unread) + " (what the other sources read was delivered)")
 
 
-async def _drain(settings: Settings, database: db.Database) -> DeliveryStatus:
+async def _drain(settings: Settings, database: db.Database) -> tuple[DeliveryStatus, list[str]]:
+    """Read each CouchDB feed up to now, then deliver the outbox; returns delivery's status
+    and why each feed that could not be read was not (the others are delivered all the same).
+    """
     import anyio
     import httpx
 
     from service import app as wiring
     from service.delivery import panda
+    from service.sources import couchdb
     from service.store import outbox
 
+    unread: list[str] = []
     http = panda.make_http(
         url=str(settings.panda.url),
         timeout_s=settings.panda.timeout_s,
@@ -297,7 +312,10 @@ async def _drain(settings: Settings, database: db.Database) -> DeliveryStatus:
             async with anyio.create_task_group() as group:
                 group.start_soon(_every, 0.2, refresh)
                 for poller in service.pollers.values():
-                    await poller.run_once()
+                    try:
+                        await poller.run_once()
+                    except couchdb.FeedBrokenError as error:
+                        unread.append(str(error))
                 for snapshotter in service.snapshotters.values():
                     _snapshot_report(snapshotter.name, await snapshotter.run_once())
                 refresh(final=True)
@@ -305,7 +323,7 @@ async def _drain(settings: Settings, database: db.Database) -> DeliveryStatus:
                 await service.delivery.run_once()
                 refresh(final=True)
                 group.cancel_scope.cancel()
-        return service.delivery.status()
+        return service.delivery.status(), unread
 
 
 class _Show(Protocol):

@@ -477,6 +477,17 @@ class ServerSettings(_Strict):
     admin_token: SecretStr | None = None
     # Lets a scraper read /metrics with a token of its own (the admin token works too).
     metrics_token: SecretStr | None = None
+    # Slow or idle clients: a connection beyond max_connections is answered 503 and closed;
+    # one that sends no request's headers within header_timeout_s is closed; a body not
+    # received whole within body_timeout_s of its headers is answered 408.
+    max_connections: int = Field(default=1000, ge=1)
+    header_timeout_s: float = Field(default=10.0, gt=0)
+    body_timeout_s: float = Field(default=30.0, gt=0)
+
+
+# The stores pandasync can use: SQLite (pysqlite) and PostgreSQL (psycopg).
+_DATABASE_SCHEMES = ("sqlite", "sqlite+pysqlite", "postgresql", "postgres", "postgresql+psycopg")
+_DATABASE_URLS = "sqlite:///path/to/pandasync.db or postgresql://user@host/database"
 
 
 class Settings(BaseSettings):
@@ -493,6 +504,20 @@ class Settings(BaseSettings):
     delivery: DeliverySettings = DeliverySettings()
     ingress: IngressSettings = IngressSettings()
     sources: list[SourceSettings] = []
+
+    @field_validator("database_url")
+    @classmethod
+    def _supported_database(cls, value: str) -> str:
+        # The store parses the URL (`service.store.db.database_url`); this names a kind it
+        # cannot use before any command tries to.
+        scheme, found, _ = value.partition("://")
+        if not found:
+            raise ValueError(f"is not a database URL: write one like {_DATABASE_URLS}")
+        if scheme not in _DATABASE_SCHEMES:
+            raise ValueError(
+                f"uses {scheme[:40]!r}, which pandasync does not support: use {_DATABASE_URLS}"
+            )
+        return value
 
 
 @dataclass(frozen=True)

@@ -3,15 +3,16 @@
 Two formats: `text`, one line per event as `time level logger: message`, and `json`, one JSON
 object per line (`time`, `level`, `logger`, `message`) for log shippers, with each `key=value`
 of the message as a field of its own (`source`, `dataset`, `doc_id`, `seq`...). Either way a
-value from outside stays inside its line: text lines are escaped by the code that logs them,
-JSON strings by the formatter.
+value from outside stays inside its line: the formatter escapes every control character and line
+separator of a message (a document id holding a newline cannot forge a second line, nor a NUL
+or an ANSI escape reach the log), and JSON strings are escaped again by the JSON encoder.
 """
 
 import functools
 import logging
 import re
 import sys
-from typing import Literal
+from typing import Any, Literal
 
 Format = Literal["text", "json"]
 _TEXT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -46,6 +47,43 @@ class _Fields(logging.Filter):
         return True
 
 
+# C0 and C1 control characters (NUL, tab, newline, carriage return, ESC...) and Unicode's line
+# and paragraph separators, which some readers also break lines at.
+_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def escape(text: str) -> str:
+    """`text` with each control character and line separator written as its Python escape
+    (`\\n`, `\\x00`, `\\x1b`, `\\u2028`): one line, printable as it stands."""
+    return _UNSAFE.sub(lambda found: repr(found.group())[1:-1], text)
+
+
+class _TextFormatter(logging.Formatter):
+    """`logging.Formatter` with the message escaped (a traceback still follows on its lines)."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        record.message = escape(record.message)
+        return super().formatMessage(record)
+
+
+def _json_formatter() -> logging.Formatter:
+    from pythonjsonlogger.json import JsonFormatter
+
+    class EscapingJsonFormatter(JsonFormatter):
+        """One JSON object a line, its message escaped as in the text format."""
+
+        def process_log_record(self, log_data: dict[str, Any]) -> dict[str, Any]:
+            message = log_data.get("message")
+            if isinstance(message, str):
+                log_data["message"] = escape(message)
+            return log_data
+
+    return EscapingJsonFormatter(
+        "%(asctime)s %(levelname)s %(name)s %(message)s",
+        rename_fields={"asctime": "time", "levelname": "level", "name": "logger"},
+    )
+
+
 def configure(level: str = "INFO", format: Format = "text") -> None:
     """Send log lines to stderr in `format`, at `level` and above.
 
@@ -55,17 +93,10 @@ def configure(level: str = "INFO", format: Format = "text") -> None:
     """
     handler = logging.StreamHandler(sys.stderr)
     if format == "json":
-        from pythonjsonlogger.json import JsonFormatter
-
-        handler.setFormatter(
-            JsonFormatter(
-                "%(asctime)s %(levelname)s %(name)s %(message)s",
-                rename_fields={"asctime": "time", "levelname": "level", "name": "logger"},
-            )
-        )
+        handler.setFormatter(_json_formatter())
         handler.addFilter(_Fields())
     else:
-        handler.setFormatter(logging.Formatter(_TEXT))
+        handler.setFormatter(_TextFormatter(_TEXT))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

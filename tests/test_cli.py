@@ -25,6 +25,8 @@ from tests.fixtures.configs import write_config
 from tests.fixtures.panda import RunningPanda
 
 runner = CliRunner()
+# Commands that read the configured database_url.
+COMMANDS = ["check-config", "status", "migrate"]
 
 
 def test_check_config_accepts_a_good_file(tmp_path: Path) -> None:
@@ -43,6 +45,31 @@ def test_check_config_names_each_broken_field_and_its_fix(tmp_path: Path) -> Non
     assert "sources[0].name: not a valid source name. Fix:" in result.stderr
     assert "sources[0].dataset.slug: PANDA cannot address this slug. Fix:" in result.stderr
     assert "sources[0].columns[1].field: not a dotted path. Fix:" in result.stderr
+
+
+def test_check_config_refuses_a_database_the_store_cannot_use_and_says_which_to_use(
+    tmp_path: Path,
+) -> None:
+    path = write_config(tmp_path, url="mysql://sync:hunter2@db.example.org/sync")
+    results = [runner.invoke(cli, [command, "--config", str(path)]) for command in COMMANDS]
+    assert [(result.exit_code, result.stdout) for result in results] == [(1, "")] * len(COMMANDS)
+    assert [" ".join(result.stderr.split()) for result in results] == [
+        f"error: {path} has 1 problem(s): database_url: uses 'mysql', which pandasync does not"
+        " support. Fix: use sqlite:///path/to/pandasync.db or postgresql://user@host/database"
+    ] * len(COMMANDS)
+
+
+def test_status_and_migrate_say_when_the_database_cannot_be_reached_without_a_traceback(
+    tmp_path: Path,
+) -> None:
+    path = write_config(tmp_path, url="postgresql://sync:hunter2@127.0.0.1:1/sync")
+    results = [runner.invoke(cli, [command, "--config", str(path)]) for command in COMMANDS[1:]]
+    assert [result.exit_code for result in results] == [1, 1]
+    assert [" ".join(result.stderr.split()) for result in results] == [
+        "error: database postgresql+psycopg://sync:***@127.0.0.1:1/sync cannot be reached"
+        ' (connection failed: connection to server at "127.0.0.1", port 1 failed: Connection'
+        " refused): check database_url and that the database server is running"
+    ] * 2
 
 
 def test_the_config_file_can_come_from_the_environment(tmp_path: Path) -> None:

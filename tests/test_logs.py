@@ -110,3 +110,35 @@ def test_json_log_lines_of_a_sync_carry_source_dataset_doc_id_and_seq_as_fields(
     assert unmapped["seq"] == "2"  # pouchdb-server's seq of the second document, as JSON text
     assert "secret scoop" not in done.stderr, "a document's content is never logged"
     assert panda.api_key not in done.stderr
+
+
+# A document id as a hostile sender would write it: a forged second line, a carriage return,
+# a NUL, an ANSI colour escape and a Unicode line separator.
+HOSTILE_ID = "a\n2026-01-01 00:00:00,000 INFO service.x: forged\r\x00\x1b[31mred\u2028b"
+ESCAPED_ID = "a\\n2026-01-01 00:00:00,000 INFO service.x: forged\\r\\x00\\x1b[31mred\\u2028b"
+
+
+def _logged(format: str) -> str:
+    probe = (
+        "import logging, sys\n"
+        "from service import logs\n"
+        f"logs.configure('INFO', {format!r})\n"
+        "logging.getLogger('service.ingress.poller').warning("
+        "'document refused: source=%s doc_id=%s', 'feed', sys.stdin.read())\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe], input=HOSTILE_ID.encode(), capture_output=True, check=True
+    )
+    return done.stderr.decode()
+
+
+def test_an_id_from_outside_stays_on_its_text_line_with_its_controls_escaped() -> None:
+    (line,) = _logged("text").splitlines()
+    assert line.endswith(
+        f" WARNING service.ingress.poller: document refused: source=feed doc_id={ESCAPED_ID}"
+    )
+
+
+def test_an_id_from_outside_stays_on_its_json_line_escaped_as_in_the_text_format() -> None:
+    (line,) = _logged("json").splitlines()
+    assert json.loads(line)["message"] == f"document refused: source=feed doc_id={ESCAPED_ID}"

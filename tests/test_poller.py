@@ -388,21 +388,28 @@ async def test_the_couchdb_server_restarted_mid_feed_is_followed_again(
 ) -> None:
     with start_pouchdb(tmp_path / "pouchdb", on_disk=True) as server:
         couchdb = server.create("news")
-        poller = Poller(source_for(couchdb), store, http)
+        poller = Poller(source_for(couchdb, retry_base_s=0.05, retry_cap_s=0.2), store, http)
         async with running(poller):
             couchdb.put("before", title="Before")
             await eventually(lambda: poller.status().changes_seen == 1, what="the first change")
             await eventually(lambda: poller.status().state == "live", what="the live feed")
             # In a thread, so the poller meets the outage as it happens.
-            await anyio.to_thread.run_sync(server.restart)
+            await anyio.to_thread.run_sync(server.stop)
+            await eventually(lambda: poller.status().state == "retrying", what="the outage")
+            during = poller.status()
+            await anyio.to_thread.run_sync(server.start)
             couchdb.put("after", title="After")
             await eventually(lambda: poller.status().changes_seen >= 2, what="the second change")
+            after = poller.status()
         couchdb.destroy()
     assert await store.run(queued) == {
         "before": ("upsert", ["Before", ""]),
         "after": ("upsert", ["After", ""]),
     }
-    assert "lost CouchDB" in (poller.status().last_error or "")
+    assert "lost CouchDB" in (during.last_error or "")
+    assert (after.state, after.last_error) == ("live", None)
+    assert "lost CouchDB" in (after.previous_error or "")
+    assert after.previous_error_at is not None
 
 
 async def test_a_silent_feed_is_reopened_from_the_checkpoint(

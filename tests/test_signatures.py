@@ -11,7 +11,7 @@ import pytest
 from standardwebhooks import Webhook
 
 from service.config import WebhookSettings
-from service.ingress.signatures import SignatureError, verify, webhook_id
+from service.ingress.signatures import NotTextError, SignatureError, verify, webhook_id
 
 NOW = datetime(2026, 3, 4, 5, 6, 7, tzinfo=UTC)
 BODY = b'{"changes": [{"op": "delete", "id": "caf\xc3\xa9"}]}'
@@ -120,10 +120,11 @@ def test_missing_or_malformed_standard_headers_are_refused(name: str, value: str
     assert refused(standard(SECRET), {**standard_headers(), name: value})
 
 
-def test_a_body_that_is_not_utf8_is_refused_by_the_standard_scheme() -> None:
+def test_a_body_that_is_not_utf8_is_named_as_such_by_the_standard_scheme() -> None:
     body = b'{"a": "\xff"}'
     headers = standard_headers(body.decode("latin-1").encode())
-    assert refused(standard(SECRET), headers, body)
+    with pytest.raises(NotTextError, match=r"^the body is not UTF-8 \(byte 7\)$"):
+        verify(standard(SECRET), headers, body, now=NOW)
 
 
 def test_a_github_signature_made_as_github_documents_passes() -> None:

@@ -170,6 +170,36 @@ def test_a_body_that_is_not_json_says_where_it_breaks(body: bytes, message: str)
     assert str(raised.value).startswith(message)
 
 
+DUPLICATE_OP = FieldProblem(
+    "(body)",
+    'an object holds the key "op" more than once, so which value is meant is unknown:'
+    " send each key once",
+)
+
+
+@pytest.mark.parametrize(
+    ("spec", "body"),
+    [
+        (
+            PANDASYNC,
+            b'{"changes": [{"op": "delete", "id": "a", "op": "upsert", "row": ["x", "y"]}]}',
+        ),
+        (COUCHDB, b'{"_id": "a", "title": "x", "op": 1, "op": 2}'),
+        (
+            source("jmespath", mapping={"op": "op"}),
+            b'[{"_id": "a", "title": "x", "op": "delete", "op": "upsert"}]',
+        ),
+    ],
+    ids=["pandasync", "couchdb", "jmespath"],
+)
+def test_a_key_given_twice_in_one_object_is_refused_in_every_format(
+    spec: SourceSettings, body: bytes
+) -> None:
+    with pytest.raises(BodyError) as raised:
+        parse(spec, body)
+    assert raised.value.problems == (DUPLICATE_OP,)
+
+
 def test_integers_past_64_bits_are_read_exactly() -> None:
     row = b'["\\u00e9", 123456789012345678901234567890]'
     body = b'{"changes": [{"op": "upsert", "id": "a", "row": ' + row + b"}]}"

@@ -343,6 +343,38 @@ async def test_malformed_json_is_refused_400_saying_where(database: Database) ->
     )
 
 
+async def test_a_body_that_is_not_utf8_is_refused_400_not_401_on_a_standard_webhooks_source(
+    database: Database,
+) -> None:
+    body = b'{"changes": []}\xff'
+    headers = {**signed(b"{}"), "webhook-signature": "v1,c2lnbmF0dXJl"}
+    async with serving(settings_for(database)) as (client, _):
+        answer = await post(client, "stories", body, headers)
+    assert (answer.status_code, answer.json()) == (
+        400,
+        {"error": "the body is not UTF-8 (byte 15)", "problems": []},
+    )
+
+
+async def test_a_key_given_twice_is_refused_422_and_nothing_is_written(
+    database: Database,
+) -> None:
+    body = b'{"changes": [{"op": "delete", "id": "s1", "op": "upsert", "row": {"title": "x"}}]}'
+    async with serving(settings_for(database)) as (client, _):
+        answer = await post(client, "stories", body, signed(body))
+    assert (answer.status_code, answer.json()["problems"]) == (
+        422,
+        [
+            {
+                "field": "(body)",
+                "message": 'an object holds the key "op" more than once, so which value is'
+                " meant is unknown: send each key once",
+            }
+        ],
+    )
+    assert await entries(database) == {}
+
+
 async def test_wrong_types_are_refused_422_pointing_at_the_field_and_nothing_is_written(
     database: Database,
 ) -> None:
@@ -458,18 +490,61 @@ async def test_a_delete_then_a_late_upsert_with_an_older_version_leaves_the_row_
     assert (panda.rows("stories"), await entries(database)) == ({}, {})
 
 
-async def test_the_openapi_spec_documents_the_webhook_body_and_answers(
+async def test_the_openapi_spec_documents_each_webhook_source_in_its_format_and_scheme(
     database: Database,
 ) -> None:
     async with serving(settings_for(database)) as (client, _):
         spec = (await client.get("/openapi.json")).json()
-    operation = spec["paths"]["/webhooks/{source}"]["post"]
-    schema = operation["requestBody"]["content"]["application/json"]["schema"]
-    change = schema["properties"]["changes"]["items"]
-    assert (sorted(change["properties"]), sorted(operation["responses"])) == (
-        ["id", "op", "row", "version"],
-        ["202", "400", "401", "413", "415", "422", "503"],
+    webhooks = {path: item["post"] for path, item in spec["paths"].items() if "webhooks" in path}
+    bodies = {
+        path: operation["requestBody"]["content"]["application/json"]["schema"]
+        for path, operation in webhooks.items()
+    }
+    headers = {
+        path: [(header["name"], header["required"]) for header in operation["parameters"]]
+        for path, operation in webhooks.items()
+    }
+    assert headers == {
+        "/webhooks/stories": [
+            ("webhook-id", True),
+            ("webhook-timestamp", True),
+            ("webhook-signature", True),
+        ],
+        "/webhooks/pushes": [("X-Hub-Signature-256", True), ("X-GitHub-Delivery", False)],
+        "/webhooks/forms": [("X-Form-Signature", True)],
+        "/webhooks/open": [],
+    }
+    assert {sorted(operation["responses"]) == RESPONSES for operation in webhooks.values()} == {
+        True
+    }
+    upsert, delete = bodies["/webhooks/stories"]["properties"]["changes"]["items"]["oneOf"]
+    assert (upsert["required"], upsert["properties"]["op"], delete["properties"]["op"]) == (
+        ["op", "id", "row"],
+        {"const": "upsert"},
+        {"const": "delete"},
     )
+    assert upsert["properties"]["row"]["anyOf"] == [
+        {
+            "type": "object",
+            "anyOf": [
+                {"type": "object", "properties": {"title": {}}, "required": ["title"]},
+                {"type": "object", "properties": {"words": {}}, "required": ["words"]},
+            ],
+        },
+        {"type": "array", "minItems": 2, "maxItems": 2},
+    ]
+    document, documents, bulk = bodies["/webhooks/pushes"]["anyOf"]
+    assert (document["required"], documents["items"], bulk["required"]) == (
+        ["_id"],
+        document,
+        ["docs"],
+    )
+    assert document["properties"]["_rev"]["pattern"] == "^[0-9]{1,15}-[0-9A-Za-z]+$"
+    # Its mapping filters (`answers[?q=='headline']`): any JSON, its rules in words.
+    assert list(bodies["/webhooks/forms"]) == ["description"]
+
+
+RESPONSES = ["202", "400", "401", "408", "413", "415", "422", "503"]
 
 
 async def test_the_openapi_spec_documents_the_status_and_each_sources_states(
@@ -484,6 +559,7 @@ async def test_the_openapi_spec_documents_the_status_and_each_sources_states(
     assert answer["schema"] == {"$ref": "#/components/schemas/StatusAnswer"}
     assert feed["properties"]["state"]["enum"] == [
         "starting",
+        "standby",
         "catching_up",
         "live",
         "retrying",

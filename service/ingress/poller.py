@@ -47,7 +47,9 @@ class PollerStatus:
     came: CouchDB has more, `couchdb_pending` says how many where CouchDB gives it); `live`
     (caught up, following new changes);
     `retrying` since `retrying_since` (CouchDB could not be read: `attempts` so far, the
-    `last_error`, the next attempt at `next_attempt_at`); `paused` (the outbox is at its
+    `last_error`, the next attempt at `next_attempt_at`; once the feed reads again
+    `last_error` is cleared and kept as `previous_error`, with the time it last occurred,
+    `previous_error_at`); `paused` (the outbox is at its
     high-water mark, or `held`: an operator paused it); `stopped` with a `reason` when
     CouchDB refused the source for good (the reason says what to fix), without one after
     `stop()`. `checkpoint` is the saved seq as
@@ -68,6 +70,8 @@ class PollerStatus:
     attempts: int = 0
     next_attempt_at: datetime | None = None
     held: bool = False
+    previous_error: str | None = None
+    previous_error_at: datetime | None = None
 
 
 class LeaseLostError(Exception):
@@ -176,6 +180,8 @@ class Poller:
         self._skipped = 0
         self._pending: int | None = None
         self._last_error: str | None = None
+        self._last_error_at: datetime | None = None
+        self._previous_error: tuple[str, datetime | None] | None = None
         self._failures = 0
         self._retrying_since: datetime | None = None
         self._next_attempt_at: datetime | None = None
@@ -213,6 +219,8 @@ class Poller:
             attempts=self._failures,
             next_attempt_at=self._next_attempt_at,
             held=self._held,
+            previous_error=None if self._previous_error is None else self._previous_error[0],
+            previous_error_at=None if self._previous_error is None else self._previous_error[1],
         )
 
     def hold(self) -> None:
@@ -363,7 +371,7 @@ class Poller:
         except couchdb.FeedBrokenError as error:
             await self._back_off(error)
         except Exception as error:
-            self._last_error = f"{type(error).__name__}: {error}"
+            self._failed(f"{type(error).__name__}: {error}")
             raise
 
     async def _follow(self) -> None:
@@ -453,7 +461,7 @@ class Poller:
         except couchdb.SourceStoppedError as error:
             self._stop_source(error)
         except couchdb.FeedBrokenError as error:
-            self._last_error = str(error)
+            self._failed(str(error))
             raise
 
     async def _first_page(self) -> couchdb.Page:
@@ -517,6 +525,7 @@ class Poller:
         if page.seq is not None:
             self._checkpoint = page.seq.json_text
         if self._state != "stopped":
+            self._recovered()
             full = page.rows >= self._settings.batch_size and page.pending != 0
             self._progress("catching_up" if full and not page.caught_up else "live")
         log.debug(
@@ -534,7 +543,8 @@ class Poller:
         now = self._clock()
         if self._retrying_since is None:
             self._retrying_since = now
-        self._state, self._last_error = "retrying", str(error)
+        self._state = "retrying"
+        self._failed(str(error))
         wait_s = backoff.delay_s(
             self._failures,
             base_s=self._settings.retry_base_s,
@@ -587,15 +597,23 @@ class Poller:
         elif was != state:
             log.info("source %s: source=%s checkpoint=%s", state, self.name, self._checkpoint)
 
+    def _failed(self, error: str) -> None:
+        self._last_error, self._last_error_at = error, self._clock()
+
     def _recovered(self) -> None:
-        """The feed reads again: forget the failures (and say so, if they were warned of)."""
+        """The feed reads again: forget the failures (and say so, if they were warned of); the
+        last error becomes the previous one."""
         if self._failures and self._warned_at is not None:
             log.info("CouchDB feed reads again: source=%s attempts=%d", self.name, self._failures)
         self._failures, self._warned_at = 0, None
         self._retrying_since = self._next_attempt_at = None
+        if self._last_error is not None:
+            self._previous_error = (self._last_error, self._last_error_at)
+            self._last_error = self._last_error_at = None
 
     def _stop_source(self, error: couchdb.SourceStoppedError) -> None:
-        self._state, self._stopped, self._last_error = "stopped", str(error), str(error)
+        self._state, self._stopped = "stopped", str(error)
+        self._failed(str(error))
         log.error("source stopped: source=%s reason=%s", self.name, error)
 
 

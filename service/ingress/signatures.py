@@ -25,6 +25,11 @@ class SignatureError(Exception):
     tolerance): answer 401 without detail and apply nothing."""
 
 
+class NotTextError(ValueError):
+    """The body cannot be checked because it is not UTF-8 text (Standard Webhooks signs text):
+    answer 400 with the message, which says where it breaks."""
+
+
 def verify(
     settings: WebhookSettings, headers: Mapping[str, str], body: bytes, *, now: datetime
 ) -> None:
@@ -32,7 +37,8 @@ def verify(
 
     `headers` may be any mapping (names are compared case-insensitively); `body` is the raw
     body as received. Returns when one secret matches (or the scheme is `none`); raises
-    `SignatureError` otherwise. Digests are compared in constant time.
+    `SignatureError` otherwise, or `NotTextError` for a Standard Webhooks body that is not
+    UTF-8. Digests are compared in constant time.
     """
     lowered = {name.lower(): value for name, value in headers.items()}
     secrets = settings.secrets
@@ -86,8 +92,8 @@ def _standard(
         raise SignatureError("webhook-timestamp is outside the tolerance")
     try:
         text = body.decode("utf-8")
-    except UnicodeDecodeError:
-        raise SignatureError("the body is not UTF-8, so it cannot be signed text") from None
+    except UnicodeDecodeError as error:
+        raise NotTextError(f"the body is not UTF-8 (byte {error.start})") from None
     sent_at = datetime.fromtimestamp(int(timestamp), UTC)
     given = _standard_signatures(headers.get("webhook-signature", ""))
     for secret in secrets:

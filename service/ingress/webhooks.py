@@ -107,10 +107,18 @@ _REFUSALS: dict[int | str, dict[str, Any]] = {
         "description": "Bad or missing signature, stale time, or no webhook source of this name"
         " (the same answer, so that names cannot be guessed).",
     },
+    408: {
+        "model": WebhookRefusal,
+        "description": "The body did not arrive within server.body_timeout_s.",
+    },
     413: {"model": WebhookRefusal, "description": "The body is over ingress.max_body_bytes."},
     415: {"model": WebhookRefusal, "description": "The body is not declared as JSON."},
     422: {"model": WebhookRefusal, "description": "JSON, but not the source's format."},
-    503: {"model": WebhookRefusal, "description": "The outbox is full: retry after Retry-After."},
+    503: {
+        "model": WebhookRefusal,
+        "description": "The outbox is full: retry after Retry-After. (Beyond"
+        " server.max_connections, the server answers 503 in plain text.)",
+    },
 }
 _FORMATS = """\
 The body format is the source's `webhook.format`: `pandasync` (this schema), `couchdb` (one
@@ -183,6 +191,8 @@ async def _take_in(intake: Intake, name: str, request: Request) -> WebhookAnswer
     except signatures.SignatureError as error:
         log.warning("webhook refused, not authentic: source=%s reason=%s", name, error)
         raise _RefusedError(401, "unauthorized") from None
+    except signatures.NotTextError as error:
+        raise _RefusedError(400, str(error)) from None
     parsed = _parse(source, settings, body)
     try:
         answer = await intake.db.run(

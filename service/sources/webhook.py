@@ -8,6 +8,7 @@ webhook route commits what this returns) and never checks signatures
 
 import json
 import re
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal, TypeVar
@@ -140,8 +141,8 @@ def parse(source: SourceSettings, body: bytes) -> Parsed:
     """The changes in a webhook body, read in the source's format.
 
     Raises `MalformedBodyError` when the body is not UTF-8 JSON, and `BodyError` naming each
-    bad field when it does not hold changes of the source's format. All or nothing: one bad
-    change refuses the whole body.
+    bad field when it does not hold changes of the source's format (or an object of it holds
+    a key twice). All or nothing: one bad change refuses the whole body.
     """
     assert source.webhook is not None  # config: a webhook source has its webhook table
     document = _json(body)
@@ -161,7 +162,9 @@ def _json(body: bytes) -> object:
     except UnicodeDecodeError as error:
         raise MalformedBodyError(f"the body is not UTF-8 (byte {error.start})") from None
     try:
-        return json.loads(text, parse_constant=_no_constant)
+        return json.loads(text, parse_constant=_no_constant, object_pairs_hook=_unique_keys)
+    except _DuplicateKeyError as error:
+        raise BodyError([FieldProblem("(body)", str(error))]) from None
     except json.JSONDecodeError as error:
         raise MalformedBodyError(
             f"the body is not JSON: {error.msg} at line {error.lineno} column {error.colno}"
@@ -172,6 +175,25 @@ def _json(body: bytes) -> object:
 
 def _no_constant(name: str) -> object:
     raise ValueError(f"{name} is not a JSON value")
+
+
+class _DuplicateKeyError(Exception):
+    """An object of the body holds one key twice."""
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    # JSON leaves a repeated key to the reader (RFC 8259 section 4) and Python keeps the last:
+    # `{"op": "delete", "op": "upsert"}` would be an upsert. Which one the sender meant is
+    # unknown, so the body is refused.
+    found = dict(pairs)
+    if len(found) < len(pairs):
+        counts = Counter(key for key, _ in pairs)
+        twice = next(key for key, count in counts.items() if count > 1)
+        raise _DuplicateKeyError(
+            f"an object holds the key {json.dumps(twice[:40])} more than once, so which value"
+            " is meant is unknown: send each key once"
+        )
+    return found
 
 
 def _collect(items: Sequence[T], convert: Callable[[int, T], Change]) -> list[Change]:

@@ -34,7 +34,7 @@ from sqlalchemy import (
 )
 from sqlalchemy import create_engine as sa_create_engine
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.exc import ArgumentError
+from sqlalchemy.exc import ArgumentError, OperationalError
 from sqlmodel import Session, SQLModel
 
 P = ParamSpec("P")
@@ -49,10 +49,6 @@ _SUPPORTED = ("sqlite:///path/to/pandasync.db", "postgresql://user@host/database
 
 class DatabaseUrlError(ValueError):
     """`database_url` is not a URL pandasync can use: fix the setting."""
-
-
-class SchemaError(Exception):
-    """The database's schema does not match this pandasync: the message says what to run."""
 
 
 def database_url(url: str) -> URL:
@@ -79,6 +75,15 @@ def database_url(url: str) -> URL:
 
 # PostgreSQL ends a session idle inside a transaction for this long (see _configure_postgresql).
 IDLE_IN_TRANSACTION_MS = 3000
+
+
+class SchemaError(Exception):
+    """The database's schema does not match this pandasync: the message says what to run."""
+
+
+class UnreachableError(Exception):
+    """The database at `database_url` cannot be reached: the message says which (password
+    hidden), why, and what to check."""
 
 
 def create_engine(url: str) -> Engine:
@@ -197,9 +202,25 @@ def migrate(url: str) -> None:
     """Apply every Alembic migration up to head to the database at `url`.
 
     Idempotent (a database already at head is left alone); all in one transaction, so a
-    failed migration leaves the database as it was. Raises `DatabaseUrlError` for a bad URL.
+    failed migration leaves the database as it was. Raises `DatabaseUrlError` for a bad URL,
+    `UnreachableError` when the database cannot be reached.
     """
-    command.upgrade(alembic_config(url), "head")
+    try:
+        command.upgrade(alembic_config(url), "head")
+    except OperationalError as error:
+        raise _unreachable(database_url(url), error) from None
+
+
+def _unreachable(url: URL, error: OperationalError) -> UnreachableError:
+    # The driver's own words (psycopg's and sqlite3's never quote the password), first line
+    # only: the rest is SQLAlchemy's pointer to its docs.
+    reason = str(error.orig or error).strip().splitlines()[0]
+    if url.password:
+        reason = reason.replace(str(url.password), "***")
+    return UnreachableError(
+        f"database {url.render_as_string(hide_password=True)} cannot be reached ({reason}):"
+        " check database_url and that the database server is running"
+    )
 
 
 def _revisions(revisions: Iterable[str]) -> str:
@@ -258,7 +279,8 @@ class Database:
         return not url.query.get("uri") and not Path(url.database).exists()
 
     def check_schema(self) -> None:
-        """Raise `SchemaError` unless the database is migrated to exactly this code's head.
+        """Raise `SchemaError` unless the database is migrated to exactly this code's head
+        (`UnreachableError` when it cannot be reached).
 
         The message names the database (password hidden) and what to do: run
         `pandasync migrate` (no schema, or an older one), or upgrade pandasync (a newer one).
@@ -271,8 +293,7 @@ class Database:
             )
         script = ScriptDirectory.from_config(alembic_config(migrations=self._migrations))
         heads = set(script.get_heads())
-        with self._engine.connect() as connection:
-            current = set(MigrationContext.configure(connection).get_current_heads())
+        current = self._current_heads()
         if current == heads:
             return
         where = f"database {self.describe()}"
@@ -288,6 +309,14 @@ class Database:
             f"{where} is at revision {_revisions(current)}, this pandasync needs "
             f"{_revisions(heads)}: run `pandasync migrate`"
         )
+
+    def _current_heads(self) -> set[str]:
+        """The revisions the database is at; `UnreachableError` when it cannot be reached."""
+        try:
+            with self._engine.connect() as connection:
+                return set(MigrationContext.configure(connection).get_current_heads())
+        except OperationalError as error:
+            raise _unreachable(self._engine.url, error) from None
 
     def close(self) -> None:
         """Close every pooled connection. Idempotent."""
