@@ -15,7 +15,7 @@ each as requests/s, p50 and p99 latency, and pandasync's ratio to the bare endpo
 own; the runs alternate (bare, then each store) `--repeats` times and the median run of each
 is reported. After each pandasync run the outbox must hold a change for every 202 counted.
 The processes log as `pandasync serve` does (INFO, uvicorn's access lines included) to a
-file.
+file. The result is also written as JSON (`--json`, default `webhook_ingest.json`).
 """
 
 import argparse
@@ -357,7 +357,7 @@ def main(arguments: argparse.Namespace) -> int:
     kinds = ["sqlite", "postgres"] if arguments.database == "both" else [arguments.database]
     options = {"duration_s": arguments.duration, "connections": arguments.connections}
     say("webhook ingest: one signed change a request, a webhook id of its own each")
-    say(f"machine: {machine()}")
+    say(f"machine: {machine()}; load average {os.getloadavg()[0]:.1f} at the start")
     say(
         f"wrk -t1 -c{arguments.connections}, {arguments.duration:g} s a run after"
         f" {WARMUP_S:g} s of warm-up, median of {arguments.repeats} runs each, alternating"
@@ -375,10 +375,13 @@ def main(arguments: argparse.Namespace) -> int:
             for log in folder.glob("*.log"):
                 say(f"--- {log.name}\n{log.read_text()[-3000:]}")
     result = report(median(runs["bare"]), {kind: median(runs[kind]) for kind in kinds}, runs)
+    load = os.getloadavg()[0]
+    say(f"load average {load:.1f} at the end (other work on the machine skews every rate)")
     result["machine"] = machine()
+    result["load_average_at_end"] = load
     result["failed_requests"] = failed
-    if arguments.json:
-        Path(arguments.json).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    Path(arguments.json).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    say(f"written to {arguments.json}")
     return 0 if failed == 0 else 1
 
 
@@ -389,7 +392,7 @@ if __name__ == "__main__":
     parser.add_argument("--repeats", type=int, default=3, help="runs of each server (odd)")
     parser.add_argument("--database", choices=["sqlite", "postgres", "both"], default="both")
     parser.add_argument("--postgres", default=POSTGRES_URL, help="PostgreSQL server URL")
-    parser.add_argument("--json", help="also write the result to this file")
+    parser.add_argument("--json", default="webhook_ingest.json", help="the result as JSON")
     parser.add_argument("--serve-bare", type=int, metavar="PORT", help=argparse.SUPPRESS)
     arguments = parser.parse_args()
     if arguments.serve_bare:

@@ -143,8 +143,9 @@ async def receive_webhook(source: str, request: Request) -> Response:
 
     Checks, in order: the source (401, the answer to a bad signature), the content type
     (415), the size (413), the signature on the raw body (401), the body (400, 422), the
-    outbox's high-water mark (503 with Retry-After). A redelivered webhook id is answered
-    202 without applying it again. A refused webhook writes nothing.
+    outbox's high-water mark (503 with Retry-After; so does a store that fails to commit).
+    A redelivered webhook id is answered 202 without applying it again. A refused webhook
+    writes nothing. Concurrent webhooks are committed in one transaction (`GroupCommit`).
     """
     intake = _intake(request)
     known = any(s.name == source and s.kind == "webhook" for s in intake.settings.sources)
