@@ -81,3 +81,13 @@ def test_of_many_ids_remembered_at_once_each_is_new_once_and_seen_writes_nothing
     )
     assert (new, seen) == ({"n1", "n2"}, {"n1"})
     assert remember(database, "n3", at=NOW + timedelta(hours=3)) is True
+
+
+def test_remembering_or_looking_up_no_ids_finds_none(database: Database) -> None:
+    found = database.run_sync(
+        lambda session: (
+            seen_webhooks.remember_many(session, "a", [], now=NOW, retention_s=DAY_S),
+            seen_webhooks.seen(session, "a", [], now=NOW, retention_s=DAY_S),
+        )
+    )
+    assert found == (set(), set())
