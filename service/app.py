@@ -3,6 +3,7 @@
 Holds no logic of its own; everything is built inside `create_app`, nothing at import time.
 """
 
+import gc
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -108,12 +109,19 @@ def create_app(settings: Settings, *, start_runner: bool = True) -> FastAPI:
             async with http, couchdb_http, anyio.create_task_group() as group:
                 service = build(settings, db, http, couchdb_http)
                 app.state.service = service
-                app.state.intake = webhooks.Intake(
+                intake = webhooks.Intake.build(
                     settings, db, service.delivery.notify, service.metrics
                 )
+                app.state.intake = intake
+                group.start_soon(intake.commits.run)
                 if start_runner:
                     group.start_soon(service.runner.run)
+                # What startup built lives as long as the process: keep it out of every
+                # garbage collection (a full one walks the whole heap; webhooks trigger many).
+                gc.freeze()
                 yield
+                # uvicorn has answered (or cut off) every request by now.
+                intake.commits.close()
                 await service.runner.stop(grace_s=settings.delivery.shutdown_grace_s)
                 # The feeds this replica followed go to the others at once.
                 await service.shares.leave()

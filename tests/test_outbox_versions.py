@@ -57,7 +57,7 @@ def test_a_change_older_than_the_last_accepted_one_is_stale_and_changes_nothing(
     database: Database,
 ) -> None:
     assert enqueue(database, upsert("d", "new", 2)) == Enqueued(accepted=1, stale=0)
-    assert enqueue(database, upsert("d", "old", 1)) == Enqueued(accepted=0, stale=1)
+    assert enqueue(database, upsert("d", "old", 1)) == Enqueued(accepted=0, stale=1, stale_at=(0,))
     assert deliver(database) == [(upsert("d", "new", 2), 1)]
 
 
@@ -68,7 +68,7 @@ def test_a_late_upsert_older_than_a_delivered_delete_never_brings_the_row_back(
     deliver(database)
     enqueue(database, remove("d", 3))
     assert deliver(database) == [(remove("d", 3), 2)]
-    assert enqueue(database, upsert("d", "late", 2)) == Enqueued(accepted=0, stale=1)
+    assert enqueue(database, upsert("d", "late", 2)) == Enqueued(accepted=0, stale=1, stale_at=(0,))
     assert (deliver(database), database.run_sync(outbox.pending)) == ([], 0)
 
 
@@ -87,7 +87,7 @@ def test_a_change_without_a_version_is_never_stale_and_the_newest_version_is_kep
 ) -> None:
     enqueue(database, upsert("d", "v5", 5))
     assert enqueue(database, upsert("d", "unversioned")) == Enqueued(accepted=1, stale=0)
-    assert enqueue(database, upsert("d", "v4", 4)) == Enqueued(accepted=0, stale=1)
+    assert enqueue(database, upsert("d", "v4", 4)) == Enqueued(accepted=0, stale=1, stale_at=(0,))
     assert deliver(database) == [(upsert("d", "unversioned"), 2)]
 
 
@@ -102,7 +102,7 @@ def test_times_compare_as_instants_and_a_number_does_not_compare_with_a_time(
 
 def test_within_one_call_a_stale_change_is_skipped_too(database: Database) -> None:
     result = enqueue(database, upsert("d", "v2", 2), upsert("d", "v1", 1), upsert("e", "x", 1))
-    assert result == Enqueued(accepted=2, stale=1)
+    assert result == Enqueued(accepted=2, stale=1, stale_at=(1,))
     assert deliver(database) == [(upsert("d", "v2", 2), 1), (upsert("e", "x", 1), 1)]
 
 
@@ -179,7 +179,7 @@ def test_what_gets_delivered_last_is_the_last_change_with_the_highest_version(
         change = upsert("d", str(number), version) if op is Op.UPSERT else remove("d", version)
         accepted = newest is None or version >= newest
         assert enqueue(database, change) == Enqueued(
-            accepted=int(accepted), stale=int(not accepted)
+            accepted=int(accepted), stale=int(not accepted), stale_at=() if accepted else (0,)
         )
         if accepted:
             newest, expected = version, change

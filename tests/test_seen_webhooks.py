@@ -63,3 +63,31 @@ async def test_of_concurrent_deliveries_of_one_id_exactly_one_is_new(database: D
         for _ in range(10):
             group.start_soon(deliver)
     assert sorted(outcomes) == [False] * 9 + [True]
+
+
+def test_of_many_ids_remembered_at_once_each_is_new_once_and_seen_writes_nothing(
+    database: Database,
+) -> None:
+    remember(database, "old", at=NOW)
+    new = database.run_sync(
+        seen_webhooks.remember_many,
+        "a",
+        ["old", "n1", "n2", "n1"],
+        now=NOW + timedelta(hours=1),
+        retention_s=DAY_S,
+    )
+    seen = database.run_sync(
+        seen_webhooks.seen, "a", ["n1", "n3"], now=NOW + timedelta(hours=2), retention_s=DAY_S
+    )
+    assert (new, seen) == ({"n1", "n2"}, {"n1"})
+    assert remember(database, "n3", at=NOW + timedelta(hours=3)) is True
+
+
+def test_remembering_or_looking_up_no_ids_finds_none(database: Database) -> None:
+    found = database.run_sync(
+        lambda session: (
+            seen_webhooks.remember_many(session, "a", [], now=NOW, retention_s=DAY_S),
+            seen_webhooks.seen(session, "a", [], now=NOW, retention_s=DAY_S),
+        )
+    )
+    assert found == (set(), set())

@@ -1,20 +1,22 @@
 """`pandasync serve` as a real process: changes survive SIGKILL and arrive after a restart."""
 
+import itertools
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import anyio
 import httpx
 import pytest
-from sqlmodel import Session
+from sqlmodel import Session, select
 
 from service.changes import Change, Op
 from service.clock import utcnow
 from service.store import dead_letters, holders, outbox
 from service.store.db import Database
-from service.store.tables import DeliveryLease
+from service.store.tables import DeliveryLease, OutboxEntry
 from tests.fixtures.panda import RunningPanda, free_port
 from tests.fixtures.service import serving, wait_until
 
@@ -117,6 +119,39 @@ def test_a_service_killed_while_panda_is_down_delivers_everything_once_it_is_up(
         wait_until(lambda: panda.rows("stories") == expected, what="every row in PANDA")
         wait_until(lambda: readyz(port) == 200, what="/readyz")
     assert database.run_sync(dead_letters.stored, None) == []
+
+
+@pytest.mark.anyio
+@pytest.mark.timeout(60)  # a process start and 100 webhooks, on a busy machine
+async def test_every_webhook_answered_202_is_in_the_store_after_a_kill_amid_concurrent_ones(
+    panda: RunningPanda, database: Database, config: tuple[Path, int], tmp_path: Path
+) -> None:
+    path, port = config
+    panda.set_faults(down=True)  # the changes stay in the outbox
+    url = f"http://127.0.0.1:{port}/webhooks/stories"
+    answered: list[str] = []
+    with serving(path, tmp_path / "serve.log") as child:
+        wait_until(lambda: readyz(port) is not None, what="the service to answer")
+
+        async def send(client: httpx.AsyncClient, worker: int) -> None:
+            for number in itertools.count():
+                doc_id = f"w{worker}-{number}"
+                change = {"op": "upsert", "id": doc_id, "row": {"title": doc_id}}
+                try:
+                    answer = await client.post(url, json={"changes": [change]})
+                except httpx.TransportError:
+                    return
+                if answer.status_code == 202:
+                    answered.append(doc_id)
+                if len(answered) >= 100 and child.poll() is None:
+                    child.send_signal(signal.SIGKILL)  # 15 other webhooks are in flight
+
+        async with httpx.AsyncClient(timeout=10) as client, anyio.create_task_group() as group:
+            for worker in range(16):
+                group.start_soon(send, client, worker)
+        child.wait(timeout=10)
+    kept = database.run_sync(lambda session: set(session.exec(select(OutboxEntry.doc_id))))
+    assert (len(answered) >= 100, set(answered) - kept) == (True, set())
 
 
 def test_serve_refuses_an_unmigrated_store_and_says_what_to_run(tmp_path: Path) -> None:

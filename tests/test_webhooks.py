@@ -33,7 +33,7 @@ from service.config import Settings
 from service.container import Service
 from service.store import dead_letters, outbox
 from service.store.db import Database
-from service.store.tables import OutboxEntry
+from service.store.tables import DocState, OutboxEntry
 from tests.fixtures.panda import RunningPanda
 from tests.waiting import eventually
 
@@ -693,3 +693,44 @@ async def test_metrics_count_changes_in_and_out_webhook_answers_and_panda_reques
     assert after["pandasync_panda_request_seconds_count", bulk] == 1
     assert "s1" not in answer.text, "no document id in a label"
     assert "no-such-source" not in answer.text, "no name from outside in a label"
+
+
+async def test_concurrent_redeliveries_of_one_webhook_are_applied_once(
+    database: Database,
+) -> None:
+    body = body_of(story("s1", "Flood"))
+    headers = signed(body, msg_id="msg_again")
+    async with serving(settings_for(database)) as (client, _):
+        answers = await send_all(client, [(body, headers)] * 8)
+    assert sorted(answer.json()["accepted"] for answer in answers) == [0] * 7 + [1]
+    assert {answer.status_code for answer in answers} == {202}
+    assert await entries(database) == {"s1": upsert("stories", "s1", "Flood", "")}
+
+
+def _drop_documents(session: Session) -> None:
+    DocState.__table__.drop(session.connection())  # type: ignore[attr-defined]
+
+
+def _create_documents(session: Session) -> None:
+    DocState.__table__.create(session.connection())  # type: ignore[attr-defined]
+
+
+async def test_when_the_store_fails_every_webhook_of_the_group_gets_503_and_none_is_kept(
+    database: Database,
+) -> None:
+    webhooks = []
+    for number in range(8):
+        body = body_of(story(f"s{number}", "Flood"))
+        webhooks.append((body, signed(body)))
+    async with serving(settings_for(database, retry_after_s=5)) as (client, _):
+        await database.run(_drop_documents)
+        refused = await send_all(client, webhooks)
+        await database.run(_create_documents)
+        again = await send_all(client, webhooks)
+    assert [(answer.status_code, answer.headers["retry-after"]) for answer in refused] == [
+        (503, "5")
+    ] * 8
+    assert {answer.json()["error"] for answer in refused} == {"the store failed: retry later"}
+    # Their ids were not kept either: sent again, each is taken in, not a duplicate.
+    assert [answer.json()["accepted"] for answer in again] == [1] * 8
+    assert sorted(await entries(database)) == [f"s{number}" for number in range(8)]

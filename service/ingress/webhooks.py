@@ -7,42 +7,50 @@ never call PANDA.
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timedelta
-from typing import Annotated, Any
+from typing import Any
 
-from fastapi import APIRouter, Depends, Request, Response
+from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
-from sqlmodel import Session
 
 from service.clock import utcnow
-from service.config import IngressSettings, Settings, SourceSettings, WebhookSettings
+from service.config import Settings, SourceSettings, WebhookSettings
 from service.ingress import signatures
+from service.ingress.webhook_commits import Taken, Webhook, WebhookCommits
 from service.metrics import UNKNOWN_SOURCE, Metrics
 from service.sources import webhook
-from service.store import outbox, seen_webhooks
 from service.store.db import Database
+from service.store.group_commit import CommitError, GroupCommit
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class Intake:
-    """What the webhook routes need: the settings, the store, a way to wake delivery, and the
-    metrics they count into."""
+    """What the webhook routes need: the settings, the store's group commit (run it with
+    `commits.run()`, stop it with `commits.close()`), a way to wake delivery, and the metrics
+    they count into."""
 
     settings: Settings
-    db: Database
+    commits: GroupCommit[Webhook, Taken | None]
     notify: Callable[[], None]
     metrics: Metrics
 
+    @classmethod
+    def build(
+        cls, settings: Settings, db: Database, notify: Callable[[], None], metrics: Metrics
+    ) -> "Intake":
+        """An intake committing webhooks to `db`, concurrent ones in one transaction."""
+        commits = WebhookCommits(high_water=settings.ingress.outbox_high_water)
+        return cls(settings, GroupCommit(db, commits), notify, metrics)
+
 
 def _intake(request: Request) -> Intake:
+    # Read by the route itself, not as a FastAPI dependency: resolving one costs more CPU than
+    # checking the signature and parsing the body together (bench/webhook_ingest.py).
     intake: Intake = request.app.state.intake
     return intake
 
-
-IntakeDep = Annotated[Intake, Depends(_intake)]
 
 router = APIRouter()
 
@@ -96,10 +104,6 @@ class _RefusedError(Exception):
         return JSONResponse(self.refusal.model_dump(), self.status, headers=self.headers)
 
 
-class _OverloadedError(Exception):
-    """The outbox is above its high-water mark: take nothing in, ask to retry later."""
-
-
 _REFUSALS: dict[int | str, dict[str, Any]] = {
     400: {"model": WebhookRefusal, "description": "The body is not JSON (or not UTF-8)."},
     401: {
@@ -116,8 +120,8 @@ _REFUSALS: dict[int | str, dict[str, Any]] = {
     422: {"model": WebhookRefusal, "description": "JSON, but not the source's format."},
     503: {
         "model": WebhookRefusal,
-        "description": "The outbox is full: retry after Retry-After. (Beyond"
-        " server.max_connections, the server answers 503 in plain text.)",
+        "description": "The outbox is full, or the store failed: retry after Retry-After."
+        " (Beyond server.max_connections, the server answers 503 in plain text.)",
     },
 }
 _FORMATS = """\
@@ -139,14 +143,16 @@ generation of `_rev` orders), or `jmespath` (any JSON, read through the source's
         }
     },
 )
-async def receive_webhook(source: str, request: Request, intake: IntakeDep) -> Response:
+async def receive_webhook(source: str, request: Request) -> Response:
     """Take in a source's webhook: 202 once its changes are committed to the outbox.
 
     Checks, in order: the source (401, the answer to a bad signature), the content type
     (415), the size (413), the signature on the raw body (401), the body (400, 422), the
-    outbox's high-water mark (503 with Retry-After). A redelivered webhook id is answered
-    202 without applying it again. A refused webhook writes nothing.
+    outbox's high-water mark (503 with Retry-After; so does a store that fails to commit).
+    A redelivered webhook id is answered 202 without applying it again. A refused webhook
+    writes nothing. Concurrent webhooks are committed in one transaction (`GroupCommit`).
     """
+    intake = _intake(request)
     known = any(s.name == source and s.kind == "webhook" for s in intake.settings.sources)
     label = source if known else UNKNOWN_SOURCE
     try:
@@ -194,23 +200,26 @@ async def _take_in(intake: Intake, name: str, request: Request) -> WebhookAnswer
     except signatures.NotTextError as error:
         raise _RefusedError(400, str(error)) from None
     parsed = _parse(source, settings, body)
+    webhook_id = signatures.webhook_id(settings, request.headers)
+    retry = {"Retry-After": str(ingress.retry_after_s)}
     try:
-        answer = await intake.db.run(
-            _commit,
-            name,
-            parsed,
-            signatures.webhook_id(settings, request.headers),
-            retention_s=settings.dedup_retention_s,
-            now=now,
-            ingress=ingress,
+        taken = await intake.commits.submit(
+            Webhook(name, parsed, webhook_id, settings.dedup_retention_s)
         )
-    except _OverloadedError:
+    except CommitError:
+        # The group commit logged why; the sender keeps the webhook and sends it again.
+        raise _RefusedError(503, "the store failed: retry later", headers=retry) from None
+    if taken is None:
         log.warning("webhook refused, the outbox is full: source=%s", name)
-        retry = {"Retry-After": str(ingress.retry_after_s)}
-        raise _RefusedError(503, "the outbox is full: retry later", headers=retry) from None
-    if answer.accepted:
+        raise _RefusedError(503, "the outbox is full: retry later", headers=retry)
+    if taken.accepted:
         intake.notify()
-    return answer
+    return WebhookAnswer(
+        accepted=taken.accepted,
+        duplicates=taken.duplicates,
+        stale=taken.stale,
+        ignored=taken.ignored,
+    )
 
 
 def _webhook_source(settings: Settings, name: str) -> tuple[SourceSettings, WebhookSettings]:
@@ -263,35 +272,3 @@ def _parse(source: SourceSettings, settings: WebhookSettings, body: bytes) -> we
         )
         message = f"the body does not hold changes in the {settings.format} format"
         raise _RefusedError(422, message, error.problems) from None
-
-
-def _commit(
-    session: Session,
-    source: str,
-    parsed: webhook.Parsed,
-    webhook_id: str | None,
-    *,
-    retention_s: float,
-    now: datetime,
-    ingress: IngressSettings,
-) -> WebhookAnswer:
-    """Enqueue the webhook's changes and remember its id, all in the caller's transaction.
-
-    An id seen within `retention_s` enqueues nothing. Raises `_OverloadedError` (so the
-    transaction, the id included, is rolled back) when the outbox holds `outbox_high_water`
-    entries or more.
-    """
-    if webhook_id is not None:
-        if not seen_webhooks.remember(
-            session, source, webhook_id, now=now, retention_s=retention_s
-        ):
-            log.info("webhook already taken in, not applied again: source=%s", source)
-            duplicates = len(parsed.changes)
-            return WebhookAnswer(accepted=0, duplicates=duplicates, stale=0, ignored=parsed.ignored)
-        seen_webhooks.prune(session, source, before=now - timedelta(seconds=retention_s))
-    if outbox.pending(session) >= ingress.outbox_high_water:
-        raise _OverloadedError
-    enqueued = outbox.enqueue(session, parsed.changes, now=now)
-    return WebhookAnswer(
-        accepted=enqueued.accepted, duplicates=0, stale=enqueued.stale, ignored=parsed.ignored
-    )

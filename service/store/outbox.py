@@ -112,10 +112,12 @@ class Claim:
 
 @dataclass(frozen=True)
 class Enqueued:
-    """What `enqueue` did: changes accepted, and changes skipped as stale."""
+    """What `enqueue` did: changes accepted, and changes skipped as stale (`stale_at`: their
+    places in the changes given, ascending)."""
 
     accepted: int
     stale: int
+    stale_at: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -173,7 +175,7 @@ def enqueue(session: Session, changes: Sequence[Change], *, now: datetime) -> En
     latest, stale = _accepted(changes, states)
     if latest:
         _write(session, latest, states, now)
-    return Enqueued(accepted=len(changes) - stale, stale=stale)
+    return Enqueued(accepted=len(changes) - len(stale), stale=len(stale), stale_at=stale)
 
 
 @dataclass(frozen=True)
@@ -214,16 +216,16 @@ def lock_states(session: Session, keys: set[Key], now: datetime) -> dict[Key, _S
 
 def _accepted(
     changes: Sequence[Change], states: dict[Key, _State]
-) -> tuple[dict[Key, Change], int]:
-    """The last accepted change per document, and how many changes were stale."""
+) -> tuple[dict[Key, Change], tuple[int, ...]]:
+    """The last accepted change per document, and the places of the stale changes."""
     newest = {
         key: SourceVersion(state.source_version)
         for key, state in states.items()
         if state.source_version is not None
     }
     latest: dict[Key, Change] = {}
-    stale = 0
-    for change in changes:
+    stale: list[int] = []
+    for place, change in enumerate(changes):
         key = (change.source, change.doc_id)
         version = change.source_version
         if version is not None and key in newest and version.older_than(newest[key]):
@@ -232,12 +234,12 @@ def _accepted(
                 change.source,
                 change.doc_id,
             )
-            stale += 1
+            stale.append(place)
             continue
         latest[key] = change
         if version is not None:
             newest[key] = version
-    return latest, stale
+    return latest, tuple(stale)
 
 
 def _write(
@@ -283,11 +285,15 @@ def _write(
 
 
 def _append(session: Session, entries: Table, rows: list[dict[str, Any]]) -> Sequence[int]:
-    """Insert `rows` as outbox entries; their ids, in order."""
+    """Insert `rows` (one per document) as outbox entries; their ids, in order."""
+    # Matched back by document, not by position: SQLite returns the rows of a multi-row
+    # INSERT in no set order, and SQLAlchemy would then insert one row per statement.
     appended = session.connection().execute(
-        sqlalchemy.insert(entries).returning(entries.c.id, sort_by_parameter_order=True), rows
+        sqlalchemy.insert(entries).returning(entries.c.id, entries.c.source, entries.c.doc_id),
+        rows,
     )
-    return appended.scalars().all()
+    ids = {(source, doc_id): entry_id for entry_id, source, doc_id in appended}
+    return [ids[row["source"], row["doc_id"]] for row in rows]
 
 
 def _text(version: SourceVersion | None) -> str | None:

@@ -4,12 +4,14 @@ Functions run inside the caller's transaction: an id is recorded together with t
 changes, or not at all. They never commit.
 """
 
+from collections.abc import Sequence
 from datetime import datetime, timedelta
 
+from sqlalchemy import select
 from sqlmodel import Session, col, delete
 
 from service.store.db import dialect_insert
-from service.store.tables import SeenWebhook
+from service.store.tables import SeenWebhook, table_of
 
 
 def remember(
@@ -21,16 +23,53 @@ def remember(
     new again. Of concurrent transactions recording one id, exactly one gets True (the others
     wait for it to commit; if it rolls back, the next one gets True).
     """
+    return webhook_id in remember_many(
+        session, source, [webhook_id], now=now, retention_s=retention_s
+    )
+
+
+def remember_many(
+    session: Session, source: str, webhook_ids: Sequence[str], *, now: datetime, retention_s: float
+) -> set[str]:
+    """`remember` for many ids in one statement: those that were new, now recorded at `now`.
+
+    An id given twice is new at most once (its first time).
+    """
+    if not webhook_ids:
+        return set()
     insert = dialect_insert(session, SeenWebhook)
-    statement = insert.values(source=source, webhook_id=webhook_id, seen_at=now)
-    statement = statement.on_conflict_do_update(
+    statement = insert.on_conflict_do_update(
         index_elements=["source", "webhook_id"],
-        set_={"seen_at": statement.excluded.seen_at},
+        set_={"seen_at": insert.excluded.seen_at},
         where=insert.table.c.seen_at < now - timedelta(seconds=retention_s),
     )
-    # A row comes back only when it was inserted or its expired id renewed.
-    returned = session.connection().execute(statement.returning(insert.table.c.seen_at))
-    return returned.first() is not None
+    # A row comes back only when it was inserted or its expired id renewed. Each id once:
+    # PostgreSQL refuses an upsert that touches one row twice.
+    returned = session.connection().execute(
+        statement.returning(insert.table.c.webhook_id),
+        [
+            {"source": source, "webhook_id": webhook_id, "seen_at": now}
+            for webhook_id in dict.fromkeys(webhook_ids)
+        ],
+    )
+    return set(returned.scalars())
+
+
+def seen(
+    session: Session, source: str, webhook_ids: Sequence[str], *, now: datetime, retention_s: float
+) -> set[str]:
+    """Which of `webhook_ids` `source` sent within the last `retention_s` seconds; writes
+    nothing."""
+    if not webhook_ids:
+        return set()
+    columns = table_of(SeenWebhook).c
+    found = session.connection().execute(
+        select(columns.webhook_id)
+        .where(columns.source == source)
+        .where(columns.webhook_id.in_(set(webhook_ids)))
+        .where(columns.seen_at >= now - timedelta(seconds=retention_s))
+    )
+    return set(found.scalars())
 
 
 def prune(session: Session, source: str, *, before: datetime) -> int:
