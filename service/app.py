@@ -60,7 +60,8 @@ def build(
         request_timeout_s=settings.panda.timeout_s,
         metrics=metrics,
     )
-    followed = [source.name for source in settings.sources if source.kind == "couchdb"]
+    # The sources one replica at a time reads: CouchDB feeds and snapshot sources.
+    followed = [source.name for source in settings.sources if source.kind != "webhook"]
     shares = FeedShares(db, followed, lease_s=settings.delivery.lease_s)
     pollers = build_pollers(
         settings, db, couchdb_http, on_commit=delivery.notify, metrics=metrics, shares=shares
@@ -69,7 +70,9 @@ def build(
     throughput = Throughput(
         metrics, {source.name: source.dataset.slug for source in settings.sources}
     )
-    snapshotters = build_snapshotters(settings, db, on_commit=delivery.notify, metrics=metrics)
+    snapshotters = build_snapshotters(
+        settings, db, on_commit=delivery.notify, metrics=metrics, shares=shares
+    )
     reads = {f"snapshot:{name}": snapshotter for name, snapshotter in snapshotters.items()}
     runner = Runner(
         {"delivery": delivery, "replicas": shares, **feeds, **reads, "throughput": throughput}

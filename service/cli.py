@@ -635,8 +635,11 @@ def _states(settings: Settings) -> dict[str, str]:
     import httpx
 
     host = "127.0.0.1" if settings.server.host in ("0.0.0.0", "::") else settings.server.host
+    token = settings.server.admin_token
+    headers = {} if token is None else {"authorization": f"Bearer {token.get_secret_value()}"}
     try:
-        answer = httpx.get(f"http://{host}:{settings.server.port}/status", timeout=2).json()
+        url = f"http://{host}:{settings.server.port}/status"
+        answer = httpx.get(url, headers=headers, timeout=2).json()
         sources = answer["sources"]
     except (httpx.HTTPError, ValueError, KeyError, TypeError):
         return {source.name: "not running" for source in settings.sources}

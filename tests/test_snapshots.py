@@ -20,6 +20,7 @@ from sqlalchemy import select
 
 from service.changes import Op
 from service.config import DeliverySettings, Settings, SourceSettings
+from service.ingress.shares import FeedShares
 from service.ingress.snapshots import Snapshotter
 from service.sources import external_ids, snapshot
 from service.store import outbox, snapshots
@@ -130,8 +131,7 @@ async def test_a_first_snapshot_sends_every_row_and_a_second_one_only_what_chang
 
 
 def _clear_outbox(session: Any) -> None:
-    for entry in session.exec(select(OutboxEntry)).all():
-        session.delete(entry[0])
+    session.execute(sqlalchemy.delete(OutboxEntry))
 
 
 async def test_a_snapshot_unchanged_since_the_last_sends_nothing(
@@ -693,3 +693,28 @@ def test_the_delete_guard_holds_past_max_delete_fraction_only(
         known=known,
     )
     assert (snapshot.held_reason(counts, settings) is not None) == held
+
+
+async def test_beside_another_replica_only_the_lease_holder_takes_snapshots(
+    database: Database, snapshot_server: SnapshotServer
+) -> None:
+    url = snapshot_server.serve("/tweets.json", keys_data([tweet(1), tweet(2)]))
+    source = source_of(url=url, format="keys-data", interval_s=0.1)
+    shares = [
+        FeedShares(database, ["tweets"], lease_s=1.0, holder=f"replica-{name}") for name in "ab"
+    ]
+    first, second = (Snapshotter(source, database, shares=share) for share in shares)
+    async with anyio.create_task_group() as group:
+        group.start_soon(first.run)
+        await eventually(lambda: snapshot_server.requests >= 3, what="a few snapshots taken")
+        group.start_soon(second.run)
+        read = snapshot_server.requests
+        await eventually(lambda: snapshot_server.requests >= read + 5, what="more snapshots")
+        assert (await second.status()).state == "standby"
+        assert "tweets" not in shares[1].following()
+        first.stop()  # the first leaves (as on SIGTERM): the second takes over
+        await shares[0].leave()
+        await eventually(lambda: "tweets" in shares[1].following(), what="the second to follow")
+        read = snapshot_server.requests
+        await eventually(lambda: snapshot_server.requests > read, what="its own snapshot")
+        second.stop()

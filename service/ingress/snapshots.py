@@ -26,6 +26,7 @@ from service.changes import Change, Op, SourceVersion
 from service.clock import Clock, utcnow
 from service.config import Settings, SourceSettings
 from service.ingress import queries
+from service.ingress.shares import FeedShares
 from service.metrics import Metrics
 from service.sources import external_ids, mapping, snapshot
 from service.store import outbox, snapshots
@@ -33,7 +34,7 @@ from service.store.db import Database
 
 log = logging.getLogger(__name__)
 
-State = Literal["starting", "reading", "applying", "idle", "held", "failed", "stopped"]
+State = Literal["starting", "standby", "reading", "applying", "idle", "held", "failed", "stopped"]
 # How often an apply waiting for room in the outbox looks again.
 ROOM_POLL_S = 1.0
 # How many records without an id are named in the log per snapshot.
@@ -44,7 +45,8 @@ NAMED_SKIPS = 5
 class SnapshotStatus:
     """A snapshot source's state for /status; never holds a credential or a row.
 
-    `state`: `reading` or `applying` a snapshot; `idle` until `next_at`; `held`: the last
+    `state`: `standby` (another replica takes this source's snapshots); `reading` or
+    `applying` a snapshot; `idle` until `next_at`; `held`: the last
     snapshot changed nothing and waits for an operator's confirmation (`reason` says why;
     confirm with `pandasync confirm-deletes` or the admin API) or for a next snapshot that
     looks normal; `failed`: the last snapshot could not be read (`reason`), it changed
@@ -227,8 +229,11 @@ class Snapshotter:
         high_water: int | None = None,
         clock: Clock = utcnow,
         metrics: Metrics | None = None,
+        shares: FeedShares | None = None,
     ) -> None:
         self._source = source
+        # Shared with other replicas: `run()` takes snapshots only under the source's lease.
+        self._shares = shares
         self._settings = snapshot.settings_of(source)
         self._db = db
         self._http = http
@@ -274,18 +279,37 @@ class Snapshotter:
         """Stop: a chunk being committed finishes; a snapshot being read changes nothing."""
         self._stopping = True
         self._wake.set()
+        if self._scope is not None:
+            self._scope.cancel()
 
     async def run(self) -> None:
-        """Take a snapshot every `interval_s` (or on `snapshot_now()`) until `stop()`."""
+        """Take a snapshot every `interval_s` (or on `snapshot_now()`) until `stop()`; beside
+        other replicas, only while this one holds the source's lease (`FeedShares`)."""
+        while not self._stopping:
+            if self._shares is None:
+                await self._follow()
+                continue
+            self._state = "standby"
+            with anyio.CancelScope() as following:
+                self._scope = following
+                token = await self._shares.acquire(self.name)
+                async with anyio.create_task_group() as keeper:
+                    keeper.start_soon(self._shares.keep, self.name, token, following)
+                    await self._follow()
+                    keeper.cancel_scope.cancel()
+            self._scope = None
+        self._state = "stopped"
+
+    async def _follow(self) -> None:
+        """Snapshots every `interval_s` (or on `snapshot_now()`) until `stop()`."""
         while not self._stopping:
             await self.step()
             if self._stopping:
-                break
+                return
             self._next_at = self._clock() + timedelta(seconds=self._settings.interval_s)
             with anyio.move_on_after(self._settings.interval_s):
                 await self._wake.wait()
             self._wake = anyio.Event()
-        self._state = "stopped"
 
     async def run_once(self) -> SnapshotStatus:
         """Take one snapshot (`step`) and return the source's status after it."""
@@ -457,6 +481,7 @@ def build_snapshotters(
     *,
     on_commit: Callable[[], None] | None = None,
     metrics: Metrics | None = None,
+    shares: FeedShares | None = None,
 ) -> dict[str, Snapshotter]:
     """A snapshotter for every snapshot source, by source name. Each waits while its outbox
     holds `ingress.outbox_high_water` entries."""
@@ -467,6 +492,7 @@ def build_snapshotters(
             on_commit=on_commit,
             high_water=settings.ingress.outbox_high_water,
             metrics=metrics,
+            shares=shares,
         )
         for source in settings.sources
         if source.kind == "snapshot"

@@ -74,7 +74,7 @@ def database_url(url: str) -> URL:
 
 
 # PostgreSQL ends a session idle inside a transaction for this long (see _configure_postgresql).
-IDLE_IN_TRANSACTION_MS = 3000
+IDLE_IN_TRANSACTION_MS = 5000
 
 
 class SchemaError(Exception):
