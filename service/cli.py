@@ -11,8 +11,8 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import asdict
 from datetime import datetime
 from importlib.metadata import version
@@ -528,7 +528,7 @@ def _reconcile(
 
     async def resynced() -> reconcile.Resync:
         http = panda.make_http(url=str(settings.panda.url), timeout_s=settings.panda.timeout_s)
-        async with http:
+        async with http, _reading_bar(spec.dataset.slug) as progress:
             client = panda.PandaClient(
                 http,
                 email=settings.panda.email,
@@ -543,6 +543,7 @@ def _reconcile(
                 delete_unknown=delete_unknown,
                 confirm=confirm,
                 now=utcnow(),
+                progress=progress,
             )
 
     try:
@@ -574,6 +575,17 @@ def _reconcile(
         )
     finally:
         database.close()
+
+
+@asynccontextmanager
+async def _reading_bar(slug: str) -> AsyncIterator[Callable[[int], None] | None]:
+    """A bar of the rows read back from PANDA, on stderr when it is a terminal."""
+    if not err.is_terminal:
+        yield None
+        return
+    with _progress() as bar:
+        task = bar.add_task(f"reading dataset {slug} from PANDA", total=None)
+        yield lambda rows: bar.update(task, completed=rows)
 
 
 def _print_comparison(comparison: reconcile.Comparison) -> None:

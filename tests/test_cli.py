@@ -266,3 +266,22 @@ def test_sync_once_on_a_terminal_draws_a_progress_bar_up_to_the_whole_backlog(
     assert f"{BACKLOG}/{BACKLOG}" in shown
     assert f"delivered {BACKLOG}, unchanged 0, dead letters 0" in shown
     assert "sync: delivering:" not in shown, "the bar instead of log lines"
+
+
+def test_resync_on_a_terminal_shows_the_rows_it_reads_back_from_panda(
+    tmp_path: Path, panda: RunningPanda
+) -> None:
+    config = backlog(tmp_path, panda)
+    synced = subprocess.run(
+        [sys.executable, "-m", "service.cli", "sync", "--once", "--config", str(config)],
+        capture_output=True,
+        check=True,
+    )
+    assert synced.returncode == 0
+    shown = in_terminal(
+        [sys.executable, "-m", "service.cli", "verify", "stories", "--config", str(config)]
+    ).decode()
+    shown = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", shown)
+    assert "reading dataset stories from PANDA" in shown
+    assert f"{BACKLOG}" in shown.split("reading dataset stories from PANDA")[-1]
+    assert f"dataset stories: {BACKLOG} rows in PANDA, {BACKLOG} as delivered" in shown

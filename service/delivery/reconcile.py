@@ -9,14 +9,14 @@ sends them again, and with `delete_unknown` queues deletes of the unknown rows. 
 here writes to PANDA itself: the fixes go through the outbox like every change.
 """
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
 from sqlmodel import Session
 
 from service.changes import Change, Op
-from service.delivery.panda import DatasetMissingError, PandaClient
+from service.delivery.panda import DatasetMissingError, PandaClient, PandaRow
 from service.sources import external_ids
 from service.store import delivered, outbox, snapshots
 from service.store.db import Database
@@ -71,7 +71,14 @@ class Comparison:
         return self.unknown.count / self.panda_rows if self.panda_rows else 0.0
 
 
-async def compare(db: Database, panda: PandaClient, source: str, slug: str) -> Comparison:
+async def compare(
+    db: Database,
+    panda: PandaClient,
+    source: str,
+    slug: str,
+    *,
+    progress: Callable[[int], None] | None = None,
+) -> Comparison:
     """Compare dataset `slug` in PANDA with what `source` delivered to it. Read it while
     nothing else writes it: PANDA's pages are unstable under writes."""
     documents = {
@@ -85,31 +92,40 @@ async def compare(db: Database, panda: PandaClient, source: str, slug: str) -> C
             continue  # a page moved under the listing: a row seen twice
         seen.add(row.external_id)
         result.panda_rows += 1
-        document = documents.pop(row.external_id, None)
-        if document is None:
-            _unknown(result, row.external_id)
-            continue
-        absent = delivered.row_hash(slug, row.external_id, None)
-        if document.pending is not None or document.delivered is None:
-            result.not_known.add(row.external_id)
-        elif document.delivered == absent:
-            _unknown(result, row.external_id)
-        elif document.delivered == delivered.row_hash(
-            slug, row.external_id, outbox.row_text(row.data)
-        ):
-            result.in_step += 1
-        else:
-            result.changed.add(row.external_id)
-            result.to_send.append(document.doc_id)
+        if progress is not None:
+            progress(result.panda_rows)
+        _sort_row(result, documents.pop(row.external_id, None), row)
     for external_id, document in documents.items():
-        if document.pending is not None or document.delivered is None:
-            result.not_known.add(external_id)
-        elif document.delivered == delivered.row_hash(slug, external_id, None):
-            result.in_step += 1  # deleted at the source, and not in PANDA
-        else:
-            result.missing.add(external_id)
-            result.to_send.append(document.doc_id)
+        _sort_absent(result, document, external_id)
     return result
+
+
+def _sort_row(result: Comparison, document: delivered.Document | None, row: PandaRow) -> None:
+    """Count a row PANDA holds, with the document of the source it belongs to, if any."""
+    if document is None:
+        _unknown(result, row.external_id)
+    elif document.pending is not None or document.delivered is None:
+        result.not_known.add(row.external_id)
+    elif document.delivered == delivered.row_hash(result.slug, row.external_id, None):
+        _unknown(result, row.external_id)  # deleted at the source, yet in PANDA
+    elif document.delivered == delivered.row_hash(
+        result.slug, row.external_id, outbox.row_text(row.data)
+    ):
+        result.in_step += 1
+    else:
+        result.changed.add(row.external_id)
+        result.to_send.append(document.doc_id)
+
+
+def _sort_absent(result: Comparison, document: delivered.Document, external_id: str) -> None:
+    """Count a document of the source whose row PANDA does not hold."""
+    if document.pending is not None or document.delivered is None:
+        result.not_known.add(external_id)
+    elif document.delivered == delivered.row_hash(result.slug, external_id, None):
+        result.in_step += 1  # deleted at the source, and not in PANDA
+    else:
+        result.missing.add(external_id)
+        result.to_send.append(document.doc_id)
 
 
 class TooManyDeletesError(Exception):
@@ -141,16 +157,17 @@ async def resync(
     delete_unknown: bool,
     confirm: bool,
     now: datetime,
+    progress: Callable[[int], None] | None = None,
 ) -> Resync:
     """Compare the dataset with what `source` delivered and, unless `dry_run`, `repair` it.
 
     The caller then has the source read again from its start. Raises `TooManyDeletesError`
     when `delete_unknown` would delete more than `MAX_DELETE_FRACTION` of the rows and not
     `confirm`; errors of PANDA's as `PandaClient.rows` raises them. A missing dataset
-    compares as empty.
+    compares as empty. `progress` is told the rows read from PANDA so far, row by row.
     """
     try:
-        comparison = await compare(db, panda, source, slug)
+        comparison = await compare(db, panda, source, slug, progress=progress)
     except DatasetMissingError:
         comparison = Comparison(source, slug)
     if dry_run:
