@@ -152,7 +152,7 @@ def started(command: list[str], url: str, log: Path) -> Iterator[subprocess.Pope
 def _answers(url: str, process: subprocess.Popen[bytes], log: Path) -> bool:
     if process.poll() is not None:
         tail = log.read_text(errors="replace")[-2000:]
-        raise RuntimeError(f"{process.args} exited with code {process.returncode}:\n{tail}")
+        raise RuntimeError(f"{process.args!r} exited with code {process.returncode}:\n{tail}")
     try:
         return httpx.get(url, timeout=1).status_code < 500
     except httpx.TransportError:
@@ -292,8 +292,8 @@ def main(arguments: argparse.Namespace) -> int:
                 try:
                     asyncio.run(warm_up(couchdb, panda_url))
                     for rate in arguments.rates:
-                        run = measure(couchdb, panda_url, rate, arguments.duration)
-                        results.append(asyncio.run(run))
+                        measuring = measure(couchdb, panda_url, rate, arguments.duration)
+                        results.append(asyncio.run(measuring))
                 except (AssertionError, RuntimeError):
                     say(f"--- the end of pandasync's log\n{log.read_text()[-3000:]}")
                     say(f"--- the PANDA log\n{(folder / 'panda.log').read_text()[-3000:]}")
