@@ -41,7 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SLUG = "stories"
 CHUNK = 10_000  # documents in one `_bulk_docs` while loading
 GOAL_RATIO = 1.2
-CATCH_UP_TIMEOUT_S = 900.0
+CATCH_UP_TIMEOUT_S = 1800.0
 START_TIMEOUT_S = 30.0
 
 CONFIG = """

@@ -255,9 +255,11 @@ async def warm_up(couchdb: CouchDatabase, panda_url: str) -> None:
 def main(arguments: argparse.Namespace) -> int:
     say("live lag: a CouchDB write acknowledged -> its row written in PANDA (free server)")
     say(f"machine: {machine()}; load average {os.getloadavg()[0]:.1f} at the start")
+    wait = arguments.batch_wait_s
+    settings = "default settings" if wait is None else f"batch_wait_s = {wait:g}, else defaults"
     say(
-        f"`pandasync serve`, default settings, SQLite store; {arguments.duration:g} s of"
-        " writes a rate, "
+        f"`pandasync serve`, {settings}, SQLite store; {arguments.duration:g} s of"
+        " writes a rate,"
         f" a request every {TICK_S * 1000:g} ms (an open loop), each a _bulk_docs of new documents"
     )
     results: list[dict[str, Any]] = []
@@ -318,7 +320,12 @@ def main(arguments: argparse.Namespace) -> int:
         )
     load = os.getloadavg()[0]
     say(f"load average {load:.1f} at the end (other work on the machine skews every figure)")
-    document = {"machine": machine(), "load_average_at_end": load, "runs": results}
+    document = {
+        "machine": machine(),
+        "load_average_at_end": load,
+        "couchdb_batch_wait_s": wait,
+        "runs": results,
+    }
     Path(arguments.json).write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
     say(f"written to {arguments.json}")
     return 0
