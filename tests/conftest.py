@@ -12,6 +12,23 @@ pytest_plugins = [
 ]
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    # Read here, before `_clean_environment` removes every `PANDASYNC_*` variable.
+    parser.addoption(
+        "--reliability-scale",
+        type=int,
+        default=int(os.environ.get("PANDASYNC_RELIABILITY_SCALE", "1")),
+        help="size of the tests/reliability suites (1 in CI; more for a soak)",
+    )
+
+
+@pytest.fixture
+def reliability_scale(request: pytest.FixtureRequest) -> int:
+    """How big the reliability suites run: 1 in CI, more for a soak."""
+    scale: int = request.config.getoption("--reliability-scale")
+    return scale
+
+
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
