@@ -186,21 +186,20 @@ class Hooks:
 
 
 @contextmanager
-def steady(*generators: Churn | Hooks) -> Iterator[threading.Event]:
+def steady(*generators: Churn | Hooks) -> Iterator[threading.Lock]:
     """Run each generator's `step` in a thread of its own until the block ends.
 
-    Yields an event: clear it to pause the load (e.g. while CouchDB restarts), set it to resume.
+    Yields the lock every step holds: hold it to pause the load (e.g. while CouchDB restarts).
     """
     stopped = threading.Event()
-    going = threading.Event()
-    going.set()
+    stepping = threading.Lock()
     errors: list[BaseException] = []
 
     def run(generator: Churn | Hooks) -> None:
         try:
             while not stopped.is_set():
-                going.wait()
-                generator.step()
+                with stepping:
+                    generator.step()
                 stopped.wait(PACE_S)  # paces the load, waits for nothing
         except BaseException as error:  # reported by the test's thread below
             errors.append(error)
@@ -209,10 +208,9 @@ def steady(*generators: Churn | Hooks) -> Iterator[threading.Event]:
     for thread in threads:
         thread.start()
     try:
-        yield going
+        yield stepping
     finally:
         stopped.set()
-        going.set()
         for thread in threads:
             thread.join(timeout=10)
     assert errors == [], f"the load generator failed: {errors[0]!r}"
