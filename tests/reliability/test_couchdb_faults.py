@@ -9,7 +9,7 @@ import pytest
 
 from tests.fixtures.couchdb import CouchDatabase, start_pouchdb
 from tests.fixtures.panda import RunningPanda
-from tests.fixtures.proxy import start_proxy
+from tests.fixtures.proxy import FaultProxy, start_proxy
 from tests.fixtures.service import wait_until
 from tests.reliability.load import Churn, Service, steady, wait_until_equal, write_service
 
@@ -24,6 +24,10 @@ def feed_state(service: Service) -> str | None:
         return None
     state: str = answer.json()["sources"]["feed"]["feed"]["state"]
     return state
+
+
+def reconnected(proxy: FaultProxy, connections: int) -> None:
+    wait_until(lambda: proxy.connections > connections, what="the feed to reconnect")
 
 
 def more(churn: Churn, count: int) -> None:
@@ -66,10 +70,7 @@ def test_a_feed_cut_or_stalled_mid_feed_reconnects_and_panda_ends_equal_to_couch
                             what="the stalled feed to be noticed",
                         )
                         proxy.mode = "pass"
-                    wait_until(
-                        lambda before=connections: proxy.connections > before,
-                        what="the feed to reconnect",
-                    )
+                    reconnected(proxy, connections)
                     more(churn, CHANGES)
             wait_until_equal(panda, couchdb)
 
