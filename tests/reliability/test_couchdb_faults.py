@@ -14,7 +14,7 @@ from tests.fixtures.service import wait_until
 from tests.reliability.load import Churn, Service, steady, wait_until_equal, write_service
 
 # CouchDB changes made during and after a fault (about 25 a second).
-CHANGES = 20
+CHANGES = 15
 
 
 def feed_state(service: Service) -> str | None:

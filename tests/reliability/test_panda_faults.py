@@ -16,8 +16,8 @@ from tests.fixtures.proxy import FaultProxy, start_proxy
 from tests.fixtures.service import wait_until
 from tests.reliability.load import Churn, Hooks, steady, wait_until_equal, write_service
 
-# Webhooks posted while a fault is in force (about 25 a second: under two seconds).
-DURING = 40
+# Webhooks posted while a fault is in force (about 25 a second: over a second).
+DURING = 30
 
 
 @dataclass(frozen=True)
