@@ -9,7 +9,7 @@ letters, as the CLI's commands do.
 from datetime import datetime
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, HTTPException, Query, Request
+from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request
 from pydantic import BaseModel, Field
 
 from service import access
@@ -21,7 +21,16 @@ from service.ingress.snapshots import Snapshotter
 from service.sources import couchdb
 from service.store import dead_letters
 
-router = APIRouter(prefix="/admin", tags=["admin"])
+# Every admin route answers 401 without the token, and 404 with the API off or for a source or
+# dead letter that does not exist; the OpenAPI document says so.
+router = APIRouter(
+    prefix="/admin",
+    tags=["admin"],
+    responses={
+        401: {"description": "No admin token, or a wrong one."},
+        404: {"description": "The admin API is off, or no such source or dead letter."},
+    },
+)
 
 
 def _service(request: Request) -> Service:
@@ -63,10 +72,17 @@ class LetterView(BaseModel):
     answers: list[dict[str, Any]]
 
 
+# Dead letter ids and limits go to the database as 64-bit integers: a number out of range is
+# refused with 422, not passed to the driver (which fails on it with a 500). The bound is the
+# largest integer a JSON number holds exactly in double precision, far above any id handed out.
+INTEGER_MAX = 2**53 - 1
+LetterId = Annotated[int, Field(ge=1, le=INTEGER_MAX)]
+
+
 class LetterIds(BaseModel):
     """Dead letters to act on."""
 
-    ids: list[int] = Field(min_length=1, max_length=10_000)
+    ids: list[LetterId] = Field(min_length=1, max_length=10_000)
 
 
 class ReplayAnswer(BaseModel):
@@ -308,7 +324,9 @@ def _view(letter: dead_letters.Letter) -> LetterView:
 async def list_dead_letters(
     service: AdminDep,
     source: str | None = None,
-    limit: Annotated[int | None, Query(ge=1, description="At most this many, the oldest.")] = None,
+    limit: Annotated[
+        int | None, Query(ge=1, le=INTEGER_MAX, description="At most this many, the oldest.")
+    ] = None,
 ) -> list[LetterView]:
     """The dead letters, oldest first, of one source or all."""
     if source is not None:
@@ -318,7 +336,9 @@ async def list_dead_letters(
 
 
 @router.get("/dead-letters/{letter_id}")
-async def show_dead_letter(letter_id: int, service: AdminDep) -> LetterView:
+async def show_dead_letter(
+    letter_id: Annotated[int, Path(ge=1, le=INTEGER_MAX)], service: AdminDep
+) -> LetterView:
     """One dead letter with every answer PANDA gave to it."""
     letter = await service.db.run(dead_letters.show, letter_id)
     if letter is None:

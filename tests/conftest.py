@@ -12,6 +12,34 @@ pytest_plugins = [
 ]
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    # Read here, before `_clean_environment` removes every `PANDASYNC_*` variable.
+    parser.addoption(
+        "--reliability-scale",
+        type=int,
+        default=int(os.environ.get("PANDASYNC_RELIABILITY_SCALE", "1")),
+        help="size of the tests/reliability suites (1 in CI; more for a soak)",
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """A reliability suite run bigger gets its timeout multiplied by the scale as well."""
+    scale: int = config.getoption("--reliability-scale")
+    if scale <= 1:
+        return
+    for item in items:
+        marker = item.get_closest_marker("timeout")
+        if "tests/reliability/" in item.nodeid and marker is not None:
+            item.add_marker(pytest.mark.timeout(marker.args[0] * scale), append=False)
+
+
+@pytest.fixture
+def reliability_scale(request: pytest.FixtureRequest) -> int:
+    """How big the reliability suites run: 1 in CI, more for a soak."""
+    scale: int = request.config.getoption("--reliability-scale")
+    return scale
+
+
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"

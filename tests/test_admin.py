@@ -139,6 +139,21 @@ async def test_dead_letters_are_listed_shown_replayed_and_discarded(
     assert await database.run(dead_letters.stored, None) == []
 
 
+async def test_a_dead_letter_id_or_limit_past_what_the_database_holds_is_a_422_not_a_500(
+    database: Database,
+) -> None:
+    huge = 2**70
+    async with serving(with_token(settings_for(database))) as (client, _):
+        answers = [
+            await client.get(f"/admin/dead-letters/{huge}", headers=BEARER),
+            await client.get(f"/admin/dead-letters?limit={huge}", headers=BEARER),
+            await client.post("/admin/dead-letters/replay", json={"ids": [huge]}, headers=BEARER),
+            await client.post("/admin/dead-letters/discard", json={"ids": [huge]}, headers=BEARER),
+        ]
+    assert [answer.status_code for answer in answers] == [422] * 4
+    assert all("less than or equal to" in answer.text for answer in answers)
+
+
 async def test_a_webhook_source_has_no_checkpoint_to_set(database: Database) -> None:
     async with serving(with_token(settings_for(database))) as (client, _):
         url = "/admin/sources/stories/checkpoint"

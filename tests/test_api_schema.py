@@ -1,6 +1,7 @@
 """The OpenAPI document against the running service: schemathesis sends what the document
-allows to each webhook source's path and to the public routes of `pandasync serve`; no answer
-is a server error, and every answer is one the document describes."""
+allows to each webhook source's path, to the public routes of `pandasync serve` and to its admin
+API (with the token): the whole document. No answer is a server error, and every answer is one
+the document describes."""
 
 import shutil
 from collections.abc import Iterator
@@ -19,6 +20,8 @@ from tests.fixtures.panda import free_port, local_client
 from tests.fixtures.service import serving, wait_until
 
 SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+ADMIN_TOKEN = "admin-t0ken"
+ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 CONFIG = """
 database_url = "sqlite:///{store}"
 
@@ -29,6 +32,7 @@ api_key = "key-0123"
 
 [server]
 port = {port}
+admin_token = "{admin_token}"
 
 [[sources]]
 name = "stories"
@@ -71,18 +75,19 @@ def _healthy(url: str) -> bool:
 @pytest.fixture(scope="module")
 def api(sqlite_template: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[BaseSchema]:
     """The document `pandasync serve` serves, for four webhook sources (one a format, and one
-    signed), with the public routes; the admin API (off without a token) left out."""
+    signed), with the public routes and the admin API (on, with a token the requests carry)."""
     folder = tmp_path_factory.mktemp("api-schema")
     shutil.copyfile(sqlite_template, folder / "store.db")
     port = free_port()
     path = folder / "pandasync.toml"
-    text = CONFIG.format(store=folder / "store.db", port=port, secret=SECRET)
+    text = CONFIG.format(
+        store=folder / "store.db", port=port, secret=SECRET, admin_token=ADMIN_TOKEN
+    )
     path.write_text(text, encoding="utf-8")
     url = f"http://127.0.0.1:{port}"
     with serving(path, folder / "serve.log"):
         wait_until(lambda: _healthy(url), what="pandasync to answer", deadline_s=30)
-        document = schemathesis.openapi.from_url(f"{url}/openapi.json")
-        yield document.exclude(path_regex="^/admin")
+        yield schemathesis.openapi.from_url(f"{url}/openapi.json", headers=ADMIN)
 
 
 # Each operation's examples: the whole run stays well under a minute on a loaded 2-core machine.
@@ -102,14 +107,25 @@ def test_every_answer_is_described_by_the_openapi_document(api: BaseSchema) -> N
         def answers_as_documented(case: Case[Any]) -> None:
             # The default checks: no 5xx, documented statuses, content types, headers and
             # bodies, and a request the document allows is not refused (400 or 422).
-            case.call_and_validate()
+            case.call_and_validate(headers=ADMIN)
 
         answers_as_documented()
     assert sorted(operation.label for operation in operations) == [
+        "GET /admin/dead-letters",
+        "GET /admin/dead-letters/{letter_id}",
+        "GET /admin/throughput",
         "GET /healthz",
         "GET /metrics",
         "GET /readyz",
         "GET /status",
+        "POST /admin/dead-letters/discard",
+        "POST /admin/dead-letters/replay",
+        "POST /admin/sources/{name}/checkpoint",
+        "POST /admin/sources/{name}/confirm-deletes",
+        "POST /admin/sources/{name}/pause",
+        "POST /admin/sources/{name}/resume",
+        "POST /admin/sources/{name}/resync",
+        "POST /admin/sources/{name}/snapshot",
         "POST /webhooks/forms",
         "POST /webhooks/pushes",
         "POST /webhooks/signed",
