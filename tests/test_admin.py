@@ -162,12 +162,6 @@ async def test_a_webhook_source_has_no_checkpoint_to_set(database: Database) -> 
     assert "not a CouchDB source" in answer.json()["detail"]
 
 
-def by_hand(panda: RunningPanda, method: str, path: str, body: object) -> None:
-    """A write to PANDA's API as a person would make it, not through pandasync."""
-    with httpx.Client(base_url=panda.url, headers=panda.auth) as http:
-        http.request(method, f"/api/1.0/dataset/{path}", json=body).raise_for_status()
-
-
 async def test_a_resync_deletes_rows_added_by_hand_and_forgets_rows_changed_by_hand(
     panda: RunningPanda, database: Database
 ) -> None:
@@ -177,10 +171,10 @@ async def test_a_resync_deletes_rows_added_by_hand_and_forgets_rows_changed_by_h
         await post(client, "stories", body, signed(body))
         await service.delivery.run_once()
         await anyio.to_thread.run_sync(
-            by_hand, panda, "PUT", "stories/data/hand-1/", {"data": ["By hand", ""]}
+            panda.by_hand, "PUT", "stories/data/hand-1/", {"data": ["By hand", ""]}
         )
         await anyio.to_thread.run_sync(
-            by_hand, panda, "PUT", "stories/data/s2/", {"data": ["Edited", ""]}
+            panda.by_hand, "PUT", "stories/data/s2/", {"data": ["Edited", ""]}
         )
         url = "/admin/sources/stories/resync"
         dry = await client.post(url, json={"dry_run": True, "delete_orphans": True}, headers=BEARER)
@@ -208,10 +202,10 @@ async def test_a_resync_deletes_rows_added_by_hand_and_forgets_rows_changed_by_h
 async def test_a_resync_that_would_delete_most_rows_wants_confirm(
     panda: RunningPanda, database: Database
 ) -> None:
-    await anyio.to_thread.run_sync(by_hand, panda, "PUT", "stories/?columns=A,B", {"name": "S"})
+    await anyio.to_thread.run_sync(panda.by_hand, "PUT", "stories/?columns=A,B", {"name": "S"})
     for index in range(3):
         await anyio.to_thread.run_sync(
-            by_hand, panda, "PUT", f"stories/data/hand{index}/", {"data": ["By hand", ""]}
+            panda.by_hand, "PUT", f"stories/data/hand{index}/", {"data": ["By hand", ""]}
         )
     async with serving(with_token(settings_for(database, panda.url))) as (client, _):
         url = "/admin/sources/stories/resync"

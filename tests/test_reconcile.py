@@ -5,7 +5,6 @@ import random
 from pathlib import Path
 
 import anyio
-import httpx
 import pytest
 from typer.testing import CliRunner
 
@@ -69,22 +68,17 @@ def deliver(server: RunningPanda, database: Database) -> tuple[int, int]:
     return anyio.run(once)
 
 
-def by_hand(server: RunningPanda, method: str, path: str, **body: object) -> None:
-    with httpx.Client(base_url=server.url, headers=server.auth) as http:
-        http.request(method, f"/api/1.0/dataset/{path}", json=body or None).raise_for_status()
-
-
 @pytest.fixture
 def edited(panda: RunningPanda, database: Database, tmp_path: Path) -> Path:
     """The source's five rows delivered, then PANDA edited by hand: s2 changed, s3 deleted,
     a row `hand-1` added; and a dataset of another source beside it."""
     read_again(database)
     deliver(panda, database)
-    by_hand(panda, "PUT", "stories/data/s2/", data=["edited by hand", "2"])
-    by_hand(panda, "DELETE", "stories/data/s3/")
-    by_hand(panda, "PUT", "stories/data/hand-1/", data=["and a row added by hand", "0"])
-    by_hand(panda, "PUT", "other/?columns=Title,Words", name="Other")
-    by_hand(panda, "PUT", "other/data/o1/", data=["and another dataset", "1"])
+    panda.by_hand("PUT", "stories/data/s2/", {"data": ["edited by hand", "2"]})
+    panda.by_hand("DELETE", "stories/data/s3/")
+    panda.by_hand("PUT", "stories/data/hand-1/", {"data": ["and a row added by hand", "0"]})
+    panda.by_hand("PUT", "other/?columns=Title,Words", {"name": "Other"})
+    panda.by_hand("PUT", "other/data/o1/", {"data": ["and another dataset", "1"]})
     path = tmp_path / "pandasync.toml"
     url = database.engine.url.render_as_string(hide_password=False)
     path.write_text(
@@ -147,7 +141,7 @@ def test_resync_refuses_to_delete_most_of_a_dataset_without_confirm(
     panda: RunningPanda, database: Database, edited: Path
 ) -> None:
     for index in range(2, 6):
-        by_hand(panda, "PUT", f"stories/data/hand{index}/", data=["by hand", "0"])
+        panda.by_hand("PUT", f"stories/data/hand{index}/", {"data": ["by hand", "0"]})
     code, output = invoke("resync", "stories", "--delete-orphans", "--config", str(edited))
     assert code == 1
     assert "this would delete 5 of 9 rows of stories (56%, more than 20%)" in output
