@@ -119,8 +119,11 @@ class FeedShares:
         while True:
             await anyio.sleep(self._lease_s / 3)
             if self._over_share(source):
-                await self._give_back(source, token)
+                # Reading stops first: a commit under way (shielded) ends under this lease
+                # rather than being refused by the lease just given back.
                 reading.cancel()
+                with anyio.CancelScope(shield=True):
+                    await self._give_back(source, token)
                 return
             now = self._clock()
             try:
