@@ -138,9 +138,10 @@ def create_app(settings: Settings, *, start_runner: bool = True) -> FastAPI:
         app = FastAPI(title="pandasync", lifespan=lifespan, docs_url=None, openapi_url=None)
         _docs_behind(app, token)
     app.include_router(status.router)
-    app.include_router(webhooks.router)
     app.include_router(admin.router)
     app.include_router(dashboard.router)
+    app.add_middleware(webhooks.WebhookRoute)
+    # Added last, so outermost: the body's deadline holds for webhooks too.
     app.add_middleware(BodyDeadline, timeout_s=settings.server.body_timeout_s)
 
     def openapi() -> dict[str, Any]:

@@ -1,47 +1,112 @@
 """The OpenAPI document's webhook paths: one a configured webhook source, with the body
-schema of its format and the headers of its signature scheme.
+schema of its format and the headers of its signature scheme (`/webhooks/{source}` when none
+is configured).
 
-Pure: rewrites FastAPI's generated document (`/webhooks/{source}`, one route for every
-source) from the settings; serves nothing and checks nothing.
+Pure: adds to FastAPI's generated document (the webhook route is plain ASGI,
+`webhooks.WebhookRoute`, which FastAPI does not see); serves nothing and checks nothing.
 """
 
-from copy import deepcopy
 from typing import Any
 
-from service.config import Settings, SourceSettings, WebhookSettings
-from service.sources import webhook_schemas
+from pydantic.json_schema import models_json_schema
 
-_ROUTE = "/webhooks/{source}"
+from service.config import Settings, SourceSettings, WebhookSettings
+from service.ingress.webhooks import PATH_PREFIX, WebhookAnswer, WebhookRefusal
+from service.sources import webhook, webhook_schemas
+
+_ANSWERS = {
+    "202": (WebhookAnswer, "The webhook's changes are in the outbox (or were before)."),
+    "400": (WebhookRefusal, "The body is not JSON (or not UTF-8)."),
+    "401": (
+        WebhookRefusal,
+        "Bad or missing signature, stale time, or no webhook source of this name (the same"
+        " answer, so that names cannot be guessed).",
+    ),
+    "408": (WebhookRefusal, "The body did not arrive within server.body_timeout_s."),
+    "413": (WebhookRefusal, "The body is over ingress.max_body_bytes."),
+    "415": (WebhookRefusal, "The body is not declared as JSON."),
+    "422": (WebhookRefusal, "JSON, but not the source's format."),
+    "503": (
+        WebhookRefusal,
+        "The outbox is full, or the store failed: retry after Retry-After. (Beyond"
+        " server.max_connections, the server answers 503 in plain text.)",
+    ),
+}
+_DESCRIPTION = """\
+Take in a source's webhook: 202 once its changes are committed to the outbox.
+
+Checks, in order: the source (401, the answer to a bad signature), the content type (415),
+the size (413), the signature on the raw body (401), the body (400, 422), the outbox's
+high-water mark (503 with Retry-After; so does a store that fails to commit). A redelivered
+webhook id is answered 202 without applying it again. A refused webhook writes nothing."""
+_FORMATS = """\
+The body format is the source's `webhook.format`: `pandasync` (this schema), `couchdb` (one
+CouchDB document, a list of them, or a `_bulk_docs` body; `"_deleted": true` deletes, the
+generation of `_rev` orders), or `jmespath` (any JSON, read through the source's mapping)."""
 
 
 def document_sources(document: dict[str, Any], settings: Settings) -> dict[str, Any]:
-    """`document` with `/webhooks/{source}` replaced by `/webhooks/<name>` for each webhook
-    source configured (kept as it is when there is none)."""
+    """`document` with a path `/webhooks/<name>` for each webhook source configured, or the
+    generic `/webhooks/{source}` when there is none, and the schemas of their answers."""
+    _, definitions = models_json_schema(
+        [(WebhookAnswer, "serialization"), (WebhookRefusal, "serialization")],
+        ref_template="#/components/schemas/{model}",
+    )
+    schemas = document.setdefault("components", {}).setdefault("schemas", {})
+    schemas.update(definitions["$defs"])
+    paths = document.setdefault("paths", {})
     sources = [s for s in settings.sources if s.kind == "webhook" and s.webhook is not None]
-    paths = document.get("paths", {})
-    if not sources or _ROUTE not in paths:
-        return document
-    generic = paths.pop(_ROUTE)["post"]
+    if not sources:
+        paths[f"{PATH_PREFIX}{{source}}"] = {"post": _generic()}
     for source in sources:
-        paths[f"/webhooks/{source.name}"] = {"post": _operation(generic, source)}
+        paths[f"{PATH_PREFIX}{source.name}"] = {"post": _operation(source)}
     return document
 
 
-def _operation(generic: dict[str, Any], source: SourceSettings) -> dict[str, Any]:
+def _generic() -> dict[str, Any]:
+    """The webhook route of any source, in pandasync's own format."""
+    parameter = {"name": "source", "in": "path", "required": True, "schema": {"type": "string"}}
+    return {
+        "summary": "Take in a webhook",
+        "description": _DESCRIPTION,
+        "operationId": "receive_webhook",
+        "parameters": [parameter],
+        "requestBody": {
+            "required": True,
+            "description": _FORMATS,
+            "content": {"application/json": {"schema": webhook.body_schema()}},
+        },
+        "responses": _responses(),
+    }
+
+
+def _operation(source: SourceSettings) -> dict[str, Any]:
     assert source.webhook is not None
     settings = source.webhook
-    operation = deepcopy(generic)
-    operation["operationId"] = f"receive_webhook_{source.name.replace('-', '_')}"
-    operation["summary"] = (
-        f"Take in a webhook of source {source.name} ({settings.format} format, signature"
-        f" {settings.signature}), for dataset {source.dataset.slug}"
-    )
-    operation["parameters"] = _headers(settings)
-    operation["requestBody"] = {
-        "required": True,
-        "content": {"application/json": {"schema": webhook_schemas.body_schema(source)}},
+    return {
+        "summary": f"Take in a webhook of source {source.name} ({settings.format} format,"
+        f" signature {settings.signature}), for dataset {source.dataset.slug}",
+        "description": _DESCRIPTION,
+        "operationId": f"receive_webhook_{source.name.replace('-', '_')}",
+        "parameters": _headers(settings),
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": webhook_schemas.body_schema(source)}},
+        },
+        "responses": _responses(),
     }
-    return operation
+
+
+def _responses() -> dict[str, Any]:
+    return {
+        status: {
+            "description": description,
+            "content": {
+                "application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}
+            },
+        }
+        for status, (model, description) in _ANSWERS.items()
+    }
 
 
 def _headers(settings: WebhookSettings) -> list[dict[str, Any]]:

@@ -1,17 +1,17 @@
-"""Webhook routes: changes in over HTTP, answered 202 only once they are in the outbox.
+"""The webhook route: changes in over HTTP, answered 202 only once they are in the outbox.
 
-They read the settings and the store, and wake delivery when changes were committed; they
-never call PANDA.
+A plain ASGI middleware in front of the FastAPI app, which it passes every other request to:
+it reads the settings and the store, and wakes delivery when changes were committed; it never
+calls PANDA. Its OpenAPI paths are `webhook_docs`'.
 """
 
+import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
-from fastapi import APIRouter, Request, Response
-from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service.clock import utcnow
 from service.config import Settings, SourceSettings, WebhookSettings
@@ -43,16 +43,6 @@ class Intake:
         """An intake committing webhooks to `db`, concurrent ones in one transaction."""
         commits = WebhookCommits(high_water=settings.ingress.outbox_high_water)
         return cls(settings, GroupCommit(db, commits), notify, metrics)
-
-
-def _intake(request: Request) -> Intake:
-    # Read by the route itself, not as a FastAPI dependency: resolving one costs more CPU than
-    # checking the signature and parsing the body together (bench/webhook_ingest.py).
-    intake: Intake = request.app.state.intake
-    return intake
-
-
-router = APIRouter()
 
 
 class WebhookAnswer(BaseModel):
@@ -100,70 +90,89 @@ class _RefusedError(Exception):
         )
         self.headers = headers
 
-    def response(self) -> JSONResponse:
-        return JSONResponse(self.refusal.model_dump(), self.status, headers=self.headers)
+    async def send(self, send: Send) -> None:
+        await _send_json(send, self.status, self.refusal.model_dump(), self.headers)
 
 
-_REFUSALS: dict[int | str, dict[str, Any]] = {
-    400: {"model": WebhookRefusal, "description": "The body is not JSON (or not UTF-8)."},
-    401: {
-        "model": WebhookRefusal,
-        "description": "Bad or missing signature, stale time, or no webhook source of this name"
-        " (the same answer, so that names cannot be guessed).",
-    },
-    408: {
-        "model": WebhookRefusal,
-        "description": "The body did not arrive within server.body_timeout_s.",
-    },
-    413: {"model": WebhookRefusal, "description": "The body is over ingress.max_body_bytes."},
-    415: {"model": WebhookRefusal, "description": "The body is not declared as JSON."},
-    422: {"model": WebhookRefusal, "description": "JSON, but not the source's format."},
-    503: {
-        "model": WebhookRefusal,
-        "description": "The outbox is full, or the store failed: retry after Retry-After."
-        " (Beyond server.max_connections, the server answers 503 in plain text.)",
-    },
-}
-_FORMATS = """\
-The body format is the source's `webhook.format`: `pandasync` (this schema), `couchdb` (one
-CouchDB document, a list of them, or a `_bulk_docs` body; `"_deleted": true` deletes, the
-generation of `_rev` orders), or `jmespath` (any JSON, read through the source's mapping)."""
+class WebhookRoute:
+    """`POST /webhooks/{source}` served as plain ASGI, in front of `app` (the FastAPI app,
+    which gets every other request, and whose `state.intake` is the `Intake` it reads).
 
+    Take in a source's webhook: 202 once its changes are committed to the outbox. Checks, in
+    order: the source (401, the answer to a bad signature), the content type (415), the size
+    (413), the signature on the raw body (401), the body (400, 422), the outbox's high-water
+    mark (503 with Retry-After; so does a store that fails to commit). A redelivered webhook id
+    is answered 202 without applying it again. A refused webhook writes nothing. Concurrent
+    webhooks are committed in one transaction (`GroupCommit`). Another method than POST is
+    answered 405.
 
-@router.post(
-    "/webhooks/{source}",
-    status_code=202,
-    response_model=WebhookAnswer,
-    responses=_REFUSALS,
-    openapi_extra={
-        "requestBody": {
-            "required": True,
-            "description": _FORMATS,
-            "content": {"application/json": {"schema": webhook.body_schema()}},
-        }
-    },
-)
-async def receive_webhook(source: str, request: Request) -> Response:
-    """Take in a source's webhook: 202 once its changes are committed to the outbox.
-
-    Checks, in order: the source (401, the answer to a bad signature), the content type
-    (415), the size (413), the signature on the raw body (401), the body (400, 422), the
-    outbox's high-water mark (503 with Retry-After; so does a store that fails to commit).
-    A redelivered webhook id is answered 202 without applying it again. A refused webhook
-    writes nothing. Concurrent webhooks are committed in one transaction (`GroupCommit`).
+    Not a FastAPI route: FastAPI's routing, request and response objects cost twice what the
+    whole webhook does once it is read (bench/webhook_ingest.py), and webhooks are the one
+    route a busy source calls for every change.
     """
-    intake = _intake(request)
-    known = any(s.name == source and s.kind == "webhook" for s in intake.settings.sources)
-    label = source if known else UNKNOWN_SOURCE
-    try:
-        answer = await _take_in(intake, source, request)
-    except _RefusedError as refused:
-        intake.metrics.webhooks.labels(label, str(refused.status)).inc()
-        return refused.response()
-    intake.metrics.webhooks.labels(label, "202").inc()
-    intake.metrics.received.labels(source).inc(answer.accepted)
-    intake.metrics.stale.labels(source).inc(answer.stale)
-    return JSONResponse(answer.model_dump(), status_code=202)
+
+    def __init__(self, app: ASGIApp) -> None:
+        self._app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope["path"] if scope["type"] == "http" else ""
+        name = path.removeprefix(PATH_PREFIX)
+        if name == path or not name or "/" in name:
+            await self._app(scope, receive, send)
+            return
+        if scope["method"] != "POST":
+            await _send_json(send, 405, {"detail": "Method Not Allowed"}, {"Allow": "POST"})
+            return
+        intake: Intake = scope["app"].state.intake
+        known = any(s.name == name and s.kind == "webhook" for s in intake.settings.sources)
+        label = name if known else UNKNOWN_SOURCE
+        try:
+            taken = await _take_in(intake, name, _headers(scope), receive)
+        except _RefusedError as refused:
+            intake.metrics.webhooks.labels(label, str(refused.status)).inc()
+            await refused.send(send)
+            return
+        except _DisconnectedError:
+            return
+        intake.metrics.webhooks.labels(label, "202").inc()
+        intake.metrics.received.labels(name).inc(taken.accepted)
+        intake.metrics.stale.labels(name).inc(taken.stale)
+        answer = {
+            "accepted": taken.accepted,
+            "duplicates": taken.duplicates,
+            "stale": taken.stale,
+            "ignored": taken.ignored,
+        }
+        await _send_json(send, 202, answer)
+
+
+PATH_PREFIX = "/webhooks/"
+
+
+class _DisconnectedError(Exception):
+    """The client went away before its body was read: nothing was written, nobody to answer."""
+
+
+def _headers(scope: Scope) -> dict[str, str]:
+    """The request's headers by lower-case name (the first of a repeated one)."""
+    headers: dict[str, str] = {}
+    for name, value in scope["headers"]:
+        headers.setdefault(name.decode("latin-1").lower(), value.decode("latin-1"))
+    return headers
+
+
+async def _send_json(
+    send: Send, status: int, value: object, headers: dict[str, str] | None = None
+) -> None:
+    """Answer with `value` as JSON (as Starlette's JSONResponse renders it)."""
+    body = json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode()
+    fields = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        *((name.lower().encode(), text.encode()) for name, text in (headers or {}).items()),
+    ]
+    await send({"type": "http.response.start", "status": status, "headers": fields})
+    await send({"type": "http.response.body", "body": body})
 
 
 def unsigned_sources(settings: Settings) -> list[str]:
@@ -185,22 +194,22 @@ def warn_about_unsigned_sources(settings: Settings) -> None:
         )
 
 
-async def _take_in(intake: Intake, name: str, request: Request) -> WebhookAnswer:
+async def _take_in(intake: Intake, name: str, headers: dict[str, str], receive: Receive) -> Taken:
     source, settings = _webhook_source(intake.settings, name)
-    if not _is_json(request.headers.get("content-type")):
+    if not _is_json(headers.get("content-type")):
         raise _RefusedError(415, "the body must be JSON: send Content-Type: application/json")
     ingress = intake.settings.ingress
-    body = await _read(request, ingress.max_body_bytes)
+    body = await _read(headers, receive, ingress.max_body_bytes)
     now = utcnow()
     try:
-        signatures.verify(settings, request.headers, body, now=now)
+        signatures.verify(settings, headers, body, now=now)
     except signatures.SignatureError as error:
         log.warning("webhook refused, not authentic: source=%s reason=%s", name, error)
         raise _RefusedError(401, "unauthorized") from None
     except signatures.NotTextError as error:
         raise _RefusedError(400, str(error)) from None
     parsed = _parse(source, settings, body)
-    webhook_id = signatures.webhook_id(settings, request.headers)
+    webhook_id = signatures.webhook_id(settings, headers)
     retry = {"Retry-After": str(ingress.retry_after_s)}
     try:
         taken = await intake.commits.submit(
@@ -214,12 +223,7 @@ async def _take_in(intake: Intake, name: str, request: Request) -> WebhookAnswer
         raise _RefusedError(503, "the outbox is full: retry later", headers=retry)
     if taken.accepted:
         intake.notify()
-    return WebhookAnswer(
-        accepted=taken.accepted,
-        duplicates=taken.duplicates,
-        stale=taken.stale,
-        ignored=taken.ignored,
-    )
+    return taken
 
 
 def _webhook_source(settings: Settings, name: str) -> tuple[SourceSettings, WebhookSettings]:
@@ -245,19 +249,23 @@ def _is_json(content_type: str | None) -> bool:
     return True
 
 
-async def _read(request: Request, limit: int) -> bytes:
-    """The raw body, refused (413) as soon as it is known to exceed `limit` bytes."""
-    too_large = _RefusedError(413, f"the body is over {limit} bytes")
-    declared = request.headers.get("content-length", "")
+async def _read(headers: dict[str, str], receive: Receive, limit: int) -> bytes:
+    """The raw body, refused (413) as soon as it is known to exceed `limit` bytes; raises
+    `_DisconnectedError` when the client goes away first."""
+    declared = headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
-        raise too_large
+        raise _RefusedError(413, f"the body is over {limit} bytes")
     body = bytearray()
     # Counted while reading too: a chunked body declares no length.
-    async for chunk in request.stream():
-        body += chunk
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise _DisconnectedError
+        body += message.get("body", b"")
         if len(body) > limit:
-            raise too_large
-    return bytes(body)
+            raise _RefusedError(413, f"the body is over {limit} bytes")
+        if not message.get("more_body", False):
+            return bytes(body)
 
 
 def _parse(source: SourceSettings, settings: WebhookSettings, body: bytes) -> webhook.Parsed:

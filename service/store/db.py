@@ -4,7 +4,9 @@ Opens SQLite or PostgreSQL, checks and migrates the schema (Alembic); holds no b
 """
 
 import json
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
+from datetime import UTC, datetime
+from itertools import chain
 from pathlib import Path
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
@@ -129,6 +131,65 @@ def _configure_postgresql(dbapi_connection: Any, _record: Any) -> None:
 
 def _begin_immediate(connection: Connection) -> None:
     connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+# Rows in one multi-row statement of `execute_values` at most: with the widest table's 12
+# columns, well under SQLite's 32,766 bound parameters and PostgreSQL's 65,535.
+ROWS_PER_STATEMENT = 500
+
+
+def execute_values(
+    session: Session,
+    head: str,
+    rows: Sequence[Sequence[Any]],
+    *,
+    tail: str = "",
+    tail_parameters: Sequence[Any] = (),
+) -> list[Any]:
+    """Run `{head} VALUES (...), (...) {tail}` over `rows`, each a tuple of parameters, in
+    statements of at most `ROWS_PER_STATEMENT` rows; the rows they return (`RETURNING` in
+    `tail`), in no set order. `tail` holds a `?` (and no other) for each of `tail_parameters`,
+    bound after each statement's rows.
+
+    Plain SQL through the session's own connection and transaction, in the driver's
+    placeholders: the hot path's statements cost a fraction of their SQLAlchemy Core form
+    (bench/webhook_ingest.py). Times must be bound as `bind_time` gives them; values are
+    never rendered into the SQL.
+    """
+    connection = session.connection()
+    mark = _mark(connection)
+    returned: list[Any] = []
+    for start in range(0, len(rows), ROWS_PER_STATEMENT):
+        page = rows[start : start + ROWS_PER_STATEMENT]
+        group = f"({', '.join([mark] * len(page[0]))})"
+        values = ", ".join([group] * len(page))
+        statement = f"{head} VALUES {values} {tail.replace('?', mark)}"
+        parameters = (*chain.from_iterable(page), *tail_parameters)
+        result = connection.exec_driver_sql(statement, parameters)
+        if result.returns_rows:
+            returned.extend(result.fetchall())
+    return returned
+
+
+def execute_many(session: Session, statement: str, rows: Sequence[Sequence[Any]]) -> None:
+    """Run `statement` (plain SQL, `?` for each parameter and nowhere else) once for each row
+    of parameters, in the session's transaction: one prepared statement on SQLite, one
+    pipeline on PostgreSQL. Times bound as `bind_time` gives them."""
+    connection = session.connection()
+    connection.exec_driver_sql(statement.replace("?", _mark(connection)), list(rows))
+
+
+def _mark(connection: Connection) -> str:
+    """The driver's positional placeholder (sqlite3's `?`, psycopg's `%s`)."""
+    return "?" if connection.dialect.paramstyle == "qmark" else "%s"
+
+
+def bind_time(session: Session, value: datetime) -> datetime | str:
+    """`value` (aware) as `execute_values` binds a `UTCDateTime` column: what
+    `tables.UTCDateTime` stores, naive UTC text on SQLite (SQLAlchemy's format for it)."""
+    if session.get_bind().dialect.name == "postgresql":
+        return value
+    return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f")
 
 
 def dialect_insert(session: Session, model: type[SQLModel]) -> sqlite.Insert | postgresql.Insert:

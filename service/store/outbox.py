@@ -18,12 +18,12 @@ from typing import Any
 
 import orjson
 import sqlalchemy
-from sqlalchemy import CursorResult, Table, bindparam
+from sqlalchemy import CursorResult, bindparam
 from sqlmodel import Session, col, delete, func, select, update
 
 from service.changes import Change, Op, SourceVersion
 from service.store import leases
-from service.store.db import dialect_insert, in_integers
+from service.store.db import bind_time, execute_many, execute_values, in_integers
 from service.store.tables import DeadLetter, DocState, OutboxEntry, UTCDateTime, table_of
 
 log = logging.getLogger(__name__)
@@ -139,21 +139,14 @@ def _json(value: object) -> str:
     return _ENCODER.encode(value)
 
 
-def _entry_values(change: Change, version: int, now: datetime) -> dict[str, Any]:
-    return {
-        "source": change.source,
-        "doc_id": change.doc_id,
-        "external_id": change.external_id,
-        "op": change.op.value,
-        "row": None if change.row is None else _json(list(change.row)),
-        "version": version,
-        "source_version": _text(change.source_version),
-        "attempts": 0,
-        "answers": "[]",
-        "next_attempt_at": now,
-        "created_at": now,
-        "updated_at": now,
-    }
+def _entry_values(change: Change, version: int, at: datetime | str) -> tuple[Any, ...]:
+    """An entry's columns in `_append`'s order, `at` bound as `bind_time` gives it."""
+    row = None if change.row is None else _json(list(change.row))
+    source_version = _text(change.source_version)
+    return (
+        *(change.source, change.doc_id, change.external_id, change.op.value, row, version),
+        *(source_version, 0, "[]", at, at, at),
+    )
 
 
 def enqueue(session: Session, changes: Sequence[Change], *, now: datetime) -> Enqueued:
@@ -194,23 +187,17 @@ def lock_states(session: Session, keys: set[Key], now: datetime) -> dict[Key, _S
     and a concurrent transaction creating the same document waits for this one instead of
     both starting from nothing. SQLite serialises writers anyway (BEGIN IMMEDIATE).
     """
-    insert = dialect_insert(session, DocState)
-    table = insert.table
-    statement = insert.on_conflict_do_update(
-        index_elements=["source", "doc_id"], set_={"version": table.c.version}
-    ).returning(
-        table.c.source, table.c.doc_id, table.c.version, table.c.source_version, table.c.entry_id
-    )
-    rows = session.connection().execute(
-        statement,
-        [
-            {"source": source, "doc_id": doc_id, "version": 0, "updated_at": now}
-            for source, doc_id in sorted(keys)
-        ],
+    at = bind_time(session, now)
+    rows = execute_values(
+        session,
+        "INSERT INTO doc_state (source, doc_id, version, updated_at)",
+        [(source, doc_id, 0, at) for source, doc_id in sorted(keys)],
+        tail="ON CONFLICT (source, doc_id) DO UPDATE SET version = doc_state.version"
+        " RETURNING source, doc_id, version, source_version, entry_id",
     )
     return {
-        (row.source, row.doc_id): _State(row.version, row.source_version, row.entry_id)
-        for row in rows
+        (source, doc_id): _State(version, source_version, entry_id)
+        for source, doc_id, version, source_version, entry_id in rows
     }
 
 
@@ -250,50 +237,46 @@ def _write(
     # Rows in key order, so concurrent enqueues lock them in one order and cannot deadlock.
     ordered = sorted(latest.items())
     versions = {key: states[key].version + 1 for key, _ in ordered}
-    entries = table_of(OutboxEntry)
+    at = bind_time(session, now)
     entry_ids = _append(
-        session, entries, [_entry_values(change, versions[key], now) for key, change in ordered]
+        session, [_entry_values(change, versions[key], at) for key, change in ordered]
     )
     older = [states[key].entry_id for key, _ in ordered if states[key].entry_id is not None]
     if older:
+        entries = table_of(OutboxEntry)
         session.execute(
             delete(entries).where(in_integers(session, entries.c.id, "ids")), {"ids": older}
         )
-    table = table_of(DocState)
-    session.connection().execute(
-        update(table)
-        .where(table.c.source == bindparam("key_source"))
-        .where(table.c.doc_id == bindparam("key_doc_id"))
-        .values(
-            version=bindparam("new_version"),
-            source_version=func.coalesce(bindparam("new_source_version"), table.c.source_version),
-            entry_id=bindparam("new_entry_id"),
-            updated_at=bindparam("new_updated_at", type_=UTCDateTime),
-        ),
+    execute_many(
+        session,
+        _UPDATE_STATE,
         [
-            {
-                "key_source": source,
-                "key_doc_id": doc_id,
-                "new_version": versions[source, doc_id],
-                "new_source_version": _text(change.source_version),
-                "new_entry_id": entry_id,
-                "new_updated_at": now,
-            }
-            for ((source, doc_id), change), entry_id in zip(ordered, entry_ids, strict=True)
+            (versions[key], _text(change.source_version), entry_id, at, *key)
+            for (key, change), entry_id in zip(ordered, entry_ids, strict=True)
         ],
     )
 
 
-def _append(session: Session, entries: Table, rows: list[dict[str, Any]]) -> Sequence[int]:
-    """Insert `rows` (one per document) as outbox entries; their ids, in order."""
+_UPDATE_STATE = (
+    "UPDATE doc_state SET version = ?, source_version = coalesce(?, source_version),"
+    " entry_id = ?, updated_at = ? WHERE source = ? AND doc_id = ?"
+)
+
+
+def _append(session: Session, rows: list[tuple[Any, ...]]) -> Sequence[int]:
+    """Insert `rows` (one per document, as `_entry_values` gives them) as outbox entries; their
+    ids, in order."""
     # Matched back by document, not by position: SQLite returns the rows of a multi-row
-    # INSERT in no set order, and SQLAlchemy would then insert one row per statement.
-    appended = session.connection().execute(
-        sqlalchemy.insert(entries).returning(entries.c.id, entries.c.source, entries.c.doc_id),
+    # INSERT with RETURNING in no set order.
+    appended = execute_values(
+        session,
+        'INSERT INTO outbox_entry (source, doc_id, external_id, op, "row", version,'
+        " source_version, attempts, answers, next_attempt_at, created_at, updated_at)",
         rows,
+        tail="RETURNING id, source, doc_id",
     )
     ids = {(source, doc_id): entry_id for entry_id, source, doc_id in appended}
-    return [ids[row["source"], row["doc_id"]] for row in rows]
+    return [ids[row[0], row[1]] for row in rows]
 
 
 def _text(version: SourceVersion | None) -> str | None:

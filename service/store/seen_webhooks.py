@@ -10,7 +10,7 @@ from datetime import datetime, timedelta
 from sqlalchemy import select
 from sqlmodel import Session, col, delete
 
-from service.store.db import dialect_insert
+from service.store.db import bind_time, execute_values
 from service.store.tables import SeenWebhook, table_of
 
 
@@ -37,22 +37,18 @@ def remember_many(
     """
     if not webhook_ids:
         return set()
-    insert = dialect_insert(session, SeenWebhook)
-    statement = insert.on_conflict_do_update(
-        index_elements=["source", "webhook_id"],
-        set_={"seen_at": insert.excluded.seen_at},
-        where=insert.table.c.seen_at < now - timedelta(seconds=retention_s),
-    )
+    at = bind_time(session, now)
     # A row comes back only when it was inserted or its expired id renewed. Each id once:
     # PostgreSQL refuses an upsert that touches one row twice.
-    returned = session.connection().execute(
-        statement.returning(insert.table.c.webhook_id),
-        [
-            {"source": source, "webhook_id": webhook_id, "seen_at": now}
-            for webhook_id in dict.fromkeys(webhook_ids)
-        ],
+    returned = execute_values(
+        session,
+        "INSERT INTO seen_webhook (source, webhook_id, seen_at)",
+        [(source, webhook_id, at) for webhook_id in dict.fromkeys(webhook_ids)],
+        tail="ON CONFLICT (source, webhook_id) DO UPDATE SET seen_at = excluded.seen_at"
+        " WHERE seen_webhook.seen_at < ? RETURNING webhook_id",
+        tail_parameters=[bind_time(session, now - timedelta(seconds=retention_s))],
     )
-    return set(returned.scalars())
+    return {webhook_id for (webhook_id,) in returned}
 
 
 def seen(
