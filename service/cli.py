@@ -198,6 +198,7 @@ def serve(
         http=guarded_protocol(
             max_connections=settings.server.max_connections,
             header_timeout_s=settings.server.header_timeout_s,
+            body_timeout_s=settings.server.body_timeout_s,
         ),
         log_level=log_level.lower(),
         # uvicorn's own lines go through the same handler (and format) as pandasync's.

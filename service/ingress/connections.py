@@ -1,12 +1,14 @@
 """The HTTP server's guard against clients that open connections and hold them: a cap on
-open connections, and a deadline on each request's headers.
+open connections, and deadlines on each request's headers and body.
 
-uvicorn's own HTTP protocol (httptools) with both added; `pandasync serve` runs it. uvicorn
-has neither: a connection that never sends its headers, or sends a byte after its answer,
-stays open for ever. The body's deadline is the app's (`service.ingress.deadlines`).
+uvicorn's own HTTP protocol (httptools) with these added; `pandasync serve` runs it. uvicorn
+has none of them: a connection that never sends its headers, sends a byte after its answer,
+or declares a body and never sends it, stays open for ever. In the protocol rather than in
+the app, the deadlines cost a timer a request, not a cancel scope around every read.
 """
 
 import asyncio
+import json
 import logging
 import time
 from typing import Any, ClassVar
@@ -24,19 +26,39 @@ BUSY = (
 ) % (len(_BUSY_BODY), _BUSY_BODY)
 
 
+def _late_answer(timeout_s: float) -> bytes:
+    """The 408 for a body that did not arrive within `timeout_s`, as sent on the wire."""
+    body = json.dumps(
+        {
+            "error": f"the body did not arrive within {timeout_s:g} s: send it at once",
+            "problems": [],
+        }
+    ).encode()
+    return (
+        b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n"
+        b"connection: close\r\ncontent-length: %d\r\n\r\n%s"
+    ) % (len(body), body)
+
+
 class GuardedProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol that answers a connection beyond `max_connections` open
-    ones 503 and closes it at once, and closes a connection that has not sent a request's
-    headers within `header_timeout_s` (of its opening, or of the answer before)."""
+    ones 503 and closes it at once, closes a connection that has not sent a request's headers
+    within `header_timeout_s` (of its opening, or of the answer before), and answers 408 and
+    closes one whose request's body has not arrived whole within `body_timeout_s` of its
+    headers. An answer sent before its request's body was read whole (a refusal such as 401,
+    413 or 415) closes the connection, so that the rest of the body is not waited for."""
 
     max_connections: ClassVar[int] = 1000
     header_timeout_s: ClassVar[float] = 10.0
+    body_timeout_s: ClassVar[float] = 30.0
     # When a refusal was last logged (monotonic): once a minute, not once a connection.
     warned_at: ClassVar[float] = -WARN_EVERY_S
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._headers_due: asyncio.TimerHandle | None = None
+        self._body_due: asyncio.TimerHandle | None = None
+        self._shutting_down = False
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -48,6 +70,20 @@ class GuardedProtocol(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         self._headers_arrived()
         super().on_headers_complete()
+        if self.cycle is not None and self._body_due is None:
+            # Until the body is read whole, an answer closes the connection (uvicorn says
+            # `connection: close` and closes it once the answer is sent).
+            self.cycle.keep_alive = False
+            self._body_due = self.loop.call_later(self.body_timeout_s, self._body_late)
+
+    def on_message_complete(self) -> None:
+        if self._body_arrived() and self.cycle is not None and not self.cycle.response_started:
+            self.cycle.keep_alive = not self._shutting_down and self._keep_alive()
+        super().on_message_complete()
+
+    def shutdown(self) -> None:
+        self._shutting_down = True
+        super().shutdown()
 
     def on_response_complete(self) -> None:
         queued = bool(self.pipeline)
@@ -57,6 +93,7 @@ class GuardedProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._headers_arrived()
+        self._body_arrived()
         super().connection_lost(exc)
 
     def _refuse(self, transport: asyncio.Transport) -> None:
@@ -79,6 +116,32 @@ class GuardedProtocol(HttpToolsProtocol):
             self._headers_due.cancel()
             self._headers_due = None
 
+    def _keep_alive(self) -> bool:
+        """Whether the request lets the connection be kept (as uvicorn reads it)."""
+        return self.parser.get_http_version() != "1.0" and self.parser.should_keep_alive()
+
+    def _body_arrived(self) -> bool:
+        """Stop the body's timer; whether one was running."""
+        if self._body_due is None:
+            return False
+        self._body_due.cancel()
+        self._body_due = None
+        return True
+
+    def _body_late(self) -> None:
+        self._body_due = None
+        if self.transport.is_closing():
+            return
+        log.warning(
+            "request refused, its body came too slowly: path=%s within_s=%g",
+            self.scope.get("path", "")[:100],
+            self.body_timeout_s,
+        )
+        if self.cycle is not None and not self.cycle.response_started:
+            self.transport.write(_late_answer(self.body_timeout_s))
+        # The app reading the body gets `http.disconnect`; what it answers is dropped.
+        self.transport.close()
+
     def _headers_late(self) -> None:
         self._headers_due = None
         if not self.transport.is_closing():
@@ -86,7 +149,13 @@ class GuardedProtocol(HttpToolsProtocol):
             self.transport.close()
 
 
-def guarded_protocol(*, max_connections: int, header_timeout_s: float) -> type[GuardedProtocol]:
+def guarded_protocol(
+    *, max_connections: int, header_timeout_s: float, body_timeout_s: float
+) -> type[GuardedProtocol]:
     """`GuardedProtocol` with these limits, for `uvicorn.run(http=...)`."""
-    limits = {"max_connections": max_connections, "header_timeout_s": header_timeout_s}
+    limits = {
+        "max_connections": max_connections,
+        "header_timeout_s": header_timeout_s,
+        "body_timeout_s": body_timeout_s,
+    }
     return type("GuardedProtocol", (GuardedProtocol,), limits)

@@ -1,7 +1,7 @@
 """The webhook route: changes in over HTTP, answered 202 only once they are in the outbox.
 
-A plain ASGI middleware in front of the FastAPI app, which it passes every other request to:
-it reads the settings and the store, and wakes delivery when changes were committed; it never
+A plain ASGI app in front of the FastAPI app, which it passes every other request
+to: it reads the settings and the store, and wakes delivery when changes were committed; it never
 calls PANDA. Its OpenAPI paths are `webhook_docs`'.
 """
 
@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from pydantic import BaseModel, Field
+from starlette.datastructures import State
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service.clock import utcnow
@@ -96,7 +97,8 @@ class _RefusedError(Exception):
 
 class WebhookRoute:
     """`POST /webhooks/{source}` served as plain ASGI, in front of `app` (the FastAPI app,
-    which gets every other request, and whose `state.intake` is the `Intake` it reads).
+    which gets every other request); `state.intake` is the `Intake` it reads (the app's state,
+    set once its lifespan has started).
 
     Take in a source's webhook: 202 once its changes are committed to the outbox. Checks, in
     order: the source (401, the answer to a bad signature), the content type (415), the size
@@ -106,13 +108,15 @@ class WebhookRoute:
     webhooks are committed in one transaction (`GroupCommit`). Another method than POST is
     answered 405.
 
-    Not a FastAPI route: FastAPI's routing, request and response objects cost twice what the
-    whole webhook does once it is read (bench/webhook_ingest.py), and webhooks are the one
-    route a busy source calls for every change.
+    Not a FastAPI route: FastAPI's middleware, routing, request and response objects cost as
+    much again as the rest of a webhook (bench/webhook_ingest.py), and webhooks are the one
+    route a busy source calls for every change. The body's deadline is the HTTP server's
+    (`connections.GuardedProtocol`).
     """
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, state: State) -> None:
         self._app = app
+        self._state = state
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope["path"] if scope["type"] == "http" else ""
@@ -123,7 +127,7 @@ class WebhookRoute:
         if scope["method"] != "POST":
             await _send_json(send, 405, {"detail": "Method Not Allowed"}, {"Allow": "POST"})
             return
-        intake: Intake = scope["app"].state.intake
+        intake: Intake = self._state.intake
         known = any(s.name == name and s.kind == "webhook" for s in intake.settings.sources)
         label = name if known else UNKNOWN_SOURCE
         try:

@@ -5,6 +5,7 @@ Opens SQLite or PostgreSQL, checks and migrates the schema (Alembic); holds no b
 
 import json
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from itertools import chain
 from pathlib import Path
@@ -36,7 +37,7 @@ from sqlalchemy import (
 )
 from sqlalchemy import create_engine as sa_create_engine
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.exc import ArgumentError, OperationalError
+from sqlalchemy.exc import ArgumentError, DBAPIError, OperationalError
 from sqlmodel import Session, SQLModel
 
 P = ParamSpec("P")
@@ -151,37 +152,72 @@ def execute_values(
     `tail`), in no set order. `tail` holds a `?` (and no other) for each of `tail_parameters`,
     bound after each statement's rows.
 
-    Plain SQL through the session's own connection and transaction, in the driver's
-    placeholders: the hot path's statements cost a fraction of their SQLAlchemy Core form
-    (bench/webhook_ingest.py). Times must be bound as `bind_time` gives them; values are
-    never rendered into the SQL.
+    Plain SQL on the driver's cursor, in the session's transaction: the hot path's statements
+    cost a fraction of their SQLAlchemy form (bench/webhook_ingest.py). The driver's errors
+    are raised as SQLAlchemy's (`OperationalError`...), without the parameters. Times must be
+    bound as `bind_time` gives them; values are never rendered into the SQL.
     """
-    connection = session.connection()
-    mark = _mark(connection)
+    driver = _Driver.of(session)
     returned: list[Any] = []
     for start in range(0, len(rows), ROWS_PER_STATEMENT):
         page = rows[start : start + ROWS_PER_STATEMENT]
-        group = f"({', '.join([mark] * len(page[0]))})"
+        group = f"({', '.join(['?'] * len(page[0]))})"
         values = ", ".join([group] * len(page))
-        statement = f"{head} VALUES {values} {tail.replace('?', mark)}"
         parameters = (*chain.from_iterable(page), *tail_parameters)
-        result = connection.exec_driver_sql(statement, parameters)
-        if result.returns_rows:
-            returned.extend(result.fetchall())
+        returned += driver.execute(f"{head} VALUES {values} {tail}", parameters)
     return returned
 
 
 def execute_many(session: Session, statement: str, rows: Sequence[Sequence[Any]]) -> None:
     """Run `statement` (plain SQL, `?` for each parameter and nowhere else) once for each row
-    of parameters, in the session's transaction: one prepared statement on SQLite, one
-    pipeline on PostgreSQL. Times bound as `bind_time` gives them."""
-    connection = session.connection()
-    connection.exec_driver_sql(statement.replace("?", _mark(connection)), list(rows))
+    of parameters, on the driver's cursor in the session's transaction (see
+    `execute_values`)."""
+    _Driver.of(session).execute(statement, rows, many=True)
 
 
-def _mark(connection: Connection) -> str:
-    """The driver's positional placeholder (sqlite3's `?`, psycopg's `%s`)."""
-    return "?" if connection.dialect.paramstyle == "qmark" else "%s"
+_DRIVER = "pandasync.driver"
+
+
+@dataclass(frozen=True)
+class _Driver:
+    """The driver's own connection under a session's transaction, and its dialect."""
+
+    connection: Any
+    dialect: Dialect
+
+    @classmethod
+    def of(cls, session: Session) -> "_Driver":
+        """The session's, found once a transaction (`Session.connection` costs as much as a
+        statement here)."""
+        transaction = session.get_transaction()
+        found = session.info.get(_DRIVER)
+        if found is not None and transaction is not None and found[0] is transaction:
+            driver: _Driver = found[1]
+            return driver
+        connection = session.connection()
+        driver = cls(connection.connection.driver_connection, connection.dialect)
+        session.info[_DRIVER] = (session.get_transaction(), driver)
+        return driver
+
+    def execute(self, statement: str, parameters: Any, *, many: bool = False) -> list[Any]:
+        """Run `statement` (`?` placeholders) with `parameters` (a sequence of them when
+        `many`); the rows it returns."""
+        if self.dialect.paramstyle != "qmark":
+            statement = statement.replace("?", "%s")
+        dbapi = self.dialect.loaded_dbapi
+        cursor = self.connection.cursor()
+        try:
+            if many:
+                cursor.executemany(statement, parameters)
+                return []
+            cursor.execute(statement, parameters)
+            return cursor.fetchall() if cursor.description else []
+        except dbapi.Error as error:
+            raise DBAPIError.instance(
+                statement, None, error, dbapi.Error, hide_parameters=True, dialect=self.dialect
+            ) from error
+        finally:
+            cursor.close()
 
 
 def bind_time(session: Session, value: datetime) -> datetime | str:
