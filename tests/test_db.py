@@ -6,12 +6,19 @@ import anyio
 import pytest
 from sqlalchemy import DateTime, text
 from sqlalchemy.dialects import sqlite
-from sqlalchemy.exc import StatementError
+from sqlalchemy.exc import DBAPIError, StatementError
 from sqlmodel import Session, select
 
 from service.changes import Seq
 from service.store import checkpoints
-from service.store.db import Database, DatabaseUrlError, database_url
+from service.store.db import (
+    Database,
+    DatabaseUrlError,
+    bind_time,
+    database_url,
+    execute_many,
+    execute_values,
+)
 from service.store.tables import Checkpoint
 
 
@@ -184,3 +191,54 @@ def test_close_is_idempotent(migrated_database_url: str) -> None:
     database.run_sync(lambda session: session.connection().execute(text("SELECT 1")))
     database.close()
     database.close()
+
+
+def test_a_driver_error_of_a_plain_statement_is_sqlalchemys_and_holds_no_parameters(
+    database: Database,
+) -> None:
+    def insert_into_a_missing_table(session: Session) -> None:
+        execute_values(session, "INSERT INTO no_such_table (a)", [("secret-row-value",)])
+
+    def through_sqlalchemy(session: Session) -> None:
+        session.execute(text("INSERT INTO no_such_table (a) VALUES (:a)"), {"a": "x"})
+
+    with pytest.raises(DBAPIError) as raised:
+        database.run_sync(insert_into_a_missing_table)
+    with pytest.raises(DBAPIError) as sqlalchemys:
+        database.run_sync(through_sqlalchemy)
+    assert type(raised.value) is type(sqlalchemys.value)
+    assert "no_such_table" in str(raised.value)
+    assert "secret-row-value" not in str(raised.value)
+
+
+def test_plain_statements_see_and_share_the_sessions_transaction(database: Database) -> None:
+    stamp = datetime(2026, 3, 4, 5, 6, 7, tzinfo=UTC)
+
+    def write_both_ways(session: Session) -> list[tuple[str, str]]:
+        session.add(Checkpoint(source="orm", seq="1", updated_at=stamp))
+        session.flush()
+        execute_many(
+            session,
+            "INSERT INTO checkpoint (source, seq, updated_at) VALUES (?, ?, ?)",
+            [("plain", "2", bind_time(session, stamp))],
+        )
+        return [tuple(row) for row in session.execute(text("SELECT source, seq FROM checkpoint"))]
+
+    def read(session: Session) -> list[tuple[str, datetime]]:
+        query = select(Checkpoint.source, Checkpoint.updated_at).order_by(Checkpoint.source)
+        return [tuple(row) for row in session.exec(query)]  # type: ignore[misc]
+
+    assert sorted(database.run_sync(write_both_ways)) == [("orm", "1"), ("plain", "2")]
+    assert database.run_sync(read) == [("orm", stamp), ("plain", stamp)]
+
+    def fail_after_writing(session: Session) -> None:
+        execute_many(
+            session,
+            "INSERT INTO checkpoint (source, seq, updated_at) VALUES (?, ?, ?)",
+            [("rolled-back", "3", bind_time(session, stamp))],
+        )
+        raise ValueError("undo")
+
+    with pytest.raises(ValueError, match="undo"):
+        database.run_sync(fail_after_writing)
+    assert [source for source, _ in database.run_sync(read)] == ["orm", "plain"]

@@ -734,3 +734,13 @@ async def test_when_the_store_fails_every_webhook_of_the_group_gets_503_and_none
     # Their ids were not kept either: sent again, each is taken in, not a duplicate.
     assert [answer.json()["accepted"] for answer in again] == [1] * 8
     assert sorted(await entries(database)) == [f"s{number}" for number in range(8)]
+
+
+async def test_the_webhook_route_takes_only_post_and_one_path_segment(database: Database) -> None:
+    async with serving(settings_for(database)) as (client, _):
+        read = await client.get("/webhooks/stories")
+        nested = await client.post("/webhooks/stories/x", content=b"{}", headers=JSON)
+        bare = await client.post("/webhooks/", content=b"{}", headers=JSON)
+    assert (read.status_code, read.headers["allow"]) == (405, "POST")
+    assert (nested.status_code, bare.status_code) == (404, 404)
+    assert await entries(database) == {}
