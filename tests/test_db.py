@@ -9,8 +9,8 @@ from sqlalchemy.dialects import sqlite
 from sqlalchemy.exc import DBAPIError, StatementError
 from sqlmodel import Session, select
 
-from service.changes import Seq
-from service.store import checkpoints
+from service.changes import Change, Op, Seq
+from service.store import checkpoints, outbox
 from service.store.db import (
     Database,
     DatabaseUrlError,
@@ -242,3 +242,34 @@ def test_plain_statements_see_and_share_the_sessions_transaction(database: Datab
     with pytest.raises(ValueError, match="undo"):
         database.run_sync(fail_after_writing)
     assert [source for source, _ in database.run_sync(read)] == ["orm", "plain"]
+
+
+def test_enqueues_of_every_size_use_few_statement_shapes(migrated_sqlite_url: str) -> None:
+    # sqlite3 keeps each connection's last 128 statements prepared, at 1.5 KiB of SQLite's
+    # memory a row of VALUES: one shape for every page size would keep megabytes of them.
+    database = Database.open(migrated_sqlite_url)
+    statements: set[str] = set()
+
+    def enqueue_pages(session: Session) -> None:
+        driver = session.connection().connection.driver_connection
+        assert driver is not None
+        driver.set_trace_callback(statements.add)
+        for size in range(1, 600, 7):
+            changes = [
+                Change("stories", f"doc{size}-{index}", f"doc{size}_{index}", Op.UPSERT, ("x",))
+                for index in range(size)
+            ]
+            outbox.enqueue(session, changes, now=datetime(2026, 1, 1, tzinfo=UTC))
+        driver.set_trace_callback(None)
+
+    try:
+        database.run_sync(enqueue_pages)
+        entries = database.run_sync(lambda session: outbox.pending(session))
+    finally:
+        database.close()
+    # The callback sees each statement with its values bound: a row is a `('stories', ...`.
+    shapes = {(s.split()[2], s.count("('stories',")) for s in statements if s.startswith("INSERT")}
+    assert entries == sum(range(1, 600, 7))
+    assert shapes == {
+        (table, 1 << power) for table in ("doc_state", "outbox_entry") for power in range(9)
+    }

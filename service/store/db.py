@@ -136,7 +136,7 @@ def _begin_immediate(connection: Connection) -> None:
 
 # Rows in one multi-row statement of `execute_values` at most: with the widest table's 12
 # columns, well under SQLite's 32,766 bound parameters and PostgreSQL's 65,535.
-ROWS_PER_STATEMENT = 500
+ROWS_PER_STATEMENT = 256
 
 
 def execute_values(
@@ -148,19 +148,27 @@ def execute_values(
     tail_parameters: Sequence[Any] = (),
 ) -> list[Any]:
     """Run `{head} VALUES (...), (...) {tail}` over `rows`, each a tuple of parameters, in
-    statements of at most `ROWS_PER_STATEMENT` rows; the rows they return (`RETURNING` in
-    `tail`), in no set order. `tail` holds a `?` (and no other) for each of `tail_parameters`,
-    bound after each statement's rows.
+    statements of a power of two rows, at most `ROWS_PER_STATEMENT`; the rows they return
+    (`RETURNING` in `tail`), in no set order. `tail` holds a `?` (and no other) for each of
+    `tail_parameters`, bound after each statement's rows.
 
     Plain SQL on the driver's cursor, in the session's transaction: the hot path's statements
     cost a fraction of their SQLAlchemy form (bench/webhook_ingest.py). The driver's errors
     are raised as SQLAlchemy's (`OperationalError`...), without the parameters. Times must be
     bound as `bind_time` gives them; values are never rendered into the SQL.
+
+    Powers of two, so that a statement has one of nine shapes whatever the number of rows:
+    the drivers keep each connection's recent statements prepared (sqlite3 128 of them, 1.5 KiB
+    of SQLite's memory a row of VALUES), and a shape for every count would fill that cache
+    with statements of hundreds of KiB.
     """
     driver = _Driver.of(session)
     returned: list[Any] = []
-    for start in range(0, len(rows), ROWS_PER_STATEMENT):
-        page = rows[start : start + ROWS_PER_STATEMENT]
+    start = 0
+    while start < len(rows):
+        size = min(ROWS_PER_STATEMENT, 1 << ((len(rows) - start).bit_length() - 1))
+        page = rows[start : start + size]
+        start += size
         group = f"({', '.join(['?'] * len(page[0]))})"
         values = ", ".join([group] * len(page))
         parameters = (*chain.from_iterable(page), *tail_parameters)
