@@ -21,31 +21,16 @@ from service.ingress.snapshots import Snapshotter
 from service.sources import couchdb
 from service.store import dead_letters
 
-
-class AdminRefusal(BaseModel):
-    """Why an admin request was refused or could not be done; it changed nothing."""
-
-    detail: str
-
-
-def refusals(described: dict[int, str]) -> dict[int | str, dict[str, Any]]:
-    """The OpenAPI `responses` of refusals: each status with what it means."""
-    return {
-        status: {"model": AdminRefusal, "description": description}
-        for status, description in described.items()
-    }
-
-
 # Every admin route answers 401 without the token, and 404 with the API off or for a source or
 # dead letter that does not exist; each route's own refusals are listed on it: the OpenAPI
 # document names every status a route answers (tests/test_api_schema.py holds it to that).
-REFUSED = refusals(
+REFUSED = access.refusals(
     {
         401: "No admin token, or a wrong one.",
         404: "The admin API is off, or no such source or dead letter.",
     }
 )
-LATE_BODY = refusals({408: "The body did not arrive within server.body_timeout_s."})
+LATE_BODY = access.refusals({408: "The body did not arrive within server.body_timeout_s."})
 FEED_NOT_CLOSED = "The source's feed did not close in time: try again."
 router = APIRouter(prefix="/admin", tags=["admin"], responses=REFUSED)
 
@@ -167,7 +152,7 @@ class CheckpointAnswer(BaseModel):
 @router.post(
     "/sources/{name}/checkpoint",
     responses=LATE_BODY
-    | refusals(
+    | access.refusals(
         {
             409: "The source is not a CouchDB source: it has no checkpoint.",
             502: 'CouchDB could not be read (to "now"), or it refused the source.',
@@ -229,7 +214,7 @@ class ResyncAnswer(BaseModel):
 @router.post(
     "/sources/{name}/resync",
     responses=LATE_BODY
-    | refusals(
+    | access.refusals(
         {
             409: "It would delete more than 20% of the dataset's rows: send confirm=true.",
             502: "PANDA could not be read, or answered what it should not.",
@@ -321,7 +306,7 @@ def _snapshotter(service: Service, name: str) -> Snapshotter:
 @router.post(
     "/sources/{name}/snapshot",
     status_code=202,
-    responses=refusals({409: "The source is not a snapshot source."}),
+    responses=access.refusals({409: "The source is not a snapshot source."}),
 )
 async def snapshot_now(name: str, service: AdminDep) -> SnapshotAction:
     """Take a snapshot source's next snapshot now (after the one under way, if any); its
@@ -332,7 +317,7 @@ async def snapshot_now(name: str, service: AdminDep) -> SnapshotAction:
 
 @router.post(
     "/sources/{name}/confirm-deletes",
-    responses=refusals(
+    responses=access.refusals(
         {409: "The source is not a snapshot source, or holds no snapshot waiting for confirmation."}
     ),
 )

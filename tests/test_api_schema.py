@@ -202,5 +202,5 @@ def test_each_admin_route_lists_the_statuses_it_answers_and_a_refusal_says_why(
         "POST /admin/sources/{name}/resync": ANSWERS_WITH_A_BODY,
         "POST /admin/sources/{name}/snapshot": ["202", "401", "404", "409", "422"],
     }
-    refusal = {"$ref": "#/components/schemas/AdminRefusal"}
+    refusal = {"$ref": "#/components/schemas/Refusal"}
     assert [where for where, schema in refusals.items() if schema != refusal] == []
