@@ -6,11 +6,31 @@ is off and the rest stays open, as before. A token is never logged or echoed.
 """
 
 import secrets
+from typing import Any
 
 from fastapi import HTTPException, Request
-from pydantic import SecretStr
+from pydantic import BaseModel, SecretStr
 
 UNAUTHORIZED = "a valid token is needed: send Authorization: Bearer <server.admin_token>"
+
+
+class Refusal(BaseModel):
+    """Why a request was refused or could not be done; it changed nothing (the body of
+    FastAPI's HTTPException)."""
+
+    detail: str
+
+
+def refusals(described: dict[int, str]) -> dict[int | str, dict[str, Any]]:
+    """The OpenAPI `responses` of refusals: each status with what it means."""
+    return {
+        status: {"model": Refusal, "description": description}
+        for status, description in described.items()
+    }
+
+
+# The answer of a route that wants a token when one is configured (`require`).
+TOKEN_WANTED = refusals({401: "A token is configured, and the request has none or a wrong one."})
 
 
 def presented(request: Request, *tokens: SecretStr | None) -> bool:

@@ -22,15 +22,17 @@ from service.sources import couchdb
 from service.store import dead_letters
 
 # Every admin route answers 401 without the token, and 404 with the API off or for a source or
-# dead letter that does not exist; the OpenAPI document says so.
-router = APIRouter(
-    prefix="/admin",
-    tags=["admin"],
-    responses={
-        401: {"description": "No admin token, or a wrong one."},
-        404: {"description": "The admin API is off, or no such source or dead letter."},
-    },
+# dead letter that does not exist; each route's own refusals are listed on it: the OpenAPI
+# document names every status a route answers (tests/test_api_schema.py holds it to that).
+REFUSED = access.refusals(
+    {
+        401: "No admin token, or a wrong one.",
+        404: "The admin API is off, or no such source or dead letter.",
+    }
 )
+LATE_BODY = access.refusals({408: "The body did not arrive within server.body_timeout_s."})
+FEED_NOT_CLOSED = "The source's feed did not close in time: try again."
+router = APIRouter(prefix="/admin", tags=["admin"], responses=REFUSED)
 
 
 def _service(request: Request) -> Service:
@@ -147,7 +149,17 @@ class CheckpointAnswer(BaseModel):
     now: str
 
 
-@router.post("/sources/{name}/checkpoint")
+@router.post(
+    "/sources/{name}/checkpoint",
+    responses=LATE_BODY
+    | access.refusals(
+        {
+            409: "The source is not a CouchDB source: it has no checkpoint.",
+            502: 'CouchDB could not be read (to "now"), or it refused the source.',
+            503: FEED_NOT_CLOSED,
+        }
+    ),
+)
 async def set_checkpoint(name: str, body: CheckpointSet, service: AdminDep) -> CheckpointAnswer:
     """Set a CouchDB source's checkpoint: its feed is closed, the checkpoint written, and the
     feed read on from there (a paused source stays paused)."""
@@ -161,7 +173,7 @@ async def set_checkpoint(name: str, body: CheckpointSet, service: AdminDep) -> C
         was, now = await poller.set_checkpoint(body.to, running=running)
     except TimeoutError:
         raise HTTPException(503, "the source's feed did not close in time: try again") from None
-    except couchdb.FeedBrokenError as error:
+    except (couchdb.FeedBrokenError, couchdb.SourceStoppedError) as error:
         raise HTTPException(502, f"CouchDB could not be read: {error}") from None
     return CheckpointAnswer(
         source=name, was=None if was is None else was.json_text, now=now.json_text
@@ -199,7 +211,17 @@ class ResyncAnswer(BaseModel):
     read_again: bool = Field(description="Whether the source is read again from its start.")
 
 
-@router.post("/sources/{name}/resync")
+@router.post(
+    "/sources/{name}/resync",
+    responses=LATE_BODY
+    | access.refusals(
+        {
+            409: "It would delete more than 20% of the dataset's rows: send confirm=true.",
+            502: "PANDA could not be read, or answered what it should not.",
+            503: FEED_NOT_CLOSED,
+        }
+    ),
+)
 async def resync_source(name: str, body: ResyncAsk, service: AdminDep) -> ResyncAnswer:
     """Compare the source's PANDA dataset with what was delivered, forget what differs and
     read a CouchDB source again from 0 (a snapshot source: take a snapshot now), so PANDA ends
@@ -221,7 +243,12 @@ async def resync_source(name: str, body: ResyncAsk, service: AdminDep) -> Resync
         )
     except reconcile.TooManyDeletesError as error:
         raise HTTPException(409, f"{error} with confirm=true") from None
-    except (panda.RetryableError, panda.TargetError) as error:
+    except (
+        panda.RetryableError,
+        panda.TargetError,
+        panda.PermanentError,
+        panda.DatasetMismatchError,
+    ) as error:
         raise HTTPException(502, f"PANDA could not be read: {error}") from None
     poller, snapshotter = service.pollers.get(name), service.snapshotters.get(name)
     if done.written and poller is not None:
@@ -276,7 +303,11 @@ def _snapshotter(service: Service, name: str) -> Snapshotter:
     return snapshotter
 
 
-@router.post("/sources/{name}/snapshot", status_code=202)
+@router.post(
+    "/sources/{name}/snapshot",
+    status_code=202,
+    responses=access.refusals({409: "The source is not a snapshot source."}),
+)
 async def snapshot_now(name: str, service: AdminDep) -> SnapshotAction:
     """Take a snapshot source's next snapshot now (after the one under way, if any); its
     progress shows in /status."""
@@ -284,7 +315,12 @@ async def snapshot_now(name: str, service: AdminDep) -> SnapshotAction:
     return SnapshotAction(source=name, detail="a snapshot is being taken: see /status")
 
 
-@router.post("/sources/{name}/confirm-deletes")
+@router.post(
+    "/sources/{name}/confirm-deletes",
+    responses=access.refusals(
+        {409: "The source is not a snapshot source, or holds no snapshot waiting for confirmation."}
+    ),
+)
 async def confirm_deletes(name: str, service: AdminDep) -> SnapshotAction:
     """Confirm a snapshot source's held snapshot (empty, or deleting more than
     max_delete_fraction of the rows): it is applied as it was read, deletes included."""
@@ -346,7 +382,7 @@ async def show_dead_letter(
     return _view(letter)
 
 
-@router.post("/dead-letters/replay")
+@router.post("/dead-letters/replay", responses=LATE_BODY)
 async def replay_dead_letters(ids: LetterIds, service: AdminDep) -> ReplayAnswer:
     """Put dead letters back into the outbox while each is its document's newest change."""
     done = await service.db.run(dead_letters.replay, ids.ids, now=utcnow())
@@ -360,7 +396,7 @@ async def replay_dead_letters(ids: LetterIds, service: AdminDep) -> ReplayAnswer
     )
 
 
-@router.post("/dead-letters/discard")
+@router.post("/dead-letters/discard", responses=LATE_BODY)
 async def discard_dead_letters(ids: LetterIds, service: AdminDep) -> DiscardAnswer:
     """Delete dead letters for good; their changes are not sent."""
     discarded = await service.db.run(dead_letters.discard, ids.ids)

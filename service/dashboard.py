@@ -13,7 +13,7 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import HTMLResponse
 from pydantic import BaseModel, Field
 
-from service.admin import AdminDep
+from service.admin import REFUSED, AdminDep
 from service.container import Service
 
 router = APIRouter()
@@ -75,7 +75,7 @@ class ThroughputAnswer(BaseModel):
     ]
 
 
-@router.get("/admin/throughput", tags=["admin"])
+@router.get("/admin/throughput", tags=["admin"], responses=REFUSED)
 async def throughput(service: AdminDep) -> ThroughputAnswer:
     """Changes delivered per source in each interval of the last minutes (the sparklines)."""
     sampled = service.throughput

@@ -59,7 +59,17 @@ async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/readyz")
+@router.get(
+    "/readyz",
+    responses={
+        503: {
+            "description": "Not ready: a loop is not running, a source stopped, or delivery"
+            " is paused (the reasons only for a caller with the admin token, when one is"
+            " configured).",
+            "content": {"application/json": {"schema": {"type": "object"}}},
+        }
+    },
+)
 async def readyz(service: ServiceDep, request: Request, response: Response) -> dict[str, Any]:
     """200 when every loop runs and delivery is not paused; 503 with the reasons otherwise
     (the reasons only for a caller with the admin token, when one is configured)."""
@@ -140,7 +150,7 @@ class StatusAnswer(BaseModel):
     loops: dict[str, LoopHealth]
 
 
-@router.get("/status")
+@router.get("/status", responses=access.TOKEN_WANTED)
 async def status(service: ReaderDep) -> StatusAnswer:
     """Per-source progress and the delivery state; never a secret or a document body."""
     names = [source.name for source in service.settings.sources]
@@ -157,7 +167,7 @@ async def status(service: ReaderDep) -> StatusAnswer:
     )
 
 
-@router.get("/metrics", response_class=Response)
+@router.get("/metrics", response_class=Response, responses=access.TOKEN_WANTED)
 async def metrics(service: ScraperDep) -> Response:
     """Prometheus metrics (text format): changes in and out, freshness, PANDA's answer times,
     webhook answers, the outbox and each source's state."""

@@ -1,7 +1,10 @@
 """The OpenAPI document against the running service: schemathesis sends what the document
 allows to each webhook source's path, to the public routes of `pandasync serve` and to its admin
 API (with the token): the whole document. No answer is a server error, and every answer is one
-the document describes."""
+the document describes, its status included: the admin routes are also sent the names of the
+configured sources (a webhook, a CouchDB and a snapshot source), so that their refusals (409,
+502) are met. The in-process tests hold their answers to the document too
+(`tests/documented.py`)."""
 
 import shutil
 from collections.abc import Iterator
@@ -12,6 +15,8 @@ import httpx
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from schemathesis.checks import not_a_server_error
 from schemathesis.core.result import Ok
 from schemathesis.generation.case import Case
 from schemathesis.schemas import BaseSchema
@@ -61,7 +66,26 @@ kind = "webhook"
 dataset = {{ slug = "signed", name = "Signed" }}
 columns = [{{ name = "Headline", field = "title" }}]
 webhook = {{ signature = "standard-webhooks", secrets = ["{secret}"] }}
+
+[[sources]]
+name = "feed"
+kind = "couchdb"
+dataset = {{ slug = "feed", name = "Feed" }}
+columns = [{{ name = "Headline", field = "title" }}]
+couchdb = {{ url = "http://127.0.0.1:9", database = "news", retry_cap_s = 0.5 }}
+
+[[sources]]
+name = "tweets"
+kind = "snapshot"
+id_field = "id"
+dataset = {{ slug = "tweets", name = "Tweets" }}
+columns = [{{ name = "Headline", field = "title" }}]
+snapshot = {{ url = "http://127.0.0.1:9/tweets" }}
 """
+# The sources' names, sent to the admin routes beside the names schemathesis makes up; and the
+# checkpoints a caller would set (the document allows any JSON value).
+NAMES = ["stories", "feed", "tweets", "nowhere"]
+CHECKPOINTS = ["now", "0"]
 
 
 def _healthy(url: str) -> bool:
@@ -102,12 +126,22 @@ def test_every_answer_is_described_by_the_openapi_document(api: BaseSchema) -> N
         operations.append(result.ok())
     for operation in operations:
 
-        @given(case=operation.as_strategy())
+        @given(
+            case=operation.as_strategy(),
+            name=st.none() | st.sampled_from(NAMES),
+            to=st.none() | st.sampled_from(CHECKPOINTS),
+        )
         @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
-        def answers_as_documented(case: Case[Any]) -> None:
-            # The default checks: no 5xx, documented statuses, content types, headers and
-            # bodies, and a request the document allows is not refused (400 or 422).
-            case.call_and_validate(headers=ADMIN)
+        def answers_as_documented(case: Case[Any], name: str | None, to: str | None) -> None:
+            if name is not None and "name" in (case.path_parameters or {}):
+                case.path_parameters = {**(case.path_parameters or {}), "name": name}
+            if to is not None and case.operation.label.endswith("/checkpoint"):
+                case.body = {"to": to}
+            # The default checks: documented statuses, content types, headers and bodies, and
+            # a request the document allows is not refused (400 or 422). Not "no 5xx": a
+            # documented 502 or 503 (a peer that cannot be read) is an answer like another,
+            # and a 500 fails as a status no operation documents.
+            case.call_and_validate(headers=ADMIN, excluded_checks=[not_a_server_error])
 
         answers_as_documented()
     assert sorted(operation.label for operation in operations) == [
@@ -131,3 +165,42 @@ def test_every_answer_is_described_by_the_openapi_document(api: BaseSchema) -> N
         "POST /webhooks/signed",
         "POST /webhooks/stories",
     ]
+
+
+# What the checkpoint and resync routes answer: a late body (408), a conflict (409), a peer that
+# could not be read (502), a feed that did not close in time (503).
+ANSWERS_WITH_A_BODY = ["200", "401", "404", "408", "409", "422", "502", "503"]
+
+
+def test_each_admin_route_lists_the_statuses_it_answers_and_a_refusal_says_why(
+    api: BaseSchema,
+) -> None:
+    paths: dict[str, dict[str, Any]] = api.raw_schema["paths"]
+    operations = {
+        f"{method.upper()} {path}": operation["responses"]
+        for path, methods in paths.items()
+        if path.startswith("/admin/")
+        for method, operation in methods.items()
+    }
+    listed = {label: sorted(responses) for label, responses in operations.items()}
+    refusals = {
+        (label, status): response["content"]["application/json"]["schema"]
+        for label, responses in operations.items()
+        for status, response in responses.items()
+        if status not in ("200", "202", "422")
+    }
+    assert listed == {
+        "GET /admin/dead-letters": ["200", "401", "404", "422"],
+        "GET /admin/dead-letters/{letter_id}": ["200", "401", "404", "422"],
+        "GET /admin/throughput": ["200", "401", "404"],
+        "POST /admin/dead-letters/discard": ["200", "401", "404", "408", "422"],
+        "POST /admin/dead-letters/replay": ["200", "401", "404", "408", "422"],
+        "POST /admin/sources/{name}/checkpoint": ANSWERS_WITH_A_BODY,
+        "POST /admin/sources/{name}/confirm-deletes": ["200", "401", "404", "409", "422"],
+        "POST /admin/sources/{name}/pause": ["200", "401", "404", "422"],
+        "POST /admin/sources/{name}/resume": ["200", "401", "404", "422"],
+        "POST /admin/sources/{name}/resync": ANSWERS_WITH_A_BODY,
+        "POST /admin/sources/{name}/snapshot": ["202", "401", "404", "409", "422"],
+    }
+    refusal = {"$ref": "#/components/schemas/Refusal"}
+    assert [where for where, schema in refusals.items() if schema != refusal] == []

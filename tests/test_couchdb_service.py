@@ -18,7 +18,7 @@ from service.sources import external_ids
 from service.store import checkpoints, dead_letters, outbox
 from service.store.db import Database
 from tests.fixtures.couchdb import CouchDatabase
-from tests.fixtures.panda import RunningPanda, free_port
+from tests.fixtures.panda import RunningPanda, free_port, local_client
 from tests.fixtures.service import ROOT, serving, wait_until
 
 CONFIG = """
@@ -91,7 +91,8 @@ class Service:
     port: int
 
     def get(self, path: str) -> httpx.Response:
-        return httpx.get(f"http://127.0.0.1:{self.port}{path}", timeout=2)
+        with local_client(timeout=2) as http:
+            return http.get(f"http://127.0.0.1:{self.port}{path}")
 
     def answers(self, path: str, status: int) -> bool:
         try:
@@ -332,13 +333,15 @@ def test_the_admin_api_sets_a_running_sources_checkpoint_and_its_feed_reads_on_f
     auth = {"authorization": "Bearer t0ken"}
 
     def feed() -> dict[str, Any]:
-        answer = httpx.get(f"http://127.0.0.1:{service.port}/status", headers=auth, timeout=2)
+        with local_client(timeout=2) as http:
+            answer = http.get(f"http://127.0.0.1:{service.port}/status", headers=auth)
         report: dict[str, Any] = answer.json()["sources"]["stories"]["feed"]
         return report
 
     def set_to(to: object) -> dict[str, Any]:
         url = f"http://127.0.0.1:{service.port}/admin/sources/stories/checkpoint"
-        answer = httpx.post(url, json={"to": to}, headers=auth, timeout=30)
+        with local_client(timeout=30) as http:
+            answer = http.post(url, json={"to": to}, headers=auth)
         assert answer.status_code == 200, answer.text
         body: dict[str, Any] = answer.json()
         return body

@@ -18,7 +18,7 @@ from service.store import dead_letters, outbox
 from service.store.db import Database
 from service.throughput import Throughput
 from tests import test_webhooks
-from tests.fixtures.panda import RunningPanda, free_port
+from tests.fixtures.panda import RunningPanda, free_port, local_client
 from tests.fixtures.service import serving, wait_until
 from tests.test_admin import BEARER, with_token
 
@@ -66,7 +66,8 @@ webhook = {{ signature = "none" }}
 
 def answers(url: str) -> bool:
     try:
-        return httpx.get(f"{url}/healthz", timeout=1).status_code == 200
+        with local_client(timeout=1) as http:
+            return http.get(f"{url}/healthz").status_code == 200
     except httpx.TransportError:
         return False
 
@@ -133,9 +134,10 @@ def test_an_operator_signs_in_sees_a_dead_letter_and_replays_it_once_panda_takes
         {"op": "upsert", "id": doc_id, "row": {"title": doc_id}} for doc_id in ("s1", HOSTILE)
     ]
     body = json.dumps({"changes": changes})
-    taken = httpx.post(
-        f"{url}/webhooks/stories", content=body, headers={"Content-Type": "application/json"}
-    )
+    with local_client() as http:
+        taken = http.post(
+            f"{url}/webhooks/stories", content=body, headers={"Content-Type": "application/json"}
+        )
     assert taken.status_code == 202
     database = Database.open(migrated_sqlite_url)
     try:

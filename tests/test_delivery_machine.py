@@ -6,7 +6,6 @@ newer change is ever lost on the way.
 import concurrent.futures
 import itertools
 from collections.abc import Iterator
-from contextlib import AbstractContextManager
 from typing import Any, ClassVar
 
 import httpx
@@ -76,6 +75,8 @@ class DeliveryMachine(RuleBasedStateMachine):
     server: ClassVar[RunningPanda]
     database: ClassVar[Database]
     portal: ClassVar[BlockingPortal]
+    # One client for every example (making one loads CA certificates, about 40 ms of CPU).
+    http: ClassVar[httpx.AsyncClient]
 
     def __init__(self) -> None:
         super().__init__()
@@ -84,12 +85,6 @@ class DeliveryMachine(RuleBasedStateMachine):
         self.clock = FakeClock()
         self.last: dict[str, Change] = {}
         self.versions = itertools.count(1)
-        self.http_context: AbstractContextManager[httpx.AsyncClient] = (
-            self.portal.wrap_async_context_manager(
-                panda.make_http(url=self.server.url, timeout_s=5)
-            )
-        )
-        self.http = self.http_context.__enter__()
         self.delivery = self.started()
 
     def started(self) -> Delivery:
@@ -167,22 +162,19 @@ class DeliveryMachine(RuleBasedStateMachine):
             assert queued.get(doc) == change or shows(rows, change), (doc, change)
 
     def teardown(self) -> None:
-        try:
-            self.server.clear_faults()
-            self.delivery = self.started()
-            self.clock.advance(SETTINGS.lease_s)
-            for _ in range(20):
-                self.portal.call(self.delivery.run_once)
-                if self.database.run_sync(outbox.pending, None) == 0:
-                    break
-                self.clock.advance(SETTINGS.retry_cap_s)
-            expected = {
-                doc: list(change.row) for doc, change in self.last.items() if change.row is not None
-            }
-            assert self.database.run_sync(outbox.pending, None) == 0
-            assert self.server.rows("stories") == expected
-        finally:
-            self.http_context.__exit__(None, None, None)
+        self.server.clear_faults()
+        self.delivery = self.started()
+        self.clock.advance(SETTINGS.lease_s)
+        for _ in range(20):
+            self.portal.call(self.delivery.run_once)
+            if self.database.run_sync(outbox.pending, None) == 0:
+                break
+            self.clock.advance(SETTINGS.retry_cap_s)
+        expected = {
+            doc: list(change.row) for doc, change in self.last.items() if change.row is not None
+        }
+        assert self.database.run_sync(outbox.pending, None) == 0
+        assert self.server.rows("stories") == expected
 
 
 @pytest.fixture
@@ -191,20 +183,25 @@ def portal() -> Iterator[BlockingPortal]:
         yield running
 
 
+def panda_http(server: RunningPanda) -> httpx.AsyncClient:
+    return panda.make_http(url=server.url, timeout_s=5)
+
+
 def test_panda_ends_with_the_last_change_per_row_through_faults_and_restarts(
     panda: RunningPanda, database: Database, portal: BlockingPortal
 ) -> None:
-    bound = type(
-        "BoundDeliveryMachine",
-        (DeliveryMachine,),
-        {"server": panda, "database": database, "portal": portal},
-    )
-    run_state_machine_as_test(
-        bound,
-        settings=settings(
-            max_examples=20,
-            stateful_step_count=12,
-            deadline=None,
-            suppress_health_check=[HealthCheck.too_slow],
-        ),
-    )
+    with portal.wrap_async_context_manager(panda_http(panda)) as http:
+        bound = type(
+            "BoundDeliveryMachine",
+            (DeliveryMachine,),
+            {"server": panda, "database": database, "portal": portal, "http": http},
+        )
+        run_state_machine_as_test(
+            bound,
+            settings=settings(
+                max_examples=20,
+                stateful_step_count=12,
+                deadline=None,
+                suppress_health_check=[HealthCheck.too_slow],
+            ),
+        )

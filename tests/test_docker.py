@@ -21,7 +21,7 @@ from pydantic import AnyUrl, SecretStr
 
 from service.config import ENV_PREFIX, Settings, load_settings
 from tests.fixtures.configs import write_config
-from tests.fixtures.panda import free_port
+from tests.fixtures.panda import free_port, local_client
 from tests.fixtures.service import ROOT, serving, wait_until
 
 DOCKER = ROOT / "docker"
@@ -170,7 +170,8 @@ def test_the_image_health_check_passes_once_pandasync_serves_and_fails_before(
 
     def answers() -> bool:
         try:
-            return httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).is_success
+            with local_client(timeout=1) as http:
+                return http.get(f"http://127.0.0.1:{port}/healthz").is_success
         except httpx.TransportError:
             return False
 

@@ -70,7 +70,9 @@ def clear(session: Session) -> None:
         session.exec(delete(table))
 
 
-@settings(max_examples=25, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(change=changes(sources=st.just("stories")))
 def test_any_change_is_claimed_as_it_went_in(database: Database, change: Change) -> None:
     database.run_sync(clear)

@@ -26,7 +26,7 @@ from service.store import outbox
 from service.store.db import Database
 from service.store.tables import Checkpoint, FeedLease, table_of
 from tests.fixtures.couchdb import CouchDatabase, PouchDBServer
-from tests.fixtures.panda import RunningPanda, free_port
+from tests.fixtures.panda import RunningPanda, free_port, local_client
 from tests.fixtures.service import serving, wait_until
 
 pytestmark = [pytest.mark.postgres, pytest.mark.timeout(240)]
@@ -137,6 +137,7 @@ class Load:
         self.hooks: dict[str, str] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
+        self._http = local_client(timeout=2)
         self.error: BaseException | None = None
 
     def __enter__(self) -> "Load":
@@ -146,6 +147,7 @@ class Load:
     def __exit__(self, *_: object) -> None:
         self._stop.set()
         self._thread.join(timeout=60)
+        self._http.close()
 
     def _run(self) -> None:
         try:
@@ -172,7 +174,7 @@ class Load:
         body = {"changes": [{"op": "upsert", "id": doc_id, "row": {"title": title}}]}
         for port in itertools.cycle(self.ports):
             try:
-                answer = httpx.post(f"http://127.0.0.1:{port}/webhooks/hooks", json=body, timeout=2)
+                answer = self._http.post(f"http://127.0.0.1:{port}/webhooks/hooks", json=body)
             except httpx.TransportError:
                 continue
             if answer.status_code == 202:

@@ -17,7 +17,7 @@ from service.clock import utcnow
 from service.store import dead_letters, holders, outbox
 from service.store.db import Database
 from service.store.tables import DeliveryLease, OutboxEntry
-from tests.fixtures.panda import RunningPanda, free_port
+from tests.fixtures.panda import RunningPanda, free_port, local_client
 from tests.fixtures.service import serving, wait_until
 
 CONFIG = """
@@ -54,7 +54,8 @@ def url_of(database: Database) -> str:
 def readyz(port: int) -> int | None:
     """The status of /readyz, or None while the service does not answer yet."""
     try:
-        return httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code
+        with local_client(timeout=1) as http:
+            return http.get(f"http://127.0.0.1:{port}/readyz").status_code
     except httpx.TransportError:
         return None
 
@@ -184,7 +185,8 @@ def test_a_wrong_api_key_makes_readyz_say_so_and_keeps_the_changes(
     log = tmp_path / "serve.log"
     with serving(path, log):
         wait_until(lambda: readyz(port) == 503, what="/readyz to answer 503")
-        body = httpx.get(f"http://127.0.0.1:{port}/readyz").json()
+        with local_client() as http:
+            body = http.get(f"http://127.0.0.1:{port}/readyz").json()
     assert any("api_key" in problem for problem in body["problems"])
     assert "not-the-key" not in log.read_text()
     assert database.run_sync(outbox.pending, None) == 1

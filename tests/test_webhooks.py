@@ -34,6 +34,7 @@ from service.container import Service
 from service.store import dead_letters, outbox
 from service.store.db import Database
 from service.store.tables import DocState, OutboxEntry
+from tests import documented
 from tests.fixtures.panda import RunningPanda
 from tests.waiting import eventually
 
@@ -117,10 +118,15 @@ def settings_for(
 async def serving(
     settings: Settings, *, start_runner: bool = False
 ) -> AsyncIterator[tuple[httpx.AsyncClient, Service]]:
+    """The app with its lifespan, and a client to it; an answer with a status the OpenAPI
+    document does not list for its route fails the test."""
     app = create_app(settings, start_runner=start_runner)
     async with LifespanManager(app) as manager:
         transport = httpx.ASGITransport(app=manager.app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://pandasync") as client:
+        hooks = {"response": [documented.hook(app.openapi())]}
+        async with httpx.AsyncClient(
+            transport=transport, base_url="http://pandasync", event_hooks=hooks
+        ) as client:
             yield client, app.state.service
 
 

@@ -79,7 +79,8 @@ class Service:
 
     def healthy(self) -> bool:
         try:
-            return httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200
+            with local_client(timeout=1) as http:
+                return http.get(f"{self.url}/healthz").status_code == 200
         except httpx.TransportError:
             return False
 

@@ -8,7 +8,7 @@ import httpx
 import pytest
 
 from tests.fixtures.couchdb import CouchDatabase, start_pouchdb
-from tests.fixtures.panda import RunningPanda
+from tests.fixtures.panda import RunningPanda, local_client
 from tests.fixtures.proxy import FaultProxy, start_proxy
 from tests.fixtures.service import wait_until
 from tests.reliability.load import Churn, Service, steady, wait_until_equal, write_service
@@ -19,7 +19,8 @@ CHANGES = 15
 
 def feed_state(service: Service) -> str | None:
     try:
-        answer = httpx.get(f"{service.url}/status", timeout=2)
+        with local_client(timeout=2) as http:
+            answer = http.get(f"{service.url}/status")
     except httpx.TransportError:
         return None
     state: str = answer.json()["sources"]["feed"]["feed"]["state"]

@@ -190,7 +190,8 @@ def test_no_secret_reaches_a_log_an_output_or_an_answer_on_any_error_path(
 
 def _ready(port: int) -> bool:
     try:
-        return httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code in (200, 503)
+        with local_client(timeout=1) as http:
+            return http.get(f"http://127.0.0.1:{port}/readyz").status_code in (200, 503)
     except httpx.TransportError:
         return False
 
