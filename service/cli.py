@@ -184,10 +184,12 @@ def serve(
     """
     import uvicorn
 
+    from service import allocator, logs
     from service import app as wiring
-    from service import logs
     from service.ingress.connections import guarded_protocol
 
+    # Before any thread starts (the store's worker threads, uvicorn's).
+    allocator.share_arenas()
     settings = _settings(config)
     logs.configure(log_level, settings.logging.format)
     _open(settings).close()
