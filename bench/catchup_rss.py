@@ -95,8 +95,9 @@ def row_count(panda: RunningPanda) -> int:
     if answer.status_code == 404:
         return 0
     answer.raise_for_status()
-    count: int = answer.json()["row_count"]
-    return count
+    # PANDA's row_count is null until the dataset's first write.
+    count: int | None = answer.json()["row_count"]
+    return count or 0
 
 
 def peak_kib(pid: int) -> int:
