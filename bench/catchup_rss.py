@@ -9,8 +9,10 @@ into the PANDA-compatible server (free: no cost) until PANDA's dataset holds eve
 prints, all measured in this run on this machine:
 
 - for each size, the catch-up's time and rate, and the peak resident memory of the `serve`
-  process (VmHWM of /proc/<pid>/status when the last row is in, and ru_maxrss from wait4
-  once it has exited: the same figure, two ways);
+  process (VmHWM of /proc/<pid>/status when the last row is in), and ru_maxrss from wait4
+  once it has exited: an upper bound only, since Linux counts in a child's ru_maxrss the peak
+  of the memory its exec replaced, which is this process's own peak when it started `serve`
+  (after loading the documents);
 - the ratio of the largest peak to the smallest (goal: within 1.2x).
 
 Each size runs in a `serve` process of its own. The result is also written as JSON (`--json`,
