@@ -69,8 +69,10 @@ class GuardedProtocol(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         self._headers_arrived()
+        existing = self.cycle
         super().on_headers_complete()
-        if self.cycle is not None and self._body_due is None:
+        # No new cycle: an upgrade request, which no body deadline concerns.
+        if self.cycle is not None and self.cycle is not existing and self._body_due is None:
             # Until the body is read whole, an answer closes the connection (uvicorn says
             # `connection: close` and closes it once the answer is sent).
             self.cycle.keep_alive = False
