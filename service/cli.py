@@ -100,7 +100,8 @@ ConfirmOption = Annotated[
 
 
 def _fail(message: str) -> NoReturn:
-    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False)
+    # Not wrapped at the console's width: a path or URL in it stays whole, to copy.
+    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(1)
 
 

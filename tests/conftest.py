@@ -6,6 +6,11 @@ from pathlib import Path
 
 import pytest
 
+# The terminal size of whoever runs the tests (pytest-xdist's workers set COLUMNS=80) must not
+# change what the CLI prints: its consoles read it once, when `service.cli` is imported.
+for _name in ("COLUMNS", "LINES"):
+    os.environ.pop(_name, None)
+
 pytest_plugins = [
     "tests.fixtures.panda",
     "tests.fixtures.store",
