@@ -162,7 +162,8 @@ class CheckpointAnswer(BaseModel):
 )
 async def set_checkpoint(name: str, body: CheckpointSet, service: AdminDep) -> CheckpointAnswer:
     """Set a CouchDB source's checkpoint: its feed is closed, the checkpoint written, and the
-    feed read on from there (a paused source stays paused)."""
+    feed read on from there (a paused source stays paused; a stopped one, which CouchDB
+    refused, reads from it once the service restarts)."""
     _known(service, name)
     poller = service.pollers.get(name)
     if poller is None:

@@ -489,6 +489,31 @@ async def test_a_bad_since_stops_the_source_once_with_the_reset_command(store: D
     assert await store.run(checkpoints.load, "stories") == Seq.of("13-g1AAAACbeJzLYWBg")
 
 
+async def test_a_stopped_sources_checkpoint_is_set_at_once_and_read_from_at_the_next_start(
+    store: Database,
+) -> None:
+    seen: list[httpx.Request] = []
+
+    def refuse(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        body = {"error": "bad_request", "reason": "Malformed sequence supplied in 'since'."}
+        return httpx.Response(400, json=body)
+
+    await store.run(checkpoints.save, "stories", Seq.of("13-g1AAAACbeJzLYWBg"))
+    settings = CouchDBSettings.model_validate({"url": "http://couch.test", "database": "news"})
+    async with httpx.AsyncClient(transport=httpx.MockTransport(refuse)) as mocked:
+        poller = Poller(source_of(settings), store, mocked)
+        async with running(poller):
+            await eventually(lambda: poller.status().state == "stopped", what="the stop")
+            # As the admin API asks it of a running source: the feed is closed already.
+            with anyio.fail_after(2):
+                was, now = await poller.set_checkpoint("0", running=True)
+            assert poller.status().state == "stopped", "it stays stopped until a restart"
+    assert (was, now) == (Seq.of("13-g1AAAACbeJzLYWBg"), Seq.of("0"))
+    assert await store.run(checkpoints.load, "stories") == Seq.of("0")
+    assert len(seen) == 1, "nothing is read before the restart"
+
+
 # A CouchDB 3 seq, from couchdb-3.5.0-transcript.txt.
 COUCHDB3_SEQ = (
     "5-g1AAAACbeJzLYWBgYMpgTmEQTM4vTc5ISXIwNDLXMwBCwxyQVCJDUv3___-zMpgTmXOBAuwpKZapRmaG2DTg"

@@ -241,8 +241,12 @@ class Poller:
         """Set the checkpoint to `to`: "0" (read every change again), "now" (CouchDB's
         current seq: only changes from now on) or a seq CouchDB gave, verbatim. A `running`
         source is paused first, until its feed is closed, and resumed after (unless it was
-        paused already). Returns the checkpoint before and after."""
+        paused already). A stopped source (CouchDB refused it) reads nothing: its checkpoint is
+        set at once, read from when the service restarts. Returns the checkpoint before and
+        after."""
         was_held = self._held
+        # Stopped, the feed is closed already and never parks: no waiting for it.
+        running = running and self._stopped is None
         if running:
             self.hold()
             with anyio.fail_after(self._settings.timeout_s + ROOM_POLL_S):
@@ -613,6 +617,8 @@ class Poller:
 
     def _stop_source(self, error: couchdb.SourceStoppedError) -> None:
         self._state, self._stopped = "stopped", str(error)
+        # Its feed is closed for good: whoever waits for it to park (`set_checkpoint`) goes on.
+        self._parked.set()
         self._failed(str(error))
         log.error("source stopped: source=%s reason=%s", self.name, error)
 
