@@ -7,6 +7,7 @@ database's documents.
 import json
 import logging
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -30,7 +31,7 @@ from service.store import checkpoints, dead_letters, outbox
 from service.store.checkpoints import reset as reset_checkpoint
 from service.store.db import Database
 from service.store.tables import Checkpoint, OutboxEntry
-from tests.fixtures.couchdb import CouchDatabase, silent_couchdb, start_pouchdb
+from tests.fixtures.couchdb import CouchDatabase, PouchDBServer, silent_couchdb, start_pouchdb
 from tests.fixtures.panda import RunningPanda, free_port
 from tests.waiting import eventually
 
@@ -490,28 +491,33 @@ async def test_a_bad_since_stops_the_source_once_with_the_reset_command(store: D
 
 
 async def test_a_stopped_sources_checkpoint_is_set_at_once_and_read_from_at_the_next_start(
-    store: Database,
+    couchdb_server: PouchDBServer, store: Database, http: httpx.AsyncClient
 ) -> None:
-    seen: list[httpx.Request] = []
-
-    def refuse(request: httpx.Request) -> httpx.Response:
-        seen.append(request)
-        body = {"error": "bad_request", "reason": "Malformed sequence supplied in 'since'."}
-        return httpx.Response(400, json=body)
-
-    await store.run(checkpoints.save, "stories", Seq.of("13-g1AAAACbeJzLYWBg"))
-    settings = CouchDBSettings.model_validate({"url": "http://couch.test", "database": "news"})
-    async with httpx.AsyncClient(transport=httpx.MockTransport(refuse)) as mocked:
-        poller = Poller(source_of(settings), store, mocked)
+    later = CouchDatabase(couchdb_server.url, f"later-{uuid.uuid4().hex[:8]}")
+    source = source_for(later)
+    poller = Poller(source, store, http)
+    try:
         async with running(poller):
             await eventually(lambda: poller.status().state == "stopped", what="the stop")
-            # As the admin API asks it of a running source: the feed is closed already.
+            # The database appears; the operator sets the checkpoint past its first two changes.
+            later.create()
+            later.put("a", title="A")
+            later.put("b", title="B")
+            past_b = later.update_seq()
+            later.put("c", title="C")
+            # As the admin API asks it of a running source: its feed is closed already.
             with anyio.fail_after(2):
-                was, now = await poller.set_checkpoint("0", running=True)
-            assert poller.status().state == "stopped", "it stays stopped until a restart"
-    assert (was, now) == (Seq.of("13-g1AAAACbeJzLYWBg"), Seq.of("0"))
-    assert await store.run(checkpoints.load, "stories") == Seq.of("0")
-    assert len(seen) == 1, "nothing is read before the restart"
+                was, now = await poller.set_checkpoint(past_b, running=True)
+            assert (was, now) == (None, Seq.of(past_b))
+            assert (poller.status().state, poller.status().changes_seen) == ("stopped", 0)
+        restarted = Poller(source, store, http)
+        async with running(restarted):
+            await eventually(
+                lambda: restarted.status().changes_seen == 1, what="the change after it"
+            )
+        assert list(await store.run(queued)) == ["c"]
+    finally:
+        later.destroy()
 
 
 # A CouchDB 3 seq, from couchdb-3.5.0-transcript.txt.
