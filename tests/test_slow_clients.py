@@ -1,7 +1,9 @@
 """Slow and idle clients against `pandasync serve` over real sockets: a body that comes too
 slowly is answered 408 and its connection closed, connections beyond the cap are answered 503,
-a connection that sends no request is closed, and normal requests go on being answered."""
+a connection that sends no request is closed, headers past the bound are answered 431, and
+normal requests go on being answered."""
 
+import json
 import os
 import selectors
 import shutil
@@ -15,6 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from service.ingress.connections import MAX_HEAD_BYTES
 from tests.fixtures.configs import write_config
 from tests.fixtures.panda import free_port, local_client
 from tests.fixtures.service import serving, wait_until
@@ -154,3 +157,48 @@ def test_a_request_without_a_body_keeps_its_connection_for_the_next_one(server: 
         second = http.get("/healthz")
     assert (first.status_code, second.status_code) == (200, 200)
     assert "close" not in first.headers.get("connection", "")
+
+
+def _send_until_refused(server: Server, head: bytes, padding: int) -> bytes:
+    """Send `head` and then `padding` bytes of one header value in pieces, until the server
+    stops taking them; what it answered before closing."""
+    peer = _connect(server, head)
+    piece = b"a" * 16384
+    try:
+        for _ in range(padding // len(piece)):
+            peer.sendall(piece)
+    except OSError:  # the server closed the connection: it answers before it does
+        pass
+    (answer,) = _until_closed([peer], deadline_s=HEADER_TIMEOUT_S + SLACK_S).values()
+    return answer
+
+
+def test_a_request_line_or_header_past_the_bound_is_answered_431_and_closed(
+    server: Server,
+) -> None:
+    header = b"POST /webhooks/stories HTTP/1.1\r\nHost: pandasync\r\nX-Padding: "
+    line = b"POST /webhooks/stories?padding="
+    for head in (header, line):
+        answer = _send_until_refused(server, head, padding=4 * 1024 * 1024)
+        assert answer.startswith(b"HTTP/1.1 431 Request Header Fields Too Large\r\n"), answer
+        assert answer.endswith(b"the request line and headers are over 65536 bytes\n")
+    with local_client(base_url=server.url) as http:
+        assert http.get("/healthz").status_code == 200
+
+
+def test_headers_under_the_bound_and_a_body_sent_with_them_are_taken_as_usual(
+    server: Server,
+) -> None:
+    # About 300 KB of body in the same writes as the headers: the body never counts as head.
+    changes = [{"op": "delete", "id": f"gone-{n:06}"} for n in range(8000)]
+    body = json.dumps({"changes": changes}).encode()
+    padding = b"a" * (MAX_HEAD_BYTES - 4096)
+    head = (
+        b"POST /webhooks/stories HTTP/1.1\r\nHost: pandasync\r\n"
+        b"Content-Type: application/json\r\nX-Padding: %s\r\nContent-Length: %d\r\n\r\n"
+    ) % (padding, len(body))
+    peer = _connect(server, head + body)
+    peer.shutdown(socket.SHUT_WR)
+    (answer,) = _until_closed([peer], deadline_s=BODY_TIMEOUT_S + SLACK_S).values()
+    assert _status(answer) == 202, answer[:200]
+    assert answer.endswith(b'"accepted":8000,"duplicates":0,"stale":0,"ignored":0}')

@@ -1,10 +1,13 @@
 """The HTTP server's guard against clients that open connections and hold them: a cap on
-open connections, and deadlines on each request's headers and body.
+open connections, deadlines on each request's headers and body, and a bound on the size of
+its headers.
 
 uvicorn's own HTTP protocol (httptools) with these added; `pandasync serve` runs it. uvicorn
 has none of them: a connection that never sends its headers, sends a byte after its answer,
-or declares a body and never sends it, stays open for ever. In the protocol rather than in
-the app, the deadlines cost a timer a request, not a cancel scope around every read.
+or declares a body and never sends it, stays open for ever, and httptools keeps a request
+line or header however long it grows (100 MB of one header took 170 MB of memory). In the
+protocol rather than in the app, the deadlines cost a timer a request, not a cancel scope
+around every read.
 """
 
 import asyncio
@@ -26,6 +29,16 @@ BUSY = (
 ) % (len(_BUSY_BODY), _BUSY_BODY)
 
 
+# The most a request's line and headers may take, in bytes: webhooks' own are well under
+# 2 KiB, and nginx takes 4 buffers of 8 KiB at most by default.
+MAX_HEAD_BYTES = 64 * 1024
+_HEAD_BODY = b"the request line and headers are over %d bytes\n" % MAX_HEAD_BYTES
+HEAD_TOO_LARGE = (
+    b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: text/plain;"
+    b" charset=utf-8\r\nconnection: close\r\ncontent-length: %d\r\n\r\n%s"
+) % (len(_HEAD_BODY), _HEAD_BODY)
+
+
 def _late_answer(timeout_s: float) -> bytes:
     """The 408 for a body that did not arrive within `timeout_s`, as sent on the wire."""
     body = json.dumps(
@@ -43,7 +56,8 @@ def _late_answer(timeout_s: float) -> bytes:
 class GuardedProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol that answers a connection beyond `max_connections` open
     ones 503 and closes it at once, closes a connection that has not sent a request's headers
-    within `header_timeout_s` (of its opening, or of the answer before), and answers 408 and
+    within `header_timeout_s` (of its opening, or of the answer before), answers 431 and
+    closes one whose request line and headers run past `MAX_HEAD_BYTES`, and answers 408 and
     closes one whose request's body has not arrived whole within `body_timeout_s` of its
     headers. An answer sent before its request's body was read whole (a refusal such as 401,
     413 or 415) closes the connection, so that the rest of the body is not waited for."""
@@ -51,14 +65,33 @@ class GuardedProtocol(HttpToolsProtocol):
     max_connections: ClassVar[int] = 1000
     header_timeout_s: ClassVar[float] = 10.0
     body_timeout_s: ClassVar[float] = 30.0
-    # When a refusal was last logged (monotonic): once a minute, not once a connection.
-    warned_at: ClassVar[float] = -WARN_EVERY_S
+    # When each kind of refusal was last logged (monotonic): once a minute, not once a
+    # connection.
+    warned_at: ClassVar[dict[str, float]] = {}
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._headers_due: asyncio.TimerHandle | None = None
         self._body_due: asyncio.TimerHandle | None = None
         self._shutting_down = False
+        # Bytes of the request head being read, counted from the read after the one it began
+        # in (so no body or earlier request is counted); None between headers and next request.
+        self._head_bytes: int | None = None
+        self._head_began = False
+
+    def data_received(self, data: bytes) -> None:
+        self._head_began = False
+        counting = self._head_bytes is not None
+        super().data_received(data)
+        if not counting or self._head_began or self._head_bytes is None:
+            return
+        self._head_bytes += len(data)
+        if self._head_bytes > MAX_HEAD_BYTES and not self.transport.is_closing():
+            self._head_too_large()
+
+    def on_message_begin(self) -> None:
+        self._head_bytes, self._head_began = 0, True
+        super().on_message_begin()
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -69,6 +102,7 @@ class GuardedProtocol(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         self._headers_arrived()
+        self._head_bytes = None
         existing = self.cycle
         super().on_headers_complete()
         # No new cycle: an upgrade request, which no body deadline concerns.
@@ -99,15 +133,26 @@ class GuardedProtocol(HttpToolsProtocol):
         super().connection_lost(exc)
 
     def _refuse(self, transport: asyncio.Transport) -> None:
-        moment = time.monotonic()
-        if moment - self.warned_at >= WARN_EVERY_S:
-            type(self).warned_at = moment
+        if _first_in_a_minute(self.warned_at, "busy"):
             log.warning(
                 "connections refused, too many open (logged once a minute): max_connections=%d",
                 self.max_connections,
             )
         transport.write(BUSY)
         transport.close()
+
+    def _head_too_large(self) -> None:
+        if _first_in_a_minute(self.warned_at, "head"):
+            log.warning(
+                "requests refused, their headers run past the bound (logged once a minute):"
+                " max_bytes=%d",
+                MAX_HEAD_BYTES,
+            )
+        # An answer of the request before may be under way: only a connection between two
+        # answers is answered.
+        if self.cycle is None or self.cycle.response_complete:
+            self.transport.write(HEAD_TOO_LARGE)
+        self.transport.close()
 
     def _await_headers(self) -> None:
         self._headers_arrived()
@@ -149,6 +194,15 @@ class GuardedProtocol(HttpToolsProtocol):
         if not self.transport.is_closing():
             log.debug("connection closed, no request within %g s", self.header_timeout_s)
             self.transport.close()
+
+
+def _first_in_a_minute(warned_at: dict[str, float], kind: str) -> bool:
+    """Whether a refusal of `kind` is the first in a minute (then noted as logged now)."""
+    moment = time.monotonic()
+    if moment - warned_at.get(kind, -WARN_EVERY_S) < WARN_EVERY_S:
+        return False
+    warned_at[kind] = moment
+    return True
 
 
 def guarded_protocol(
