@@ -16,8 +16,10 @@ from service import access
 from service.clock import utcnow
 from service.container import Service
 from service.delivery import panda, reconcile
+from service.ingress.api_bodies import MAX_API_BODY_BYTES
 from service.ingress.poller import Poller
 from service.ingress.snapshots import Snapshotter
+from service.ingress.webhooks import WebhookRefusal
 from service.sources import couchdb
 from service.store import dead_letters
 
@@ -30,7 +32,20 @@ REFUSED = access.refusals(
         404: "The admin API is off, or no such source or dead letter.",
     }
 )
-LATE_BODY = access.refusals({408: "The body did not arrive within server.body_timeout_s."})
+# A route that reads a body: refused before it is read when it is not declared within the
+# bound (`ingress.api_bodies`), cut off when it comes too slowly (the HTTP protocol's 408,
+# whose body is the webhook refusal's shape).
+BODY_REFUSALS = access.refusals(
+    {
+        411: "The body has no Content-Length (chunked): send it with one.",
+        413: f"The body is declared over {MAX_API_BODY_BYTES} bytes.",
+    }
+) | {
+    408: {
+        "model": WebhookRefusal,
+        "description": "The body did not arrive within server.body_timeout_s.",
+    }
+}
 FEED_NOT_CLOSED = "The source's feed did not close in time: try again."
 router = APIRouter(prefix="/admin", tags=["admin"], responses=REFUSED)
 
@@ -151,7 +166,7 @@ class CheckpointAnswer(BaseModel):
 
 @router.post(
     "/sources/{name}/checkpoint",
-    responses=LATE_BODY
+    responses=BODY_REFUSALS
     | access.refusals(
         {
             409: "The source is not a CouchDB source: it has no checkpoint.",
@@ -214,7 +229,7 @@ class ResyncAnswer(BaseModel):
 
 @router.post(
     "/sources/{name}/resync",
-    responses=LATE_BODY
+    responses=BODY_REFUSALS
     | access.refusals(
         {
             409: "It would delete more than 20% of the dataset's rows: send confirm=true.",
@@ -383,7 +398,7 @@ async def show_dead_letter(
     return _view(letter)
 
 
-@router.post("/dead-letters/replay", responses=LATE_BODY)
+@router.post("/dead-letters/replay", responses=BODY_REFUSALS)
 async def replay_dead_letters(ids: LetterIds, service: AdminDep) -> ReplayAnswer:
     """Put dead letters back into the outbox while each is its document's newest change."""
     done = await service.db.run(dead_letters.replay, ids.ids, now=utcnow())
@@ -397,7 +412,7 @@ async def replay_dead_letters(ids: LetterIds, service: AdminDep) -> ReplayAnswer
     )
 
 
-@router.post("/dead-letters/discard", responses=LATE_BODY)
+@router.post("/dead-letters/discard", responses=BODY_REFUSALS)
 async def discard_dead_letters(ids: LetterIds, service: AdminDep) -> DiscardAnswer:
     """Delete dead letters for good; their changes are not sent."""
     discarded = await service.db.run(dead_letters.discard, ids.ids)

@@ -22,6 +22,7 @@ from service.container import Service
 from service.delivery import panda
 from service.delivery.engine import Delivery
 from service.ingress import webhook_docs, webhooks
+from service.ingress.api_bodies import BoundedBodies
 from service.ingress.poller import build_pollers
 from service.ingress.shares import FeedShares
 from service.ingress.snapshots import build_snapshotters
@@ -95,11 +96,11 @@ class _App(FastAPI):
     """FastAPI with the webhook route (`webhooks.WebhookRoute`) in front: webhooks, the one
     route a busy source calls for every change, skip FastAPI's routing, middleware and
     telemetry checks, which cost as much again as the rest of a webhook
-    (bench/webhook_ingest.py)."""
+    (bench/webhook_ingest.py). Every other request's body is bounded (`BoundedBodies`)."""
 
     def __init__(self, **options: Any) -> None:
         super().__init__(**options)
-        self._front = webhooks.WebhookRoute(super().__call__, self.state)
+        self._front = webhooks.WebhookRoute(BoundedBodies(super().__call__), self.state)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await self._front(scope, receive, send)

@@ -202,3 +202,20 @@ def test_headers_under_the_bound_and_a_body_sent_with_them_are_taken_as_usual(
     (answer,) = _until_closed([peer], deadline_s=BODY_TIMEOUT_S + SLACK_S).values()
     assert _status(answer) == 202, answer[:200]
     assert answer.endswith(b'"accepted":8000,"duplicates":0,"stale":0,"ignored":0}')
+
+
+def test_an_api_body_declared_too_big_or_of_no_length_is_refused_before_it_is_read(
+    server: Server,
+) -> None:
+    huge = (
+        b"POST /admin/sources/stories/checkpoint HTTP/1.1\r\nHost: pandasync\r\n"
+        b"Content-Type: application/json\r\nContent-Length: 400000000\r\n\r\n"
+    )
+    chunked = huge.replace(b"Content-Length: 400000000", b"Transfer-Encoding: chunked")
+    started = time.monotonic()
+    answers = _until_closed([_connect(server, huge), _connect(server, chunked)], deadline_s=2)
+    assert time.monotonic() - started < BODY_TIMEOUT_S, "answered without waiting for a body"
+    assert [(_status(answer), answer.rsplit(b"\r\n", 1)[1]) for answer in answers.values()] == [
+        (413, b'{"detail": "the body is over 1048576 bytes"}'),
+        (411, b'{"detail": "send the body with a Content-Length"}'),
+    ]
