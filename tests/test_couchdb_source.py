@@ -225,7 +225,8 @@ doc_ids = st.text(st.characters(exclude_categories=()), min_size=1).filter(
 
 
 def storable(text: str) -> bool:
-    return "\x00" not in text and not any(0xD800 <= ord(char) <= 0xDFFF for char in text)
+    valid = "\x00" not in text and not any(0xD800 <= ord(char) <= 0xDFFF for char in text)
+    return valid and len(external_ids.encode(text)) <= 4096
 
 
 @given(doc_ids, st.booleans(), st.integers() | st.text())
@@ -244,6 +245,17 @@ def test_every_row_becomes_a_change_of_its_own_id_or_is_skipped(
     assert row.change is not None
     assert (row.change.doc_id, row.change.external_id) == (doc_id, external_ids.encode(doc_id))
     assert row.change.op is (Op.DELETE if deleted else Op.UPSERT)
+
+
+def test_a_document_whose_id_panda_could_not_be_sent_is_kept_with_the_reason() -> None:
+    doc_id = "a" * 4097
+    row = read_row(SOURCE, {"seq": 1, "id": doc_id, "doc": {"_id": doc_id, "v": 1}})
+    assert row.change is None
+    assert row.problem is not None
+    assert (row.problem.doc_id, "external_id is over the 4096" in row.problem.reason) == (
+        doc_id,
+        True,
+    )
 
 
 def test_a_continuous_line_is_a_row_or_the_feeds_end() -> None:

@@ -85,6 +85,21 @@ def test_an_id_that_is_not_valid_unicode_text_is_refused(doc_id: str) -> None:
         upsert(SOURCE, {"_id": doc_id})
 
 
+@pytest.mark.parametrize(
+    ("doc_id", "refused"),
+    [("a" * 4096, False), ("a" * 4097, True), ("é" * 682, False), ("é" * 683, True)],
+)
+def test_an_id_whose_external_id_panda_could_not_be_sent_is_refused(
+    doc_id: str, refused: bool
+) -> None:
+    # "é" is two UTF-8 bytes, each written in three characters: 682 of them take 4092.
+    if not refused:
+        assert len(upsert(SOURCE, {"_id": doc_id}).external_id) <= 4096
+        return
+    with pytest.raises(MappingError, match="whose external_id is over the 4096"):
+        upsert(SOURCE, {"_id": doc_id})
+
+
 def test_an_integer_id_is_used_as_its_decimal_text() -> None:
     assert upsert(SOURCE, {"_id": 7}).external_id == "7"
 

@@ -37,6 +37,10 @@ def source(format: str = "pandasync", **webhook: Any) -> SourceSettings:
 
 PANDASYNC = source()
 COUCHDB = source("couchdb")
+BAD_ID = (
+    "an id is a non-empty string or integer, of valid Unicode text without NUL, short enough"
+    " for PANDA's row URLs (its external_id at most 4096 characters)"
+)
 
 
 def read(spec: SourceSettings, body: object) -> Parsed:
@@ -137,10 +141,11 @@ def test_wrong_types_are_named_field_by_field() -> None:
         ),
         (
             {"changes": [{"op": "delete", "id": "a\u0000b"}]},
-            FieldProblem(
-                "changes[0].id",
-                "an id is a non-empty string or integer, of valid Unicode text without NUL",
-            ),
+            FieldProblem("changes[0].id", BAD_ID),
+        ),
+        (
+            {"changes": [{"op": "delete", "id": "a" * 4097}]},
+            FieldProblem("changes[0].id", BAD_ID),
         ),
     ],
 )
@@ -250,11 +255,7 @@ def test_a_bulk_docs_body_without_a_list_of_documents_is_named() -> None:
 
 
 def test_a_single_couchdb_document_without_an_id_is_named() -> None:
-    assert problems(COUCHDB, {"title": "no id"}) == [
-        FieldProblem(
-            "_id", "an id is a non-empty string or integer, of valid Unicode text without NUL"
-        )
-    ]
+    assert problems(COUCHDB, {"title": "no id"}) == [FieldProblem("_id", BAD_ID)]
 
 
 def test_bad_couchdb_documents_are_named_by_their_place() -> None:
@@ -262,7 +263,7 @@ def test_bad_couchdb_documents_are_named_by_their_place() -> None:
     assert problems(COUCHDB, {"docs": documents}) == [
         FieldProblem(
             "docs[0]._id",
-            "an id is a non-empty string or integer, of valid Unicode text without NUL",
+            BAD_ID,
         ),
         FieldProblem("docs[1]._rev", "a CouchDB revision looks like 3-917fa238..."),
         FieldProblem("docs[2]", "a CouchDB document is a JSON object"),
@@ -315,7 +316,7 @@ def test_bad_mapped_fields_are_named_by_item_and_mapping_key() -> None:
     assert problems(CMS, body) == [
         FieldProblem(
             "items[0].id",
-            "an id is a non-empty string or integer, of valid Unicode text without NUL",
+            BAD_ID,
         ),
         FieldProblem(
             "items[2].version",

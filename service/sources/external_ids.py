@@ -13,6 +13,19 @@ _OTHER = re.compile(r"[^A-Za-z0-9]+")
 _ENCODED = re.compile(r"(?:[A-Za-z0-9]|_[0-9A-F]{2})+")
 
 
+# The longest external_id PANDA can be sent: its row URLs carry it, and a PANDA behind nginx
+# (its deployment's) refuses a request line over 8 KiB; Solr refuses a term over 32,766 bytes.
+MAX_LENGTH = 4096
+# No id of at most this many characters has a longer external_id (a character is at most
+# 4 UTF-8 bytes, each written in 3 characters): longer ones are encoded to be measured.
+_SURELY_SHORT = MAX_LENGTH // 12
+
+
+def too_long(doc_id: str) -> bool:
+    """Whether the external_id of `doc_id` is over `MAX_LENGTH` (PANDA could not be sent it)."""
+    return len(doc_id) > _SURELY_SHORT and len(encode(doc_id)) > MAX_LENGTH
+
+
 class ExternalIdError(ValueError):
     """A value is not an external_id this scheme produces; it cannot be decoded."""
 

@@ -75,8 +75,9 @@ def text(value: object) -> str:
 def doc_id(source: SourceSettings, record: Mapping[str, object]) -> str:
     """The record's source id from the source's `id_field`, as text.
 
-    Raises `MappingError` when the id is missing, empty, not a string or integer, or not
-    storable text (a NUL, or a lone surrogate that a JSON `\\ud800` escape can produce).
+    Raises `MappingError` when the id is missing, empty, not a string or integer, not
+    storable text (a NUL, or a lone surrogate that a JSON `\\ud800` escape can produce), or so
+    long that PANDA could not be sent its external_id.
     """
     value = field(record, source.id_field)
     if isinstance(value, bool) or not isinstance(value, str | int) or value == "":
@@ -89,6 +90,12 @@ def doc_id(source: SourceSettings, record: Mapping[str, object]) -> str:
         raise MappingError(
             f"source {source.name}: field `{source.id_field}` holds a NUL or a lone surrogate;"
             " ids must be valid Unicode text"
+        )
+    if external_ids.too_long(identifier):
+        raise MappingError(
+            f"source {source.name}: field `{source.id_field}` holds an id of"
+            f" {len(identifier)} characters, whose external_id is over the"
+            f" {external_ids.MAX_LENGTH} PANDA's row URLs can carry: ids must be shorter"
         )
     return identifier
 

@@ -26,7 +26,10 @@ DESIGN_PREFIX = "_design/"
 _REVISION = re.compile(r"([0-9]{1,15})-[0-9A-Za-z]+")
 # How many problems one answer lists at most.
 MAX_PROBLEMS = 20
-_BAD_ID = "an id is a non-empty string or integer, of valid Unicode text without NUL"
+_BAD_ID = (
+    "an id is a non-empty string or integer, of valid Unicode text without NUL, short enough"
+    f" for PANDA's row URLs (its external_id at most {external_ids.MAX_LENGTH} characters)"
+)
 T = TypeVar("T")
 
 
@@ -67,7 +70,8 @@ class WebhookChange(BaseModel):
     op: Literal["upsert", "delete"] = Field(description="What the change does to its row.")
     id: str | int = Field(
         description="The document's id in the source (a non-empty string or an integer); it"
-        " becomes the row's external_id."
+        " becomes the row's external_id, which must be at most 4096 characters (ASCII letters"
+        " and digits count one each, every other character three per UTF-8 byte)."
     )
     row: dict[str, Any] | list[Any] | None = Field(
         default=None,
