@@ -46,6 +46,10 @@ BODY_REFUSALS = access.refusals(
         "description": "The body did not arrive within server.body_timeout_s.",
     }
 }
+# Dead letters a listing holds (each carries its row and every answer PANDA gave): by
+# default, and at most. A catch-up that goes wrong can leave a million of them.
+LETTERS_LISTED = 100
+MAX_LETTERS_LISTED = 10_000
 FEED_NOT_CLOSED = "The source's feed did not close in time: try again."
 router = APIRouter(prefix="/admin", tags=["admin"], responses=REFUSED)
 
@@ -377,13 +381,22 @@ async def list_dead_letters(
     service: AdminDep,
     source: str | None = None,
     limit: Annotated[
-        int | None, Query(ge=1, le=INTEGER_MAX, description="At most this many, the oldest.")
+        int, Query(ge=1, le=MAX_LETTERS_LISTED, description="At most this many, the oldest.")
+    ] = LETTERS_LISTED,
+    after: Annotated[
+        int | None,
+        Query(
+            ge=0,
+            le=INTEGER_MAX,
+            description="Only those whose id is above it: the last id of the page before.",
+        ),
     ] = None,
 ) -> list[LetterView]:
-    """The dead letters, oldest first, of one source or all."""
+    """The dead letters, oldest first, of one source or all: a page of `limit`; the next page
+    is asked for with `after` set to the last id of this one (an empty page: none left)."""
     if source is not None:
         _known(service, source)
-    letters = await service.db.run(dead_letters.find, source, limit=limit)
+    letters = await service.db.run(dead_letters.find, source, limit=limit, after=after)
     return [_view(letter) for letter in letters]
 
 

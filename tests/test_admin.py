@@ -139,6 +139,34 @@ async def test_dead_letters_are_listed_shown_replayed_and_discarded(
     assert await database.run(dead_letters.stored, None) == []
 
 
+async def test_dead_letters_are_listed_a_page_at_a_time(
+    panda: RunningPanda, database: Database
+) -> None:
+    body = body_of(story("s1", "Flood"), story("s2", "Fire"), story("s3", "Storm"))
+    panda.set_faults(refuse_ids=["s1", "s2", "s3"])
+    async with serving(with_token(settings_for(database, panda.url))) as (client, service):
+        await post(client, "stories", body, signed(body))
+        await service.delivery.run_once()
+
+        async def page(query: str) -> list[str]:
+            answer = await client.get(f"/admin/dead-letters?{query}", headers=BEARER)
+            assert answer.status_code == 200, answer.text
+            return [letter["doc_id"] for letter in answer.json()]
+
+        ids = [
+            letter["id"]
+            for letter in (await client.get("/admin/dead-letters", headers=BEARER)).json()
+        ]
+        pages = [
+            await page("limit=2"),
+            await page(f"limit=2&after={ids[1]}"),
+            await page(f"after={ids[2]}"),
+        ]
+        too_many = await client.get("/admin/dead-letters?limit=10001", headers=BEARER)
+    assert pages == [["s1", "s2"], ["s3"], []]
+    assert too_many.status_code == 422
+
+
 async def test_a_dead_letter_id_or_limit_past_what_the_database_holds_is_a_422_not_a_500(
     database: Database,
 ) -> None:

@@ -79,12 +79,19 @@ def _letter(dead: DeadLetter) -> Letter:
 
 
 def stored(
-    session: Session, source: str | None = None, *, limit: int | None = None
+    session: Session,
+    source: str | None = None,
+    *,
+    limit: int | None = None,
+    after: int | None = None,
 ) -> list[DeadLetter]:
-    """The dead letters as stored, oldest first, for one source or all (the first `limit`)."""
+    """The dead letters as stored, oldest first, for one source or all (the first `limit`
+    whose id is above `after`)."""
     query = select(DeadLetter).order_by(col(DeadLetter.id)).limit(limit)
     if source is not None:
         query = query.where(col(DeadLetter.source) == source)
+    if after is not None:
+        query = query.where(col(DeadLetter.id) > after)
     return list(session.exec(query).all())
 
 
@@ -94,9 +101,16 @@ def count(session: Session, source: str) -> int:
     return session.exec(query).one()
 
 
-def find(session: Session, source: str | None = None, *, limit: int | None = None) -> list[Letter]:
-    """The dead letters, oldest first, of one source or all (the first `limit`)."""
-    return [_letter(dead) for dead in stored(session, source, limit=limit)]
+def find(
+    session: Session,
+    source: str | None = None,
+    *,
+    limit: int | None = None,
+    after: int | None = None,
+) -> list[Letter]:
+    """The dead letters, oldest first, of one source or all (the first `limit` whose id is
+    above `after`)."""
+    return [_letter(dead) for dead in stored(session, source, limit=limit, after=after)]
 
 
 def show(session: Session, letter_id: int) -> Letter | None:
