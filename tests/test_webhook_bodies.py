@@ -118,6 +118,17 @@ def test_wrong_types_are_named_field_by_field() -> None:
     ]
 
 
+def test_a_number_beyond_a_double_is_refused_not_written_as_empty_text() -> None:
+    body = b'{"changes": [{"op": "upsert", "id": "a", "row": {"title": 1e999}}]}'
+    with pytest.raises(BodyError) as refused:
+        parse(PANDASYNC, body)
+    assert refused.value.problems == (
+        FieldProblem(
+            "(body)", "the number 1e999 is beyond what a double holds: send it as a string"
+        ),
+    )
+
+
 @pytest.mark.parametrize(
     ("body", "expected"),
     [

@@ -7,6 +7,7 @@ webhook route commits what this returns) and never checks signatures
 """
 
 import json
+import math
 import re
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
@@ -166,8 +167,13 @@ def _json(body: bytes) -> object:
     except UnicodeDecodeError as error:
         raise MalformedBodyError(f"the body is not UTF-8 (byte {error.start})") from None
     try:
-        return json.loads(text, parse_constant=_no_constant, object_pairs_hook=_unique_keys)
-    except _DuplicateKeyError as error:
+        return json.loads(
+            text,
+            parse_constant=_no_constant,
+            parse_float=_finite,
+            object_pairs_hook=_unique_keys,
+        )
+    except (_DuplicateKeyError, _OutOfRangeError) as error:
         raise BodyError([FieldProblem("(body)", str(error))]) from None
     except json.JSONDecodeError as error:
         raise MalformedBodyError(
@@ -179,6 +185,21 @@ def _json(body: bytes) -> object:
 
 def _no_constant(name: str) -> object:
     raise ValueError(f"{name} is not a JSON value")
+
+
+class _OutOfRangeError(ValueError):
+    """A number of the body is beyond what a double holds."""
+
+
+def _finite(literal: str) -> float:
+    # Python reads `1e999` as infinity, which a column would hold as "": the sender's value
+    # would be lost without a word.
+    value = float(literal)
+    if math.isinf(value):
+        raise _OutOfRangeError(
+            f"the number {literal[:40]} is beyond what a double holds: send it as a string"
+        )
+    return value
 
 
 class _DuplicateKeyError(Exception):
