@@ -1,5 +1,6 @@
 """The PANDA client: scripted edge cases over `httpx.MockTransport`, then the real peer."""
 
+import gzip
 import traceback
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
@@ -15,6 +16,7 @@ from service.changes import Change, Op
 from service.delivery.panda import (
     BULK_LIMIT,
     DETAIL_LIMIT,
+    MAX_ANSWER_BYTES,
     Dataset,
     DatasetMismatchError,
     DatasetMissingError,
@@ -525,6 +527,31 @@ async def test_a_redirect_is_never_followed_and_pauses_the_target_naming_panda_u
     assert paused.value.status == status
     assert "panda.url" in str(paused.value)
     assert location in str(paused.value)
+
+
+async def test_an_answer_running_past_the_bound_pauses_the_target_having_read_no_more() -> None:
+    sent = 0
+
+    async def endless() -> AsyncIterator[bytes]:
+        nonlocal sent
+        chunk = b"<html>" + b"x" * 65530
+        while True:  # a file server at panda.url, say: it would send gigabytes
+            sent += len(chunk)
+            yield chunk
+
+    answer = httpx.Response(200, content=endless())
+    async with scripted(answer) as (panda, _):
+        with pytest.raises(TargetError, match=r"runs past 67108864 bytes.*panda\.url") as paused:
+            await panda.ensure_dataset(DS)
+    assert paused.value.status == 200
+    assert sent <= MAX_ANSWER_BYTES + 65536
+
+
+async def test_an_answer_is_read_decoded_whatever_its_content_encoding() -> None:
+    body = gzip.compress(dataset_body(["Title", "Words"]))
+    answer = httpx.Response(200, content=body, headers={"Content-Encoding": "gzip"})
+    async with scripted(answer) as (panda, _):
+        await panda.ensure_dataset(Dataset(slug="ds", name="DS", columns=("Title", "Words")))
 
 
 @pytest.mark.parametrize("status", [405, 501, 409, 413, 418, 304])

@@ -25,6 +25,9 @@ _API = "/api/1.0"
 # The official examples send 1000 rows per bulk PUT (panda-api.md §3.3.10, §5.4).
 BULK_LIMIT = 1000
 DETAIL_LIMIT = 2048
+# The largest answer read from PANDA: its biggest, a page of rows for `rows()` or a bulk PUT's
+# echo of its objects, is a few MiB; something else at panda.url could send gigabytes.
+MAX_ANSWER_BYTES = 64 * 1024 * 1024
 
 # What PANDA's URLs route as a slug or external_id: `[\w\d_-]+`, Unicode-aware (§3, §3.3.3);
 # the bulk body takes ASCII ids only. `schema` is taken by /dataset/schema/ as a slug.
@@ -385,9 +388,14 @@ class PandaClient:
     ) -> httpx.Response:
         headers = self._auth if content is None else {**self._auth, **_JSON}
         try:
-            return await self._http.request(
+            request = self._http.build_request(
                 method, path, params=params, content=content, headers=headers
             )
+            response = await self._http.send(request, stream=True)
+            try:
+                return await _read_bounded(response, f"{method} {path}")
+            finally:
+                await response.aclose()
         except httpx.UnsupportedProtocol as error:
             raise TargetError(f"{method} {path}: {error}; fix panda.url ({_PAUSE})") from error
         except httpx.TimeoutException as error:
@@ -517,6 +525,29 @@ def _refusal(response: httpx.Response, call: str, *, slug: str, rows: bool) -> E
             slug=slug,
         )
     return PermanentError(f"PANDA refused {call} (400): {message}", status=400)
+
+
+async def _read_bounded(response: httpx.Response, call: str) -> httpx.Response:
+    """`response` read whole, unless it runs past `MAX_ANSWER_BYTES`: then `TargetError` (no
+    PANDA answers that much), after reading no more than that."""
+    body = bytearray()
+    async for chunk in response.aiter_bytes():
+        body += chunk
+        if len(body) > MAX_ANSWER_BYTES:
+            raise TargetError(
+                f"{call}: the answer runs past {MAX_ANSWER_BYTES} bytes, which PANDA never"
+                f" sends: is panda.url PANDA's site root? ({_PAUSE})",
+                status=response.status_code,
+            )
+    # Read decoded: the answer's own content-encoding and length no longer apply.
+    headers = [
+        (name, value)
+        for name, value in response.headers.multi_items()
+        if name.lower() not in ("content-encoding", "content-length", "transfer-encoding")
+    ]
+    return httpx.Response(
+        response.status_code, headers=headers, content=bytes(body), request=response.request
+    )
 
 
 def _is_about_dataset(response: httpx.Response) -> bool:
