@@ -1,5 +1,8 @@
 """`service.store.db`: URLs, transactions, SQLite's setup and UTC datetimes, on both stores."""
 
+import signal
+import subprocess
+import sys
 from datetime import UTC, datetime, timedelta, timezone
 
 import anyio
@@ -20,6 +23,7 @@ from service.store.db import (
     execute_values,
 )
 from service.store.tables import Checkpoint
+from tests.waiting import wait_until
 
 
 def _save(session: Session, source: str, seq: Seq) -> None:
@@ -273,3 +277,62 @@ def test_enqueues_of_every_size_use_few_statement_shapes(migrated_sqlite_url: st
     assert shapes == {
         (table, 1 << power) for table in ("doc_state", "outbox_entry") for power in range(9)
     }
+
+
+# A replica's transaction, frozen after a batch of rows: a multi-row UPDATE of its own
+# (`execute_many`) or SQLAlchemy's executemany, then SIGSTOP before the commit.
+FROZEN_AFTER_A_BATCH = """
+import os, signal, sys
+from sqlalchemy import bindparam, update
+from sqlmodel import Session
+from service.store.db import Database, execute_many
+from service.store.tables import Checkpoint, table_of
+
+database = Database.open(sys.argv[1])
+with database.engine.connect() as connection:
+    # Asked first: a statement after the batch would hide what is tested.
+    print(connection.exec_driver_sql("SELECT pg_backend_pid()").scalar(), flush=True)
+    connection.commit()
+    with connection.begin():
+        session = Session(bind=connection)
+        if sys.argv[2] == "own":
+            statement = "UPDATE checkpoint SET seq = ? WHERE source = ?"
+            execute_many(session, statement, [("2", "a"), ("2", "b")])
+        else:
+            table = table_of(Checkpoint)
+            by_key = table.c.source == bindparam("key")
+            session.execute(
+                update(table).where(by_key).values(seq=bindparam("new")),
+                [{"key": "a", "new": "2"}, {"key": "b", "new": "2"}],
+            )
+        os.kill(os.getpid(), signal.SIGSTOP)
+"""
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("batch", ["own", "sqlalchemy"])
+def test_a_replica_frozen_after_a_batch_of_rows_has_its_session_ended_by_postgresql(
+    migrated_postgres_url: str, batch: str
+) -> None:
+    database = Database.open(migrated_postgres_url)
+    database.run_sync(checkpoints.save, "a", Seq.of("1"))
+    database.run_sync(checkpoints.save, "b", Seq.of("1"))
+    child = [sys.executable, "-c", FROZEN_AFTER_A_BATCH, migrated_postgres_url, batch]
+    with subprocess.Popen(child, stdout=subprocess.PIPE, text=True) as frozen:
+        try:
+            assert frozen.stdout is not None
+            backend = int(frozen.stdout.readline())
+
+            def ended() -> bool:
+                query = text("SELECT count(*) FROM pg_stat_activity WHERE pid = :pid")
+                count = database.run_sync(lambda s: s.execute(query, {"pid": backend}).scalar())
+                return count == 0
+
+            # IDLE_IN_TRANSACTION_MS (5 s), and room for a loaded machine: its locks go too.
+            wait_until(ended, what="PostgreSQL to end the frozen session", deadline_s=15)
+            database.run_sync(checkpoints.save, "a", Seq.of("3"))
+            assert database.run_sync(checkpoints.load, "a") == Seq.of("3")
+        finally:
+            frozen.send_signal(signal.SIGCONT)
+            frozen.kill()
+            database.close()
