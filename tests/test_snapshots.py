@@ -266,6 +266,29 @@ async def test_a_body_that_does_not_parse_changes_nothing(
     assert "does not parse" in status.reason
 
 
+@pytest.mark.parametrize("shape", ["json", "keys-data"])
+async def test_a_record_past_the_bound_fails_the_snapshot_and_long_bodies_of_short_ones_pass(
+    database: Database,
+    snapshot_server: SnapshotServer,
+    monkeypatch: pytest.MonkeyPatch,
+    shape: str,
+) -> None:
+    monkeypatch.setattr(snapshot, "MAX_RECORD_BYTES", 1024 * 1024)
+    # 8 MB in all, none of its records over 300 KB: read, whatever the body's length.
+    long = [tweet(n, "x" * 300_000) for n in range(1, 28)]
+    body = (lambda rows: json.dumps(rows).encode()) if shape == "json" else keys_data
+    url = snapshot_server.serve("/t", body(long))
+    snapshotter = Snapshotter(source_of(url=url, format=shape), database)
+    read = await snapshotter.run_once()
+    # One record of 2 MB: the snapshot fails before it is built whole, and changes nothing.
+    snapshot_server.serve("/t", body([tweet(1), tweet(2, "y" * 2_000_000), tweet(3)]))
+    database.run_sync(_clear_outbox)
+    refused = await snapshotter.run_once()
+    assert (read.state, read.last and read.last["new"]) == ("idle", 27)
+    assert (refused.state, pending_changes(database)) == ("failed", {})
+    assert "a record runs past 1048576 bytes" in (refused.reason or "")
+
+
 async def test_an_empty_snapshot_is_held_and_deletes_nothing(
     database: Database, snapshot_server: SnapshotServer
 ) -> None:

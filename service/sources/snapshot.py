@@ -29,6 +29,9 @@ _DETAIL_CHARS = 200
 _READ_BYTES = 64 * 1024
 # Rows may be long (a CSV field can hold a document).
 csv.field_size_limit(64 * 1024 * 1024)
+# The most of a snapshot's body one record may take, in bytes (a record is built whole in
+# memory before it is a row): a CouchDB document is at most 8 MB by default.
+MAX_RECORD_BYTES = 64 * 1024 * 1024
 
 
 class SnapshotReadError(Exception):
@@ -174,10 +177,9 @@ def read_http(http: httpx.Client, source: SourceSettings) -> Iterator[Iterator[M
                 raise SnapshotReadError(
                     f"{where} answered HTTP {response.status_code}: {_detail(response.text)}"
                 )
-            yield _guarded(
-                where,
-                _records(settings, io.BufferedReader(_Body(response.iter_bytes()), _READ_BYTES)),
-            )
+            raw = _Body(response.iter_bytes())
+            records = _records(settings, io.BufferedReader(raw, _READ_BYTES))
+            yield _guarded(where, records, raw)
     except httpx.HTTPError as error:
         raise SnapshotReadError(
             f"{where} could not be read: {type(error).__name__} {error}"
@@ -194,10 +196,15 @@ def _records(settings: SnapshotSettings, body: io.BufferedReader) -> Iterator[Ma
     return _csv(body)
 
 
-def _guarded(where: str, records: Iterator[Mapping[str, Any]]) -> Iterator[Mapping[str, Any]]:
-    """`records`, with any error parsing them raised as `SnapshotReadError`."""
+def _guarded(
+    where: str, records: Iterator[Mapping[str, Any]], body: "_Body"
+) -> Iterator[Mapping[str, Any]]:
+    """`records`, with any error parsing them raised as `SnapshotReadError`; `body` counts
+    what each of them reads from the start of the one before."""
     try:
-        yield from records
+        for record in records:
+            yield record
+            body.mark()
     except (ijson.JSONError, ValueError, csv.Error) as error:
         raise SnapshotReadError(f"{where} sent a snapshot that does not parse: {error}") from None
     except httpx.HTTPError as error:
@@ -207,12 +214,18 @@ def _guarded(where: str, records: Iterator[Mapping[str, Any]]) -> Iterator[Mappi
 
 
 class _Body(io.RawIOBase):
-    """A response's bytes as a binary file, for ijson and `io`'s text reader."""
+    """A response's bytes as a binary file, for ijson and `io`'s text reader; raises
+    `ValueError` once more than `MAX_RECORD_BYTES` are read without a `mark` (a record)."""
 
     def __init__(self, parts: Iterator[bytes]) -> None:
         super().__init__()
         self._parts = parts
         self._left = b""
+        self._since_mark = 0
+
+    def mark(self) -> None:
+        """A record was read whole: count afresh."""
+        self._since_mark = 0
 
     def readable(self) -> bool:
         return True
@@ -223,6 +236,11 @@ class _Body(io.RawIOBase):
         taken = min(len(buffer), len(self._left))
         buffer[:taken] = self._left[:taken]
         self._left = self._left[taken:]
+        self._since_mark += taken
+        if self._since_mark > MAX_RECORD_BYTES:
+            raise ValueError(
+                f"a record runs past {MAX_RECORD_BYTES} bytes, more than a row should hold"
+            )
         return taken
 
 
