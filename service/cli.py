@@ -779,29 +779,58 @@ def list_dead_letters(
     settings = _settings(config)
     if source is not None:
         _source(settings, source)
-    letters = _in_store(settings, dead_letters.find, source)
-    # One line a letter, cut to the terminal's width (`show` gives a letter whole).
-    rows = [
-        (
-            str(letter.id),
-            letter.source,
-            letter.doc_id,
-            letter.op,
-            str(letter.attempts),
-            f"{letter.created_at:%m-%d %H:%M}",
-            _plain_answer(letter.last_answer),
-        )
-        for letter in letters
-    ]
     header = ("id", "source", "doc id", "op", "tries", "since UTC", "last answer")
-    caps = (8, 12, 24, 8, 5, 11, None)
-    widths = [
-        min(cap or 10**6, max(len(row[index]) for row in [header, *rows]))
-        for index, cap in enumerate(caps)
+    widths: list[int] | None = None
+    database = _open(settings)
+    try:
+        # A page at a time, so that memory does not grow with the dead letters; the columns
+        # are as wide as the first page needs.
+        after: int | None = None
+        while page := database.run_sync(
+            dead_letters.find, source, limit=DEAD_LETTERS_PAGE, after=after
+        ):
+            rows = [_letter_row(letter) for letter in page]
+            if widths is None:
+                widths = _widths([header, *rows])
+                rows.insert(0, header)
+            for row in rows:
+                cells = [
+                    _cut(value, width).ljust(width)
+                    for value, width in zip(row, widths, strict=True)
+                ]
+                out.print(escape(_cut("  ".join(cells).rstrip(), out.width)), highlight=False)
+            after = page[-1].id
+    finally:
+        database.close()
+    if widths is None:
+        out.print("  ".join(header), highlight=False)
+
+
+# Dead letters `dead-letters list` reads from the store at a time.
+DEAD_LETTERS_PAGE = 1000
+# How wide each column of `dead-letters list` may grow (the last answer: the rest of the line).
+_LETTER_CAPS = (8, 12, 24, 8, 5, 11, None)
+
+
+def _letter_row(letter: dead_letters.Letter) -> tuple[str, ...]:
+    """One line of `dead-letters list`, cut to the terminal's width when printed (`show`
+    gives a letter whole)."""
+    return (
+        str(letter.id),
+        letter.source,
+        letter.doc_id,
+        letter.op,
+        str(letter.attempts),
+        f"{letter.created_at:%m-%d %H:%M}",
+        _plain_answer(letter.last_answer),
+    )
+
+
+def _widths(rows: list[tuple[str, ...]]) -> list[int]:
+    return [
+        min(cap or 10**6, max(len(row[index]) for row in rows))
+        for index, cap in enumerate(_LETTER_CAPS)
     ]
-    for row in [header, *rows]:
-        cells = [_cut(value, width).ljust(width) for value, width in zip(row, widths, strict=True)]
-        out.print(escape(_cut("  ".join(cells).rstrip(), out.width)), highlight=False)
 
 
 @dead_letters_cli.command("show")

@@ -9,6 +9,7 @@ import pytest
 from sqlmodel import Session
 from typer.testing import CliRunner
 
+from service import cli as cli_module
 from service.changes import Change, Op
 from service.cli import cli
 from service.config import DeliverySettings
@@ -258,6 +259,18 @@ def test_the_cli_lists_one_line_a_dead_letter_within_80_columns(
     assert len(rows) == 2, result.stdout
     assert [row.split()[0] for row in rows] == ["1", "2"], "each line starts with its id"
     assert all("400: " in row for row in rows), result.stdout
+
+
+def test_the_cli_lists_every_dead_letter_a_page_at_a_time(
+    config: Path, sqlite_database: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(cli_module, "DEAD_LETTERS_PAGE", 2)
+    for number in range(5):
+        refuse(sqlite_database, upsert(f"doc{number}", "A"))
+    code, listed, _ = invoke(config, "list")
+    lines = listed.splitlines()
+    assert (code, lines[0].split()[:2]) == (0, ["id", "source"])
+    assert [line.split()[0] for line in lines[1:]] == ["1", "2", "3", "4", "5"]
 
 
 def test_the_cli_shows_the_change_and_every_answer(config: Path, sqlite_database: Database) -> None:
