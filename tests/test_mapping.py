@@ -110,4 +110,5 @@ def test_a_nested_id_field_is_followed() -> None:
 
 
 def test_list_steps_take_decimal_indexes_only() -> None:
-    assert [field({"a": [1, 2]}, path) for path in ["a.1", "a.2", "a.x"]] == [2, None, None]
+    paths = ["a.1", "a.2", "a.x", "a.\u00b2", "a.\u0661"]  # superscript two, Arabic-Indic one
+    assert [field({"a": [1, 2]}, path) for path in paths] == [2, None, None, None, None]

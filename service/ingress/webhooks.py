@@ -257,7 +257,7 @@ async def _read(headers: dict[str, str], receive: Receive, limit: int) -> bytes:
     """The raw body, refused (413) as soon as it is known to exceed `limit` bytes; raises
     `_DisconnectedError` when the client goes away first."""
     declared = headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
+    if declared.isascii() and declared.isdigit() and int(declared) > limit:
         raise _RefusedError(413, f"the body is over {limit} bytes")
     body = bytearray()
     # Counted while reading too: a chunked body declares no length.

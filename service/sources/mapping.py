@@ -46,10 +46,15 @@ def _walk(record: object, path: str) -> object:
 def _step(value: object, step: str) -> object:
     if isinstance(value, Mapping):
         return value.get(step, _MISSING)
-    if isinstance(value, Sequence) and not isinstance(value, str) and step.isdigit():
+    # ASCII digits only: `isdigit` holds for "²", which `int` refuses.
+    if isinstance(value, Sequence) and not isinstance(value, str) and _is_index(step):
         index = int(step)
         return value[index] if index < len(value) else _MISSING
     return _MISSING
+
+
+def _is_index(step: str) -> bool:
+    return step.isascii() and step.isdigit()
 
 
 def text(value: object) -> str:
