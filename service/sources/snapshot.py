@@ -27,11 +27,11 @@ from service.sources import mapping
 # How much of a server's error body a message quotes.
 _DETAIL_CHARS = 200
 _READ_BYTES = 64 * 1024
-# Rows may be long (a CSV field can hold a document).
-csv.field_size_limit(64 * 1024 * 1024)
 # The most of a snapshot's body one record may take, in bytes (a record is built whole in
 # memory before it is a row): a CouchDB document is at most 8 MB by default.
 MAX_RECORD_BYTES = 64 * 1024 * 1024
+# Rows may be long (a CSV field can hold a document): as long as a record may be.
+csv.field_size_limit(MAX_RECORD_BYTES)
 
 
 class SnapshotReadError(Exception):

@@ -71,8 +71,9 @@ class WebhookChange(BaseModel):
     op: Literal["upsert", "delete"] = Field(description="What the change does to its row.")
     id: str | int = Field(
         description="The document's id in the source (a non-empty string or an integer); it"
-        " becomes the row's external_id, which must be at most 4096 characters (ASCII letters"
-        " and digits count one each, every other character three per UTF-8 byte)."
+        " becomes the row's external_id, which must be at most"
+        f" {external_ids.MAX_LENGTH} characters (ASCII letters and digits count one each,"
+        " every other character three per UTF-8 byte)."
     )
     row: dict[str, Any] | list[Any] | None = Field(
         default=None,

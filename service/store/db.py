@@ -132,14 +132,14 @@ def _configure_postgresql(dbapi_connection: Any, _record: Any) -> None:
 
 
 def _executemany_then_sync(
-    cursor: Any, statement: str, parameters: Any, _context: Any
+    cursor: Any, statement: str, parameters: Any, context: Any
 ) -> Literal[True]:
     """SQLAlchemy's executemany on PostgreSQL, with `executemany` below (True: done)."""
-    executemany(cursor, statement, parameters)
+    executemany(cursor, statement, parameters, context.dialect)
     return True
 
 
-def executemany(cursor: Any, statement: str, parameters: Any) -> None:
+def executemany(cursor: Any, statement: str, parameters: Any, dialect: Dialect) -> None:
     """`cursor.executemany`, then, on PostgreSQL (psycopg), one plain statement on the same
     connection.
 
@@ -152,12 +152,8 @@ def executemany(cursor: Any, statement: str, parameters: Any) -> None:
     batch arms the timeout again; it leaves `cursor` (its row count) alone.
     """
     cursor.executemany(statement, parameters)
-    if _is_psycopg(cursor):
+    if dialect.name == "postgresql":
         cursor.connection.execute("SELECT 1")
-
-
-def _is_psycopg(cursor: Any) -> bool:
-    return type(cursor).__module__.startswith("psycopg")
 
 
 def _begin_immediate(connection: Connection) -> None:
@@ -250,7 +246,7 @@ class _Driver:
         cursor = self.connection.cursor()
         try:
             if many:
-                executemany(cursor, statement, parameters)
+                executemany(cursor, statement, parameters, self.dialect)
                 return []
             cursor.execute(statement, parameters)
             return cursor.fetchall() if cursor.description else []
