@@ -25,9 +25,7 @@ def page(seq: str, *doc_ids: str) -> Page:
 
 
 def take(database: Database, holder: str, at: datetime, *, free: bool = True) -> int | None:
-    return database.run_sync(
-        follows.take, "feed", holder, now=at, until=at + timedelta(seconds=6), free=free
-    )
+    return database.run_sync(follows.take, "feed", holder, clock=lambda: at, lease_s=6, free=free)
 
 
 async def test_a_lease_is_held_by_one_replica_until_it_runs_out_or_is_given_back(

@@ -97,12 +97,16 @@ class FeedShares:
     async def acquire(self, source: str) -> int:
         """Wait until this replica follows `source`; its lease token."""
         while True:
-            now = self._clock()
             free = len(self._held) < self.share() and time.monotonic() >= self._resting.get(
                 source, 0.0
             )
             token = await self._db.run(
-                follows.take, source, self._holder, now=now, until=self._until(), free=free
+                follows.take,
+                source,
+                self._holder,
+                clock=self._clock,
+                lease_s=self._lease_s,
+                free=free,
             )
             if token is not None:
                 if self._held.get(source) != token:

@@ -10,6 +10,7 @@ caller's transaction; rows are locked (FOR UPDATE) where they decide.
 """
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -37,11 +38,21 @@ class Held:
 
 
 def take(
-    session: Session, source: str, holder: str, *, now: datetime, until: datetime, free: bool
+    session: Session,
+    source: str,
+    holder: str,
+    *,
+    clock: Callable[[], datetime],
+    lease_s: float,
+    free: bool,
 ) -> int | None:
-    """Take (or keep) `source`'s feed lease for `holder` until `until`; its token, or None
+    """Take (or keep) `source`'s feed lease for `holder` for `lease_s`; its token, or None
     when another replica holds it. With `free` False, only a lease `holder` holds already is
-    kept (a replica at its share takes no more)."""
+    kept (a replica at its share takes no more).
+
+    The time is read from `clock` once the lease's row is locked: a time read before would be
+    stale by however long the lock was waited for, behind a commit under the lease or its
+    giving back, and the new lease would seem taken before that commit."""
     insert = dialect_insert(session, FeedLease)
     session.execute(
         insert.values(source=source, token=0).on_conflict_do_nothing(index_elements=["source"])
@@ -52,6 +63,8 @@ def take(
         .where(leases.source == source)
         .with_for_update()
     ).one()
+    now = clock()
+    until = now + timedelta(seconds=lease_s)
     live = row.until is not None and row.until > now
     table = table_of(FeedLease)
     if live and row.holder == holder:
