@@ -25,6 +25,7 @@ from service.config import CouchDBSettings, DeliverySettings, Settings, SourceSe
 from service.delivery import panda
 from service.delivery.engine import Delivery
 from service.ingress.poller import Poller, PollerStatus, build_pollers
+from service.sources import couchdb as couchdb_source
 from service.sources import external_ids
 from service.sources.couchdb import FeedBrokenError
 from service.store import checkpoints, dead_letters, outbox
@@ -823,3 +824,62 @@ async def test_a_row_that_cannot_be_parsed_even_alone_stops_the_source_before_it
     assert "not JSON" in (status.reason or "")
     assert await store.run(checkpoints.load, "stories") == Seq.of(1)
     assert list(await store.run(queued)) == ["d1"]
+
+
+# A page bound small enough for a few documents of `WORDS` to pass it together.
+PAGE_BYTES = 20_000
+WORDS = "w" * 3000
+
+
+async def test_pages_too_large_together_are_read_in_smaller_pages_and_nothing_is_missed(
+    couchdb: CouchDatabase,
+    store: Database,
+    http: httpx.AsyncClient,
+    panda: RunningPanda,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    monkeypatch.setattr(couchdb_source, "MAX_PAGE_BYTES", PAGE_BYTES)
+    source = source_for(couchdb, batch_size=10)
+    couchdb.bulk([{"_id": f"big{n:02}", "title": f"t{n}", "words": WORDS} for n in range(25)])
+    poller = Poller(source, store, http)
+
+    assert await poller.run_once() == 25
+    await deliver(store, panda, source)
+
+    assert panda.rows("stories") == expected_rows(couchdb)
+    assert poller.status().state != "stopped"
+    # No page past the bound was taken: each was cut off there and read again smaller.
+    assert f"runs past {PAGE_BYTES} bytes" in caplog.text
+    # Followed live too: the first page of a new start is read around the same way.
+    couchdb.bulk([{"_id": f"late{n}", "title": "late", "words": WORDS} for n in range(12)])
+    async with running(poller):
+        await eventually(lambda: poller.status().changes_seen >= 37, what="the late documents")
+    await deliver(store, panda, source)
+    assert panda.rows("stories") == expected_rows(couchdb)
+
+
+async def test_a_document_over_the_page_bound_even_alone_stops_the_source_before_it(
+    couchdb: CouchDatabase,
+    store: Database,
+    http: httpx.AsyncClient,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(couchdb_source, "MAX_PAGE_BYTES", PAGE_BYTES)
+    monkeypatch.setattr(couchdb_source, "MAX_LINE_BYTES", PAGE_BYTES)
+    source = source_for(couchdb, batch_size=10)
+    couchdb.bulk([{"_id": f"a{n}", "title": "small"} for n in range(3)])
+    couchdb.put("huge", title="huge", words="w" * (PAGE_BYTES + 1))
+    couchdb.put("z", title="after")
+    once, live = Poller(source, store, http), Poller(source_for(couchdb, "live"), store, http)
+
+    assert await once.run_once() == 3
+    async with running(live):
+        await eventually(lambda: live.status().reason is not None, what="the live source's stop")
+
+    for poller in (once, live):
+        status = poller.status()
+        assert status.state == "stopped"
+        assert f"runs past {PAGE_BYTES} bytes" in (status.reason or "")
+        assert "cannot be read even alone" in (status.reason or "")
+    assert sorted(await store.run(queued)) == ["a0", "a1", "a2"]

@@ -294,25 +294,30 @@ class Poller:
     async def run_once(self) -> int:
         """Commit pages until CouchDB has nothing more (or the source stops); returns rows read.
 
-        Each page is read while the page before it commits. Raises `couchdb.FeedBrokenError`
-        (also kept as `last_error`) when CouchDB cannot be read; the pages read before it are
-        committed.
+        Each page is read while the page before it commits. A page that cannot be parsed, or
+        runs past `couchdb.MAX_PAGE_BYTES`, is read again in smaller pages as `run()` does.
+        Raises `couchdb.FeedBrokenError` (also kept as `last_error`) when CouchDB cannot be
+        read; the pages read before it are committed.
         """
         self._caught_up = False
-        if self._stopped is not None:
-            return 0
-        read = 0
+        seen = self._seen
         with self._feed_errors():
-            page = await self._first_page()
-            while not page.caught_up and page.seq is not None:
-                reading = couchdb.read_page(self._http, self._source, page.seq)
-                following = await self._commit_while(page, reading)
-                read += page.rows
-                page = following
-            await self._commit(page)
-            read += page.rows
-            self._caught_up = True
-        return read
+            while self._stopped is None:
+                try:
+                    await self._read_to_the_end()
+                except couchdb.UnreadableError as error:
+                    await self._read_around(error)
+                    continue
+                self._caught_up = True
+                break
+        return self._seen - seen
+
+    async def _read_to_the_end(self) -> None:
+        page = await self._first_page()
+        while not page.caught_up and page.seq is not None:
+            reading = couchdb.read_page(self._http, self._source, page.seq)
+            page = await self._commit_while(page, reading)
+        await self._commit(page)
 
     async def run(self) -> None:
         """Follow the feed and commit each page until `stop()`.

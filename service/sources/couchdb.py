@@ -30,6 +30,9 @@ DESIGN_PREFIX = "_design/"
 _DETAIL_CHARS = 200
 # The longest continuous-feed line read (CouchDB's max_document_size defaults to 8 MB).
 MAX_LINE_BYTES = 64 * 1024 * 1024
+# The largest `feed=normal` page read: as much as one line. A page of large documents past it
+# is read again in smaller pages (`poller.Poller`), down to one document.
+MAX_PAGE_BYTES = MAX_LINE_BYTES
 # A parser that builds values without recursion, for documents nested too deep for `json`.
 _DEEP = ijson.get_backend("python")
 
@@ -398,19 +401,27 @@ async def read_page(
     """The changes after `since`, at most `limit` (default `batch_size`) of them
     (`feed=normal&limit=`).
 
-    The page is read whole, bounded by the limit. Raises `SourceStoppedError` or
-    `FeedBrokenError` (see `refusal`); `UnreadableError` when the page is not JSON.
+    The page is read whole, bounded by the limit and by `MAX_PAGE_BYTES`. Raises
+    `SourceStoppedError` or `FeedBrokenError` (see `refusal`); `UnreadableError` when the page
+    is not JSON or runs past `MAX_PAGE_BYTES` (no more than that is read).
     """
     settings = settings_of(source)
     rows = settings.batch_size if limit is None else limit
     response = await _open(http, source, since, feed="normal", limit=str(rows))
     try:
-        body = await response.aread()
+        body = bytearray()
+        async for chunk in response.aiter_bytes():
+            body += chunk
+            if len(body) > MAX_PAGE_BYTES:
+                raise UnreadableError(
+                    f"source {source.name}: CouchDB's page of up to {rows} changes runs past"
+                    f" {MAX_PAGE_BYTES} bytes"
+                )
     except httpx.TransportError as error:
         raise _broken(source, error) from error
     finally:
         await response.aclose()
-    return page_of(source, _loads(source, body))
+    return page_of(source, _loads(source, bytes(body)))
 
 
 async def read_doc(http: httpx.AsyncClient, source: SourceSettings, doc_id: str) -> dict[str, Any]:
@@ -527,16 +538,22 @@ async def _lines(source: SourceSettings, response: httpx.Response) -> AsyncItera
     async for chunk in response.aiter_bytes():
         if b"\n" not in chunk:
             pending += chunk
-        else:
-            *complete, rest = chunk.split(b"\n")
-            complete[0] = bytes(pending + complete[0])
-            for line in complete:
-                yield line
-            pending = bytearray(rest)
-        if len(pending) > MAX_LINE_BYTES:
-            raise UnreadableError(
-                f"source {source.name}: CouchDB sent a feed line over {MAX_LINE_BYTES} bytes"
-            )
+            _bound_line(source, pending)
+            continue
+        *complete, rest = chunk.split(b"\n")
+        complete[0] = bytes(pending + complete[0])
+        for line in complete:
+            _bound_line(source, line)
+            yield line
+        pending = bytearray(rest)
+        _bound_line(source, pending)
+
+
+def _bound_line(source: SourceSettings, line: bytes | bytearray) -> None:
+    if len(line) > MAX_LINE_BYTES:
+        raise UnreadableError(
+            f"source {source.name}: CouchDB sent a feed line over {MAX_LINE_BYTES} bytes"
+        )
 
 
 @asynccontextmanager
