@@ -546,6 +546,15 @@ async def test_a_proxy_error_page_is_quoted_in_the_error(body: Script, detail: s
     assert str(raised.value).endswith(f"answered {detail}")
 
 
+async def test_a_long_error_page_is_read_no_further_than_its_bound() -> None:
+    # A proxy that streams its error page on and on: a megabyte at a time, 200 MB in all.
+    endless = Script(*[b"<html>" + b"x" * 1024 * 1024] * 200)
+    async with client(answering(502, endless)) as http:
+        with pytest.raises(FeedBrokenError, match="answered 502 <html>xxx"):
+            await read_page(http, SOURCE, Seq.of("0"))
+    assert endless.sent == 1
+
+
 @pytest.mark.parametrize("status", [500, 503, 429])
 async def test_a_server_error_breaks_the_feed_for_a_retry(status: int) -> None:
     async with client(answering(status, '{"error":"unknown"}')) as http:

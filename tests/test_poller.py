@@ -10,6 +10,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -20,11 +21,11 @@ from sqlalchemy import text
 from sqlalchemy.exc import OperationalError
 from sqlmodel import Session, select
 
-from service.changes import Seq
+from service.changes import Seq, Unmapped
 from service.config import CouchDBSettings, DeliverySettings, Settings, SourceSettings
 from service.delivery import panda
 from service.delivery.engine import Delivery
-from service.ingress.poller import Poller, PollerStatus, build_pollers
+from service.ingress.poller import Poller, PollerStatus, build_pollers, replay_unmapped
 from service.sources import couchdb as couchdb_source
 from service.sources import external_ids
 from service.sources.couchdb import FeedBrokenError
@@ -883,3 +884,28 @@ async def test_a_document_over_the_page_bound_even_alone_stops_the_source_before
         assert f"runs past {PAGE_BYTES} bytes" in (status.reason or "")
         assert "cannot be read even alone" in (status.reason or "")
     assert sorted(await store.run(queued)) == ["a0", "a1", "a2"]
+
+
+async def test_replaying_unmapped_documents_leaves_one_over_the_bound_and_replays_the_rest(
+    couchdb: CouchDatabase,
+    store: Database,
+    http: httpx.AsyncClient,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(couchdb_source, "MAX_PAGE_BYTES", PAGE_BYTES)
+    source = source_for(couchdb)
+    couchdb.put("small", title="small")
+    couchdb.put("huge", title="huge", words="w" * (PAGE_BYTES + 1))
+    now = datetime.now(UTC)
+    unmapped = [
+        Unmapped(doc_id, Seq.of(1), "a mapping that failed") for doc_id in ("small", "huge")
+    ]
+    await store.run(dead_letters.keep_unmapped, "stories", unmapped, now=now)
+    letters = {letter.doc_id: letter.id for letter in await store.run(dead_letters.find, "stories")}
+
+    done = await replay_unmapped(store, http, {"stories": source}, list(letters.values()), now=now)
+
+    assert done.replayed == [letters["small"]]
+    assert list(done.still_unmapped) == [letters["huge"]]
+    assert f"runs past {PAGE_BYTES} bytes" in done.still_unmapped[letters["huge"]]
+    assert await store.run(queued) == {"small": ("upsert", ["small", ""])}

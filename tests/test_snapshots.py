@@ -8,7 +8,7 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -693,6 +693,33 @@ async def test_a_token_in_the_url_never_shows_in_the_reason(
     finally:
         database.close()
     assert status.reason == f"source tweets: {snapshot_server.url}/t?… answered HTTP 500: oops"
+
+
+class CountedBody(httpx.SyncByteStream):
+    """A body of `parts` the same part, counting how many were sent."""
+
+    def __init__(self, part: bytes, parts: int) -> None:
+        self.part, self.parts, self.sent = part, parts, 0
+
+    def __iter__(self) -> Iterator[bytes]:
+        for _ in range(self.parts):
+            self.sent += 1
+            yield self.part
+
+
+def test_a_long_error_page_is_quoted_and_read_no_further_than_its_bound() -> None:
+    # A server that streams its error page on and on: a megabyte at a time, 200 MB in all.
+    body = CountedBody(b"<p>busy</p>" + b" " * 1024 * 1024, 200)
+    transport = httpx.MockTransport(lambda _: httpx.Response(503, stream=body))
+    source = source_of(url="http://snapshots.test/t")
+    with (
+        httpx.Client(transport=transport) as http,
+        pytest.raises(snapshot.SnapshotReadError) as raised,
+        snapshot.read_http(http, source),
+    ):
+        pass
+    assert str(raised.value).endswith("answered HTTP 503: <p>busy</p>")
+    assert body.sent == 1
 
 
 @pytest.mark.parametrize(

@@ -114,7 +114,8 @@ async def replay_unmapped(
     """Replay unmapped documents' dead letters from the documents as CouchDB holds them now,
     mapped with the current settings (`sources`, by name): each becomes its change in the
     outbox and its dead letter goes. One that still cannot become a change stays, with the
-    reason in `still_unmapped`; one of a source no longer configured too.
+    reason in `still_unmapped`; one of a source no longer configured, or whose document
+    cannot be read (not JSON, or over `couchdb.MAX_PAGE_BYTES`), too.
 
     Raises `couchdb.FeedBrokenError` or `couchdb.SourceStoppedError` when CouchDB cannot be
     read (the dead letters replayed before it stay replayed).
@@ -129,7 +130,12 @@ async def replay_unmapped(
         if name not in sources or sources[name].kind != "couchdb":
             done.still_unmapped[letter_id] = f"source {name} is not a CouchDB source in the config"
             continue
-        row = couchdb.read_row(sources[name], await couchdb.read_doc(http, sources[name], doc_id))
+        try:
+            found = await couchdb.read_doc(http, sources[name], doc_id)
+        except couchdb.UnreadableError as error:
+            done.still_unmapped[letter_id] = str(error)
+            continue
+        row = couchdb.read_row(sources[name], found)
         if row.problem is not None:
             done.still_unmapped[letter_id] = row.problem.reason
         elif await db.run(dead_letters.settle_unmapped, letter_id, row.change, now=now):

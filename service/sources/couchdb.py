@@ -26,8 +26,9 @@ from service.sources import mapping
 log = logging.getLogger(__name__)
 
 DESIGN_PREFIX = "_design/"
-# How much of CouchDB's error body a message quotes.
+# How much of CouchDB's error body a message quotes, and how much of it is read at most.
 _DETAIL_CHARS = 200
+_ERROR_BYTES = 64 * 1024
 # The longest continuous-feed line read (CouchDB's max_document_size defaults to 8 MB).
 MAX_LINE_BYTES = 64 * 1024 * 1024
 # The largest `feed=normal` page read: as much as one line. A page of large documents past it
@@ -345,7 +346,7 @@ async def _open(
     if response.status_code == httpx.codes.OK:
         return response
     try:
-        body = await response.aread()
+        body, _ = await _read_bounded(response, _ERROR_BYTES)
     except httpx.TransportError:
         body = b""
     finally:
@@ -409,43 +410,62 @@ async def read_page(
     rows = settings.batch_size if limit is None else limit
     response = await _open(http, source, since, feed="normal", limit=str(rows))
     try:
-        body = bytearray()
-        async for chunk in response.aiter_bytes():
-            body += chunk
-            if len(body) > MAX_PAGE_BYTES:
-                raise UnreadableError(
-                    f"source {source.name}: CouchDB's page of up to {rows} changes runs past"
-                    f" {MAX_PAGE_BYTES} bytes"
-                )
+        body, whole = await _read_bounded(response, MAX_PAGE_BYTES)
     except httpx.TransportError as error:
         raise _broken(source, error) from error
     finally:
         await response.aclose()
-    return page_of(source, _loads(source, bytes(body)))
+    if not whole:
+        raise UnreadableError(
+            f"source {source.name}: CouchDB's page of up to {rows} changes runs past"
+            f" {MAX_PAGE_BYTES} bytes"
+        )
+    return page_of(source, _loads(source, body))
+
+
+async def _read_bounded(response: httpx.Response, limit: int) -> tuple[bytes, bool]:
+    """The streamed `response`'s body up to `limit` bytes, and whether that is all of it:
+    nothing past the limit is read."""
+    body = bytearray()
+    async for chunk in response.aiter_bytes():
+        body += chunk
+        if len(body) > limit:
+            return bytes(body[:limit]), False
+    return bytes(body), True
 
 
 async def read_doc(http: httpx.AsyncClient, source: SourceSettings, doc_id: str) -> dict[str, Any]:
     """The document as CouchDB holds it now, as a `_changes` row for `read_row` (a deleted or
     missing document as a deleted row), for replaying a dead letter.
 
-    Raises `SourceStoppedError` or `FeedBrokenError` when CouchDB cannot be read.
+    Raises `SourceStoppedError` or `FeedBrokenError` when CouchDB cannot be read;
+    `UnreadableError` when the document is not JSON or runs past `MAX_PAGE_BYTES` (no more
+    than that is read).
     """
     settings = settings_of(source)
     url = f"{base_url(settings)}/{quote(settings.database, safe='')}/{quote(doc_id, safe='')}"
+    request = http.build_request(
+        "GET", url, headers={"Accept": "application/json"}, timeout=settings.timeout_s
+    )
     try:
-        response = await http.get(
-            url,
-            headers={"Accept": "application/json"},
-            auth=_auth(settings) or httpx.USE_CLIENT_DEFAULT,
-            timeout=settings.timeout_s,
+        response = await http.send(
+            request, stream=True, auth=_auth(settings) or httpx.USE_CLIENT_DEFAULT
         )
+        try:
+            body, whole = await _read_bounded(response, MAX_PAGE_BYTES)
+        finally:
+            await response.aclose()
     except httpx.TransportError as error:
         raise _broken(source, error) from error
-    if response.status_code == httpx.codes.NOT_FOUND and _reason(response.content) in _GONE:
+    if response.status_code == httpx.codes.NOT_FOUND and _reason(body) in _GONE:
         return {"id": doc_id, "deleted": True, "doc": {"_id": doc_id, "_deleted": True}}
     if response.status_code != httpx.codes.OK:
-        raise refusal(source, Seq.of("now"), response.status_code, response.content)
-    return {"id": doc_id, "doc": _loads(source, response.content)}
+        raise refusal(source, Seq.of("now"), response.status_code, body)
+    if not whole:
+        raise UnreadableError(
+            f"source {source.name}: CouchDB's document runs past {MAX_PAGE_BYTES} bytes"
+        )
+    return {"id": doc_id, "doc": _loads(source, body)}
 
 
 # CouchDB's 404 answers for a document that is not there (a missing database says otherwise).

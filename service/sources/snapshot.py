@@ -26,6 +26,8 @@ from service.sources import mapping
 
 # How much of a server's error body a message quotes.
 _DETAIL_CHARS = 200
+# The most of an error answer's body read for its message.
+_ERROR_BYTES = 64 * 1024
 _READ_BYTES = 64 * 1024
 # The most of a snapshot's body one record may take, in bytes (a record is built whole in
 # memory before it is a row): a CouchDB document is at most 8 MB by default.
@@ -173,9 +175,8 @@ def read_http(http: httpx.Client, source: SourceSettings) -> Iterator[Iterator[M
             "GET", str(settings.url), headers=headers, timeout=settings.timeout_s
         ) as response:
             if response.status_code != 200:
-                response.read()
                 raise SnapshotReadError(
-                    f"{where} answered HTTP {response.status_code}: {_detail(response.text)}"
+                    f"{where} answered HTTP {response.status_code}: {_error_page(response)}"
                 )
             raw = _Body(response.iter_bytes())
             records = _records(settings, io.BufferedReader(raw, _READ_BYTES))
@@ -329,6 +330,22 @@ def shown(url: str) -> str:
     return urlunsplit((parts.scheme, parts.netloc, parts.path, "", "")) + (
         "?…" if parts.query else ""
     )
+
+
+def _error_page(response: httpx.Response) -> str:
+    """The start of an error answer's body, for the message: no more than `_ERROR_BYTES` of
+    it is read, however long it runs."""
+    body = bytearray()
+    for chunk in response.iter_bytes():
+        body += chunk
+        if len(body) >= _ERROR_BYTES:
+            break
+    start = bytes(body[:_ERROR_BYTES])
+    try:
+        text = start.decode(response.charset_encoding or "utf-8", errors="replace")
+    except LookupError:  # a charset Python does not know
+        text = start.decode("utf-8", errors="replace")
+    return _detail(text)
 
 
 def _detail(text: str) -> str:
