@@ -903,7 +903,7 @@ def replay_dead_letters(
     try:
         if source is not None:
             _source(settings, source)
-            done = database.run_sync(dead_letters.replay_source, source, now=utcnow())
+            done = _replay_source(database, source)
         else:
             done = database.run_sync(dead_letters.replay, letter_ids or [], now=utcnow())
         if done.unmapped:
@@ -943,6 +943,32 @@ def discard_dead_letters(
     missing = sorted(set(letter_ids) - set(discarded))
     if missing:
         _fail(f"no dead letter {_ids(missing)}")
+
+
+def _replay_source(database: db.Database, source: str) -> dead_letters.Replay:
+    """Every dead letter of `source` replayed, `DEAD_LETTERS_PAGE` to a transaction: the
+    store's write lock is never held for all of them, and what was replayed stays replayed
+    if the command stops."""
+    from service.clock import utcnow
+    from service.store import dead_letters
+
+    done = dead_letters.Replay()
+    after: int | None = None
+    while True:
+        page = database.run_sync(
+            dead_letters.replay_source,
+            source,
+            now=utcnow(),
+            after=after,
+            limit=DEAD_LETTERS_PAGE,
+        )
+        handled = page.replayed + page.superseded + page.unmapped
+        if not handled:
+            return done
+        done.replayed.extend(page.replayed)
+        done.superseded.extend(page.superseded)
+        done.unmapped.extend(page.unmapped)
+        after = max(handled)
 
 
 async def _replay_unmapped(

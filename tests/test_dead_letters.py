@@ -4,6 +4,7 @@ from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlmodel import Session
@@ -311,6 +312,46 @@ def test_the_cli_replays_every_dead_letter_of_a_source(
     refuse(sqlite_database, upsert("a", "A"), upsert("b", "B"))
     code, said, _ = invoke(config, "replay", "--source", "stories", "--all")
     assert (code, "replayed 2" in said) == (0, True)
+
+
+def test_the_cli_replays_every_dead_letter_of_a_source_a_page_at_a_time(
+    config: Path, sqlite_database: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(cli_module, "DEAD_LETTERS_PAGE", 2)
+    letters = refuse(sqlite_database, *(upsert(f"doc{number}", "A") for number in range(5)))
+    # The second stays (a newer change of its document is queued): the pages go past it.
+    sqlite_database.run_sync(outbox.enqueue, [upsert("doc1", "newer")], now=NOW)
+    code, said, _ = invoke(config, "replay", "--source", "stories", "--all")
+    replayed = [letters[0], *letters[2:]]
+    assert code == 0
+    assert f"replayed 4: {', '.join(map(str, replayed))}" in said
+    assert f"superseded by a newer change, not replayed: {letters[1]}" in said
+    assert [letter.id for letter in sqlite_database.run_sync(dead_letters.find, None)] == [
+        letters[1]
+    ]
+
+
+def test_a_replay_of_a_source_that_stops_midway_keeps_the_pages_it_replayed(
+    config: Path, sqlite_database: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(cli_module, "DEAD_LETTERS_PAGE", 2)
+    letters = refuse(sqlite_database, *(upsert(f"doc{number}", "A") for number in range(5)))
+    pages = 0
+    replay_source = dead_letters.replay_source
+
+    def stopping_after_one_page(*args: Any, **kwargs: Any) -> dead_letters.Replay:
+        nonlocal pages
+        pages += 1
+        if pages > 1:
+            raise OSError("the store went away")
+        return replay_source(*args, **kwargs)
+
+    monkeypatch.setattr(dead_letters, "replay_source", stopping_after_one_page)
+    code, _, _ = invoke(config, "replay", "--source", "stories", "--all")
+    assert code != 0
+    left = [letter.id for letter in sqlite_database.run_sync(dead_letters.find, None)]
+    assert left == letters[2:]
+    assert sqlite_database.run_sync(outbox.pending, "stories") == 2
 
 
 @pytest.mark.parametrize(

@@ -141,9 +141,20 @@ def replay(session: Session, letter_ids: Sequence[int], *, now: datetime) -> Rep
     return done
 
 
-def replay_source(session: Session, source: str, *, now: datetime) -> Replay:
-    """`replay` every dead letter of `source`."""
+def replay_source(
+    session: Session,
+    source: str,
+    *,
+    now: datetime,
+    after: int | None = None,
+    limit: int | None = None,
+) -> Replay:
+    """`replay` the dead letters of `source`: every one, or the first `limit` whose id is
+    above `after` (a page of them, for one transaction each)."""
     query = select(col(DeadLetter.id)).where(col(DeadLetter.source) == source)
+    if after is not None:
+        query = query.where(col(DeadLetter.id) > after)
+    query = query.order_by(col(DeadLetter.id)).limit(limit)
     return replay(
         session, [letter_id for letter_id in session.exec(query) if letter_id is not None], now=now
     )
