@@ -451,15 +451,16 @@ async def read_doc(http: httpx.AsyncClient, source: SourceSettings, doc_id: str)
         response = await http.send(
             request, stream=True, auth=_auth(settings) or httpx.USE_CLIENT_DEFAULT
         )
+        found = response.status_code == httpx.codes.OK
         try:
-            body, whole = await _read_bounded(response, MAX_PAGE_BYTES)
+            body, whole = await _read_bounded(response, MAX_PAGE_BYTES if found else _ERROR_BYTES)
         finally:
             await response.aclose()
     except httpx.TransportError as error:
         raise _broken(source, error) from error
     if response.status_code == httpx.codes.NOT_FOUND and _reason(body) in _GONE:
         return {"id": doc_id, "deleted": True, "doc": {"_id": doc_id, "_deleted": True}}
-    if response.status_code != httpx.codes.OK:
+    if not found:
         raise refusal(source, Seq.of("now"), response.status_code, body)
     if not whole:
         raise UnreadableError(
