@@ -103,3 +103,42 @@ async def test_feeds_spread_over_the_replicas_and_come_back_when_one_leaves(
         await first.leave()
         await eventually(lambda: len(second.following()) == 4, what="b takes all back")
         group.cancel_scope.cancel()
+
+
+async def keep_until_lost(shares: FeedShares, token: int) -> None:
+    """Follow "feed" under `token` until the lease is found lost."""
+    with anyio.fail_after(10), anyio.CancelScope() as reading:
+        await shares.keep("feed", token, reading)
+    assert reading.cancel_called
+
+
+async def test_a_lease_that_ran_out_unrenewed_is_logged_as_such_not_as_taken_over(
+    database: Database, caplog: pytest.LogCaptureFixture
+) -> None:
+    moment = [T0]
+    shares = FeedShares(database, ["feed"], lease_s=0.3, clock=lambda: moment[0], holder="a")
+    token = await shares.acquire("feed")
+    moment[0] = T0 + timedelta(seconds=60)  # the renewal comes a minute late
+
+    await keep_until_lost(shares, token)
+
+    assert "feed lease lost" in caplog.text
+    assert "it ran out 59.7 s before it was renewed, and no one took it over" in caplog.text
+    assert "another replica" not in caplog.text
+    assert not shares.following()
+
+
+async def test_a_lease_taken_over_is_logged_as_taken_over(
+    database: Database, caplog: pytest.LogCaptureFixture
+) -> None:
+    moment = [T0]
+    shares = FeedShares(database, ["feed"], lease_s=0.3, clock=lambda: moment[0], holder="a")
+    token = await shares.acquire("feed")
+    moment[0] = T0 + timedelta(seconds=60)
+    assert take(database, "b", moment[0]) == token + 1
+
+    await keep_until_lost(shares, token)
+
+    assert "feed lease lost" in caplog.text
+    assert "another replica took it over" in caplog.text
+    assert "ran out" not in caplog.text

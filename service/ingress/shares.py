@@ -146,11 +146,23 @@ class FeedShares:
                     return
                 continue
             if not held:
-                log.warning("feed lease lost, another replica follows it: source=%s", source)
+                log.warning(
+                    "feed lease lost, reading stops until the feed is taken again: source=%s"
+                    " why=%s",
+                    source,
+                    await self._loss(source, token, now),
+                )
                 self.lost(source)
                 reading.cancel()
                 return
             renewed = anyio.current_time()
+
+    async def _loss(self, source: str, token: int, now: datetime) -> str:
+        """`follows.loss`, or what kept the store from saying."""
+        try:
+            return await self._db.run(follows.loss, source, token, now)
+        except Exception as error:  # the store out of reach since the renewal
+            return f"unknown, the store did not answer ({type(error).__name__})"
 
     def lost(self, source: str) -> None:
         """This replica no longer follows `source` (its lease was found taken over)."""

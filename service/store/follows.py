@@ -106,6 +106,25 @@ def renew(session: Session, source: str, token: int, *, now: datetime, until: da
     return renewed.rowcount == 1
 
 
+def loss(session: Session, source: str, token: int, now: datetime) -> str:
+    """Why `token` is not `source`'s live lease at `now` (after `renew` said so), for the log:
+    taken over by another replica, given back, or run out with no one taking it over."""
+    leases = table_of(FeedLease).c
+    row = session.execute(
+        sqlalchemy.select(leases.token, leases.holder, leases.until).where(leases.source == source)
+    ).one_or_none()
+    if row is None or row.token != token:
+        holder = None if row is None else _describe(row.holder)
+        return f"another replica took it over ({holder or 'unknown'})"
+    if row.until is None:
+        return "it was given back"
+    late_s = (now - row.until).total_seconds()
+    return (
+        f"it ran out {late_s:.1f} s before it was renewed, and no one took it over: the"
+        " renewal came late (the store busy, or this process stalled)"
+    )
+
+
 def holds(session: Session, source: str, token: int, now: datetime) -> bool:
     """Whether `token` is `source`'s live lease at `now`, the row locked until the transaction
     ends (so no one takes it over before a commit under it is done)."""
