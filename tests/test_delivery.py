@@ -681,6 +681,36 @@ async def test_a_delivery_whose_lease_is_taken_over_cuts_its_request_off(
     assert await database.run(entries) == [("s1", 0, True)]
 
 
+def let_the_lease_run_out(session: Session) -> None:
+    """What a renewal that came late finds: the lease ran out, and no one took it over."""
+    session.execute(
+        update(DeliveryLease)
+        .where(col(DeliveryLease.source) == "stories")
+        .values(until=utcnow() - timedelta(seconds=30))
+    )
+
+
+async def test_a_delivery_whose_lease_ran_out_unrenewed_says_so_not_taken_over(
+    panda: RunningPanda, database: Database
+) -> None:
+    await database.run(outbox.enqueue, [upsert("s1", "a", "1")], now=utcnow())
+    async with delivery_with(
+        panda, database, utcnow, SHORT_LEASE, request_timeout_s=60
+    ) as delivery:
+        panda.set_faults(hang=True)
+        with anyio.fail_after(5):
+            async with anyio.create_task_group() as group:
+                group.start_soon(delivery.run_once)
+                await until_held(panda)
+                await database.run(let_the_lease_run_out)
+        last_error = delivery.status().last_error or ""
+    assert "before it was renewed, and no one took it over" in last_error
+    assert "taken over by" not in last_error
+    await until_held(panda, 0)
+    panda.clear_faults()
+    assert panda.stats()["writes"] == 0
+
+
 async def test_datasets_are_written_in_parallel_up_to_the_bound(
     panda: RunningPanda, database: Database, clock: FakeClock
 ) -> None:

@@ -121,8 +121,8 @@ class _Batch:
     # Bulk PUTs and single writes begun (bisection's PUTs not counted).
     writes: int = 0
     fence: anyio.CancelScope = field(default_factory=lambda: anyio.CancelScope(deadline=math.inf))
-    # Set when a renewal found the lease taken over (or ended).
-    lost: bool = False
+    # Why the lease was lost, once a renewal found it taken over, ended or run out.
+    lost: str | None = None
 
     @property
     def lease(self) -> int:
@@ -446,13 +446,20 @@ class Delivery:
                 )
                 continue
             if not held:
-                batch.lost = True
+                batch.lost = await self._loss(dataset.source, batch.lease, now)
                 batch.fence.cancel()
                 return
             batch.fence.deadline = started + lease_s * 2 / 3
 
+    async def _loss(self, source: str, lease: int, now: datetime) -> str:
+        """`leases.loss`, or what kept the store from saying."""
+        try:
+            return await self._db.run(leases.loss, source, lease, now)
+        except Exception as error:  # the store out of reach since the renewal
+            return f"lost, the store did not say how ({type(error).__name__})"
+
     def _lost_lease(self, dataset: _Dataset, batch: _Batch) -> None:
-        why = "taken over by another delivery" if batch.lost else "could not be renewed"
+        why = "could not be renewed" if batch.lost is None else batch.lost
         self._last_error = f"delivery lease of source {dataset.source} {why}"
         log.warning(
             "delivery lease %s, requests cut off and claims left to the lease's next holder:"

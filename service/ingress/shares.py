@@ -162,7 +162,7 @@ class FeedShares:
         try:
             return await self._db.run(follows.loss, source, token, now)
         except Exception as error:  # the store out of reach since the renewal
-            return f"unknown, the store did not answer ({type(error).__name__})"
+            return f"lost, the store did not say how ({type(error).__name__})"
 
     def lost(self, source: str) -> None:
         """This replica no longer follows `source` (its lease was found taken over)."""

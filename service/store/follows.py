@@ -20,6 +20,7 @@ from sqlmodel import Session, delete, update
 
 from service.store import holders
 from service.store.db import dialect_insert
+from service.store.leases import why_lost
 from service.store.tables import FeedLease, Replica, table_of
 
 log = logging.getLogger(__name__)
@@ -107,22 +108,15 @@ def renew(session: Session, source: str, token: int, *, now: datetime, until: da
 
 
 def loss(session: Session, source: str, token: int, now: datetime) -> str:
-    """Why `token` is not `source`'s live lease at `now` (after `renew` said so), for the log:
-    taken over by another replica, given back, or run out with no one taking it over."""
+    """Why `token` is not `source`'s live lease at `now` (after `renew` said so), for the log
+    (`leases.why_lost`)."""
     leases = table_of(FeedLease).c
     row = session.execute(
         sqlalchemy.select(leases.token, leases.holder, leases.until).where(leases.source == source)
     ).one_or_none()
-    if row is None or row.token != token:
-        holder = None if row is None else _describe(row.holder)
-        return f"another replica took it over ({holder or 'unknown'})"
-    if row.until is None:
-        return "it was given back"
-    late_s = (now - row.until).total_seconds()
-    return (
-        f"it ran out {late_s:.1f} s before it was renewed, and no one took it over: the"
-        " renewal came late (the store busy, or this process stalled)"
-    )
+    taken = row is None or row.token != token
+    held_by = None if row is None else row.holder
+    return why_lost(taken=taken, holder=held_by, until=None if row is None else row.until, now=now)
 
 
 def holds(session: Session, source: str, token: int, now: datetime) -> bool:

@@ -63,6 +63,34 @@ def renew(session: Session, source: str, lease: int, *, now: datetime, until: da
     return renewed.rowcount == 1
 
 
+def loss(session: Session, source: str, lease: int, now: datetime) -> str:
+    """Why `lease` is not `source`'s live lease at `now` (after `renew` said so), for the log."""
+    leases = table_of(DeliveryLease).c
+    row = session.execute(
+        sqlalchemy.select(leases.lease_id, leases.holder, leases.until).where(
+            leases.source == source
+        )
+    ).one_or_none()
+    taken = row is None or row.lease_id != lease
+    held_by = None if row is None else row.holder
+    return why_lost(taken=taken, holder=held_by, until=None if row is None else row.until, now=now)
+
+
+def why_lost(*, taken: bool, holder: str | None, until: datetime | None, now: datetime) -> str:
+    """Why a lease was found lost at `now`: taken over (by `holder`, as stored), ended, or run
+    out before it was renewed with no one taking it over (`until` its end)."""
+    if taken:
+        described = holders.Holder.of(holder)
+        return f"taken over by {'another process' if described is None else described.describe()}"
+    if until is None:
+        return "ended"
+    late_s = (now - until).total_seconds()
+    return (
+        f"ran out {late_s:.1f} s before it was renewed, and no one took it over: the renewal"
+        " came late (the store busy, or this process stalled)"
+    )
+
+
 def until(session: Session, source: str, now: datetime) -> datetime | None:
     """When `source`'s lease runs out, if a delivery holds it at `now`; None when it is free.
 
