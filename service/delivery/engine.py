@@ -431,7 +431,7 @@ class Delivery:
             await anyio.sleep(lease_s / 3)
             started, now = anyio.current_time(), self._clock()
             try:
-                held = await self._db.run(
+                lost = await self._db.run(
                     leases.renew,
                     dataset.source,
                     batch.lease,
@@ -445,18 +445,11 @@ class Delivery:
                     type(error).__name__,
                 )
                 continue
-            if not held:
-                batch.lost = await self._loss(dataset.source, batch.lease, now)
+            if lost is not None:
+                batch.lost = lost
                 batch.fence.cancel()
                 return
             batch.fence.deadline = started + lease_s * 2 / 3
-
-    async def _loss(self, source: str, lease: int, now: datetime) -> str:
-        """`leases.loss`, or what kept the store from saying."""
-        try:
-            return await self._db.run(leases.loss, source, lease, now)
-        except Exception as error:  # the store out of reach since the renewal
-            return f"lost, the store did not say how ({type(error).__name__})"
 
     def _lost_lease(self, dataset: _Dataset, batch: _Batch) -> None:
         why = "could not be renewed" if batch.lost is None else batch.lost

@@ -131,7 +131,7 @@ class FeedShares:
                 return
             now = self._clock()
             try:
-                held = await self._db.run(
+                lost = await self._db.run(
                     follows.renew, source, token, now=now, until=self._until()
                 )
             except Exception as error:  # the store out of reach
@@ -145,24 +145,17 @@ class FeedShares:
                     reading.cancel()
                     return
                 continue
-            if not held:
+            if lost is not None:
                 log.warning(
                     "feed lease lost, reading stops until the feed is taken again: source=%s"
                     " why=%s",
                     source,
-                    await self._loss(source, token, now),
+                    lost,
                 )
                 self.lost(source)
                 reading.cancel()
                 return
             renewed = anyio.current_time()
-
-    async def _loss(self, source: str, token: int, now: datetime) -> str:
-        """`follows.loss`, or what kept the store from saying."""
-        try:
-            return await self._db.run(follows.loss, source, token, now)
-        except Exception as error:  # the store out of reach since the renewal
-            return f"lost, the store did not say how ({type(error).__name__})"
 
     def lost(self, source: str) -> None:
         """This replica no longer follows `source` (its lease was found taken over)."""

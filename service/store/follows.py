@@ -94,9 +94,12 @@ def _gone(source: str, holder_text: str | None) -> bool:
     return True
 
 
-def renew(session: Session, source: str, token: int, *, now: datetime, until: datetime) -> bool:
-    """Hold `source`'s lease `token` on until `until`; False when it is no longer held (given
-    back, run out at `now`, or taken over)."""
+def renew(
+    session: Session, source: str, token: int, *, now: datetime, until: datetime
+) -> str | None:
+    """Hold `source`'s lease `token` on until `until`. None once renewed; when it is no longer
+    held (taken over, given back, or run out at `now`), why not (`leases.why_lost`), read in
+    the same transaction."""
     table = table_of(FeedLease)
     renewed = session.execute(
         update(table)
@@ -104,19 +107,16 @@ def renew(session: Session, source: str, token: int, *, now: datetime, until: da
         .values(until=until)
     )
     assert isinstance(renewed, CursorResult)
-    return renewed.rowcount == 1
-
-
-def loss(session: Session, source: str, token: int, now: datetime) -> str:
-    """Why `token` is not `source`'s live lease at `now` (after `renew` said so), for the log
-    (`leases.why_lost`)."""
-    leases = table_of(FeedLease).c
+    if renewed.rowcount == 1:
+        return None
     row = session.execute(
-        sqlalchemy.select(leases.token, leases.holder, leases.until).where(leases.source == source)
+        sqlalchemy.select(table.c.token, table.c.holder, table.c.until).where(
+            table.c.source == source
+        )
     ).one_or_none()
-    taken = row is None or row.token != token
-    held_by = None if row is None else row.holder
-    return why_lost(taken=taken, holder=held_by, until=None if row is None else row.until, now=now)
+    if row is None:
+        return why_lost(taken=True, holder=None, until=None, now=now)
+    return why_lost(taken=row.token != token, holder=row.holder, until=row.until, now=now)
 
 
 def holds(session: Session, source: str, token: int, now: datetime) -> bool:

@@ -50,9 +50,12 @@ def end(session: Session, source: str, lease: int, *, keep: bool = False) -> Non
     )
 
 
-def renew(session: Session, source: str, lease: int, *, now: datetime, until: datetime) -> bool:
+def renew(
+    session: Session, source: str, lease: int, *, now: datetime, until: datetime
+) -> str | None:
     """Hold `source`'s lease `lease` on until `until` (the heartbeat of a delivery holding
-    it); False when it is no longer held: ended, run out at `now`, or taken over."""
+    it). None once renewed; when it is no longer held (taken over, ended, or run out at
+    `now`), why not (`why_lost`), read in the same transaction."""
     leases = table_of(DeliveryLease)
     renewed = session.execute(
         update(leases)
@@ -60,20 +63,16 @@ def renew(session: Session, source: str, lease: int, *, now: datetime, until: da
         .values(until=until)
     )
     assert isinstance(renewed, CursorResult)
-    return renewed.rowcount == 1
-
-
-def loss(session: Session, source: str, lease: int, now: datetime) -> str:
-    """Why `lease` is not `source`'s live lease at `now` (after `renew` said so), for the log."""
-    leases = table_of(DeliveryLease).c
+    if renewed.rowcount == 1:
+        return None
     row = session.execute(
-        sqlalchemy.select(leases.lease_id, leases.holder, leases.until).where(
-            leases.source == source
+        sqlalchemy.select(leases.c.lease_id, leases.c.holder, leases.c.until).where(
+            leases.c.source == source
         )
     ).one_or_none()
-    taken = row is None or row.lease_id != lease
-    held_by = None if row is None else row.holder
-    return why_lost(taken=taken, holder=held_by, until=None if row is None else row.until, now=now)
+    if row is None:
+        return why_lost(taken=True, holder=None, until=None, now=now)
+    return why_lost(taken=row.lease_id != lease, holder=row.holder, until=row.until, now=now)
 
 
 def why_lost(*, taken: bool, holder: str | None, until: datetime | None, now: datetime) -> str:
