@@ -15,12 +15,11 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 import sqlalchemy
-from sqlalchemy import CursorResult
 from sqlmodel import Session, delete, update
 
 from service.store import holders
 from service.store.db import dialect_insert
-from service.store.leases import why_lost
+from service.store.leases import renew_row
 from service.store.tables import FeedLease, Replica, table_of
 
 log = logging.getLogger(__name__)
@@ -98,25 +97,10 @@ def renew(
     session: Session, source: str, token: int, *, now: datetime, until: datetime
 ) -> str | None:
     """Hold `source`'s lease `token` on until `until`. None once renewed; when it is no longer
-    held (taken over, given back, or run out at `now`), why not (`leases.why_lost`), read in
-    the same transaction."""
+    held (taken over, given back, or run out at `now`), why not (`leases.renew_row`), read
+    in the same transaction."""
     table = table_of(FeedLease)
-    renewed = session.execute(
-        update(table)
-        .where(table.c.source == source, table.c.token == token, table.c.until > now)
-        .values(until=until)
-    )
-    assert isinstance(renewed, CursorResult)
-    if renewed.rowcount == 1:
-        return None
-    row = session.execute(
-        sqlalchemy.select(table.c.token, table.c.holder, table.c.until).where(
-            table.c.source == source
-        )
-    ).one_or_none()
-    if row is None:
-        return why_lost(taken=True, holder=None, until=None, now=now)
-    return why_lost(taken=row.token != token, holder=row.holder, until=row.until, now=now)
+    return renew_row(table, table.c.token, session, source, token, now=now, until=until)
 
 
 def holds(session: Session, source: str, token: int, now: datetime) -> bool:

@@ -57,22 +57,35 @@ def renew(
     it). None once renewed; when it is no longer held (taken over, ended, or run out at
     `now`), why not (`why_lost`), read in the same transaction."""
     leases = table_of(DeliveryLease)
+    return renew_row(leases, leases.c.lease_id, session, source, lease, now=now, until=until)
+
+
+def renew_row(
+    table: sqlalchemy.Table,
+    key: sqlalchemy.Column[int],
+    session: Session,
+    source: str,
+    held: int,
+    *,
+    now: datetime,
+    until: datetime,
+) -> str | None:
+    """`renew` for a lease table (`source`, `holder`, `until`) whose lease is `key` = `held`:
+    the delivery leases' and the feed leases' (`follows.renew`)."""
     renewed = session.execute(
-        update(leases)
-        .where(leases.c.source == source, leases.c.lease_id == lease, leases.c.until > now)
+        update(table)
+        .where(table.c.source == source, key == held, table.c.until > now)
         .values(until=until)
     )
     assert isinstance(renewed, CursorResult)
     if renewed.rowcount == 1:
         return None
     row = session.execute(
-        sqlalchemy.select(leases.c.lease_id, leases.c.holder, leases.c.until).where(
-            leases.c.source == source
-        )
+        sqlalchemy.select(key, table.c.holder, table.c.until).where(table.c.source == source)
     ).one_or_none()
     if row is None:
         return why_lost(taken=True, holder=None, until=None, now=now)
-    return why_lost(taken=row.lease_id != lease, holder=row.holder, until=row.until, now=now)
+    return why_lost(taken=row[0] != held, holder=row.holder, until=row.until, now=now)
 
 
 def why_lost(*, taken: bool, holder: str | None, until: datetime | None, now: datetime) -> str:
